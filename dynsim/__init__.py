@@ -1,3 +1,45 @@
-"""dynsim: continuous-time Hebbian networks with pluggable ODE solvers."""
+"""dynsim: continuous-time Hebbian networks with pluggable ODE solvers.
+
+>>> import torch, dynsim
+>>> layer = dynsim.HebbianLayer((1, 8, 8), nps=4, stride=2, radius=3.0)
+>>> res = dynsim.settle(layer, torch.randn(2, 64), solver=dynsim.Euler(),
+...                     stop=dynsim.RelativeChange(1e-4) | dynsim.MaxSteps(3000))
+>>> res.r.shape
+torch.Size([2, 64])
+"""
 
 __version__ = "0.1.0"
+
+from dynsim.callbacks import Callback
+from dynsim.engine import Batch, DynamicsSettler, Engine
+from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError
+from dynsim.settle import SettleResult, settle
+from dynsim.solvers import SEED_SCHEDULE, SOLVERS, ConstantStep, DecayingStep, Euler, make_solver
+from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, stop_rule
+from dynsim.systems import HebbianLayer, System
+
+__all__ = [
+    "SEED_SCHEDULE",
+    "SOLVERS",
+    "AnyOf",
+    "Batch",
+    "Callback",
+    "ConfigError",
+    "ConstantStep",
+    "DataError",
+    "DecayingStep",
+    "DivergenceError",
+    "DynamicsSettler",
+    "DynsimError",
+    "Engine",
+    "Euler",
+    "HebbianLayer",
+    "MaxSteps",
+    "RelativeChange",
+    "SettleResult",
+    "Status",
+    "System",
+    "make_solver",
+    "settle",
+    "stop_rule",
+]

@@ -1,0 +1,139 @@
+"""Command line: ``dynsim run dssm ...`` (and, as they land, ``study``, ``bench``, ``plot``, ``sweep``).
+
+Every command that trains or measures writes a JSON result (``--out``, default under
+``runs/``) and PNG plots beside it. Bad settings exit with status 2 and a message that
+names the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from dynsim.errors import DynsimError
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "off", "inf") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``dynsim run dssm`` (defaults: DESIGN §2)."""
+    from dynsim.data import DATASETS
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    d = DSSMConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, choices=DATASETS, help="data set (default: %(default)s, embedded)")
+    g.add_argument("--data-dir", default=None, help="directory with the data files (MNIST, CIFAR-10, ...)")
+    g = p.add_argument_group("network")
+    g.add_argument("--nps", type=int, default=d.nps, help="neurons per site (default: %(default)s)")
+    g.add_argument("--stride", type=int, default=None, help="site spacing in pixels (default: 2)")
+    g.add_argument("--radius", type=float, default=None, help="receptive-field radius in pixels (28x28: 4, 8x8: 3)")
+    g.add_argument("--lateral-distance", type=float, default=d.lateral_distance,
+                   help="lateral links between sites up to this grid distance (default: 0, same site)")
+    g.add_argument("--lateral-sign", type=int, default=d.lateral_sign, choices=(-1, 1),
+                   help="s in τ du/ds = −u + Wx + s(L−I)r; −1 = authors' inhibition (default)")
+    g.add_argument("--activation", default=d.activation, help="rate function f: tanh, linear, relu")
+    g = p.add_argument_group("settling")
+    g.add_argument("--solver", default=d.solver, help="ODE solver by name (default: %(default)s)")
+    g.add_argument("--schedule", default=d.schedule,
+                   help="Euler step sizes: 'seed' = max(0.2/(1+0.005n), 0.05), 'constant:DT', 'decaying:DT0,DECAY,MIN'")
+    g.add_argument("--threshold", type=_optional(float), default=d.threshold,
+                   help="stop a sample when ‖du/ds‖/‖u‖ < T (default: %(default)s; 'none': cap only)")
+    g.add_argument("--max-steps", type=_optional(int), default=d.max_steps,
+                   help="iteration cap per input (default: %(default)s; 'none': no cap)")
+    g.add_argument("--residual", default=d.residual, choices=("field", "increment"),
+                   help="judge T on the vector field (default) or on the last step's relative change (seed)")
+    g.add_argument("--stream-every", type=_optional(int), default=None,
+                   help="streaming input: keep the state between inputs, switch input every K steps")
+    g.add_argument("--on-divergence", default=d.on_divergence, choices=("raise", "skip"))
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    g.add_argument("--images-per-epoch", type=int, default=d.images_per_epoch,
+                   help="training images drawn with replacement per epoch (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="inputs settled together (default: 1, online)")
+    g.add_argument("--batch-rule", default=d.batch_rule, choices=("sum", "mean"),
+                   help="batch > 1: sum the B online updates (default) or take their mean")
+    g.add_argument("--eta0", type=float, default=d.eta0, help="η_e = max(eta0/(1+decay·e), eta_min)")
+    g.add_argument("--eta-decay", type=float, default=d.eta_decay)
+    g.add_argument("--eta-min", type=float, default=d.eta_min)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between readouts (and at the end)")
+    g.add_argument("--readout", default=d.readout, choices=("svc", "probe"),
+                   help="LinearSVC(C=1, balanced) as in the papers (default), or the torch linear probe")
+    g.add_argument("--eval-train-size", type=_optional(int), default=None, help="subsample train set for the readout")
+    g.add_argument("--eval-test-size", type=_optional(int), default=None, help="subsample test set for the readout")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="cpu or cuda")
+    g.add_argument("--threads", type=_optional(int), default=d.threads,
+                   help="torch CPU threads (default 1: fastest for batch-1 settling on 2 cores)")
+    g.add_argument("--out", default=None, help="result JSON path (default: runs/dssm-<data>-<time>.json)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    names = {f.name for f in fields(DSSMConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["progress"] = not args.no_progress
+    if not values.get("out"):
+        values["out"] = str(Path("runs") / f"dssm-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    return DSSMConfig(**values)
+
+
+def cmd_run_dssm(args: argparse.Namespace) -> int:
+    from dynsim.pipelines.dssm import run_dssm
+
+    result = run_dssm(_config_from_args(args))
+    f = result["final"]
+    acc = f["test_accuracy"]
+    print(
+        f"test accuracy {100 * acc:.2f} % (raw pixels {100 * f['raw_pixel_accuracy']:.2f} %), "
+        f"mean iterations {f['mean_iterations']:.1f}, converged {100 * f['fraction_converged']:.1f} %, "
+        f"train {f['train_seconds']:.1f} s, eval {f['eval_seconds']:.1f} s"
+        if acc is not None
+        else "no evaluation was run"
+    )
+    for key, path in result.get("files", {}).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynsim", description="Continuous-time Hebbian network simulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate a pipeline")
+    run_sub = run.add_subparsers(dest="pipeline", required=True)
+    dssm = run_sub.add_parser("dssm", help="similarity-matching network (Obeid et al. 2019)")
+    add_dssm_arguments(dssm)
+    dssm.set_defaults(func=cmd_run_dssm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DynsimError as exc:
+        print(f"dynsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

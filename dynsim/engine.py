@@ -1,0 +1,209 @@
+"""The event loop: feed batches, let the settler run, call the callbacks.
+
+The :class:`Engine` owns control flow and nothing else. What "settling" means is the
+``settler``: :class:`DynamicsSettler` integrates an ODE system (with optional streaming
+input, the state carried from one input to the next); a feed-forward pipeline passes
+its own callable. Plasticity, monitors and evaluators are callbacks (see
+:mod:`dynsim.callbacks`). Per-epoch metrics that callbacks report with
+:meth:`Engine.log` end up in ``engine.history``, one dict per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dynsim.callbacks import Callback, overrides
+from dynsim.errors import DivergenceError
+from dynsim.settle import SettleResult, StepHook, settle
+from dynsim.solvers.base import Solver
+from dynsim.stopping import MaxSteps, StopRule
+from dynsim.systems.base import System
+
+
+@dataclass
+class Batch:
+    """One presentation of inputs.
+
+    Attributes
+    ----------
+    x : (B, D_in) inputs on the engine's device.
+    y : (B,) labels, or ``None``.
+    index : (B,) long, positions of the samples in their data set.
+    epoch : int, 0-based.
+    number : int, batch number within the epoch (0-based).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    index: torch.Tensor
+    epoch: int
+    number: int
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+
+Settler = Callable[[Batch, StepHook | None], Any]
+
+
+class DynamicsSettler:
+    """Settles an ODE :class:`System` on each batch with a solver and a stop rule.
+
+    Parameters
+    ----------
+    system, solver, stop : see :func:`dynsim.settle`.
+    stream_every : int or None
+        Streaming ("continuous") input: the state is *not* reset between inputs; each
+        input is presented for at most ``stream_every`` steps (or until it settles) and
+        the next one starts from where the last left off. ``None``: reset to ``u = 0``.
+    on_divergence : {"raise", "skip"}
+        What to do when a sample diverges: raise :class:`DivergenceError` naming the
+        sample, step and solver, or keep going (the result marks it; plasticity skips it).
+    """
+
+    def __init__(
+        self,
+        system: System,
+        solver: Solver,
+        stop: StopRule,
+        *,
+        stream_every: int | None = None,
+        on_divergence: str = "raise",
+    ):
+        self.system, self.solver = system, solver
+        self.stream_every = stream_every
+        self.stop = stop if stream_every is None else stop | MaxSteps(stream_every)
+        self.on_divergence = on_divergence
+        self.state: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the carried state (streaming)."""
+        self.state = None
+
+    def __call__(self, batch: Batch, on_step: StepHook | None = None) -> SettleResult:
+        u0 = None
+        if self.stream_every is not None and self.state is not None:
+            u0 = self.state[: batch.size]
+            if u0.shape[0] < batch.size:  # a larger batch: new rows start at rest
+                pad = u0.new_zeros(batch.size - u0.shape[0], u0.shape[1])
+                u0 = torch.cat([u0, pad])
+        result = settle(self.system, batch.x, solver=self.solver, stop=self.stop, u0=u0, on_step=on_step)
+        if self.on_divergence == "raise" and bool(result.diverged.any()):
+            i = int(torch.nonzero(result.diverged)[0])
+            raise DivergenceError(
+                f"dynamics diverged for sample {int(batch.index[i])} (epoch {batch.epoch}, batch "
+                f"{batch.number}) at step {int(result.steps[i])} with solver {self.solver!r}; "
+                "lower the step size, check the weights/learning rate, or pass on_divergence='skip'"
+            )
+        if self.stream_every is not None:
+            self.state = result.u.detach()
+        return result
+
+
+class Engine:
+    """Runs epochs of batches through a settler and dispatches callback hooks.
+
+    Parameters
+    ----------
+    settler : callable ``(batch, on_step) -> result``
+    callbacks : sequence of :class:`~dynsim.callbacks.Callback`, called in order.
+    progress : show a tqdm bar (images/s; callbacks add fields with :meth:`set_postfix`).
+    desc : label of the progress bar.
+
+    Attributes
+    ----------
+    epoch, batches_seen, images_seen : counters.
+    should_stop : set by a callback to end training after the current batch.
+    history : list of per-epoch dicts (epoch, images_seen, train_seconds, + logged metrics).
+    """
+
+    def __init__(
+        self,
+        settler: Settler,
+        callbacks: Sequence[Callback] = (),
+        *,
+        progress: bool = True,
+        desc: str = "train",
+    ):
+        self.settler = settler
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.desc = desc
+        self.epoch = 0
+        self.batches_seen = 0
+        self.images_seen = 0
+        self.should_stop = False
+        self.history: list[dict[str, Any]] = []
+        self._record: dict[str, Any] = {}
+        self._bar: tqdm | None = None
+
+    def log(self, **metrics: Any) -> None:
+        """Add metrics to the current epoch's record in :attr:`history`."""
+        self._record.update(metrics)
+
+    def set_postfix(self, **fields: Any) -> None:
+        """Show fields on the progress bar."""
+        if self._bar is not None:
+            self._bar.set_postfix(fields, refresh=False)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _step_hook(self) -> StepHook | None:
+        listeners = [cb for cb in self.callbacks if overrides(cb, "on_step")]
+        if not listeners:
+            return None
+
+        def hook(n: int, u: torch.Tensor, residual: torch.Tensor) -> None:
+            for cb in listeners:
+                cb.on_step(self, n, u, residual)
+
+        return hook
+
+    def fit(
+        self,
+        batches: Callable[[int], Iterable[Batch]],
+        epochs: int,
+        *,
+        start_epoch: int = 0,
+        images_per_epoch: int | None = None,
+    ) -> Engine:
+        """Train for epochs ``start_epoch .. epochs-1``; ``batches(epoch)`` yields that epoch's batches."""
+        on_step = self._step_hook()
+        total = None if images_per_epoch is None else images_per_epoch * (epochs - start_epoch)
+        self._bar = tqdm(total=total, unit="img", desc=self.desc, disable=not self.progress, dynamic_ncols=True)
+        try:
+            self._call("on_fit_start")
+            for epoch in range(start_epoch, epochs):
+                self.epoch = epoch
+                self._record = {"epoch": epoch}
+                t0 = time.perf_counter()
+                self._call("on_epoch_start", epoch)
+                for batch in batches(epoch):
+                    self._call("on_input", batch)
+                    result = self.settler(batch, on_step)
+                    self._call("on_settled", batch, result)
+                    self._call("on_batch_end", batch, result)
+                    self.batches_seen += 1
+                    self.images_seen += batch.size
+                    self._bar.update(batch.size)
+                    if self.should_stop:
+                        break
+                self._record.update(images_seen=self.images_seen, train_seconds=time.perf_counter() - t0)
+                self._call("on_epoch_end", epoch)
+                self.history.append(self._record)
+                if self.should_stop:
+                    break
+            self._call("on_fit_end")
+        finally:
+            self._bar.close()
+            self._bar = None
+        return self

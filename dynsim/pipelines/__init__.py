@@ -1,0 +1,1 @@
+"""Assembled experiments: the similarity-matching network (``dssm``) and others."""

@@ -1,0 +1,296 @@
+"""The similarity-matching (DSSM) experiment of DESIGN §2, end to end.
+
+``run_dssm(DSSMConfig(...))`` loads data, builds a structured :class:`HebbianLayer`, and
+trains it online on the event loop: each epoch draws ``images_per_epoch`` training images
+with replacement, every image settles (Euler with the seed's step schedule by default,
+stopping per sample at ``‖du/ds‖/‖u‖ < T`` or the cap), then the Hebbian/anti-Hebbian
+rule updates ``W`` and ``L``. Every ``eval_every`` epochs the representations of all train
+and test images are read out linearly. The result dict follows DESIGN §4.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dynsim
+from dynsim.engine import Batch, DynamicsSettler, Engine
+from dynsim.errors import ConfigError
+from dynsim.evaluation import READOUTS, Evaluator, linear_svc_accuracy
+from dynsim.monitors import SettlingMonitor
+from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
+from dynsim.solvers import make_solver, parse_schedule
+from dynsim.stopping import stop_rule
+from dynsim.systems import ACTIVATIONS, HebbianLayer
+
+# receptive-field geometry per image size when the user gives none: (stride, radius)
+DEFAULT_GEOMETRY = {
+    (8, 8): (2, 3.0),  # digits: 4x4 sites, 32-pixel discs (half the image; digits are ~4x coarser)
+    (28, 28): (2, 4.0),  # MNIST-like: DESIGN §2, 14x14 sites, 52-pixel discs
+    (32, 32): (2, 4.0),
+}
+
+
+@dataclass
+class DSSMConfig:
+    """Every setting of a DSSM run. Defaults follow DESIGN §2 (Obeid et al. 2019)."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    nps: int = 4
+    stride: int | None = None
+    radius: float | None = None
+    lateral_distance: float = 0.0
+    lateral_sign: int = -1
+    activation: str = "tanh"
+    tau: float = 1.0
+    solver: str = "euler"
+    schedule: str = "seed"
+    threshold: float | None = 1e-4
+    max_steps: int | None = 3000
+    residual: str = "field"
+    stream_every: int | None = None
+    epochs: int = 120
+    images_per_epoch: int = 1000
+    batch_size: int = 1
+    batch_rule: str = "sum"
+    eta0: float = 5e-3
+    eta_decay: float = 0.5
+    eta_min: float = 1e-4
+    eval_every: int = 15
+    readout: str = "svc"
+    eval_batch_size: int = 1000
+    eval_train_size: int | None = None
+    eval_test_size: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = 1
+    on_divergence: str = "raise"
+    out: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> DSSMConfig:
+        """Raise :class:`ConfigError` naming the first bad value and the fix."""
+        from dynsim.data import DATASETS
+
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            low = 0 if allow_zero else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+
+        if self.data not in DATASETS:
+            raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        for name in ("nps", "epochs", "images_per_epoch", "batch_size", "eval_batch_size"):
+            positive_int(name)
+        for name in ("stride", "eval_train_size", "eval_test_size", "stream_every", "threads"):
+            positive_int(name, allow_none=True)
+        positive_int("max_steps", allow_none=True, allow_zero=True)
+        positive_int("eval_every", allow_zero=True)
+        if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold > 0):
+            raise ConfigError(f"--threshold must be > 0 (e.g. 1e-4), got {self.threshold!r}")
+        if self.threshold is None and self.max_steps is None:
+            raise ConfigError("give --threshold, --max-steps or both; settling would never stop")
+        if self.radius is not None and not (np.isfinite(self.radius) and self.radius > 0):
+            raise ConfigError(f"--radius must be > 0 pixels, got {self.radius!r}")
+        if self.lateral_sign not in (-1, 1):
+            raise ConfigError(f"--lateral-sign must be -1 or +1, got {self.lateral_sign!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.residual not in ("field", "increment"):
+            raise ConfigError(f"--residual must be 'field' or 'increment', got {self.residual!r}")
+        if self.batch_rule not in BATCH_RULES:
+            raise ConfigError(f"--batch-rule must be one of {', '.join(BATCH_RULES)}, got {self.batch_rule!r}")
+        if self.readout not in READOUTS:
+            raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.on_divergence not in ("raise", "skip"):
+            raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
+        DecayingRate(self.eta0, self.eta_decay, self.eta_min)
+        if self.batch_rule == "sum" and self.eta0 * self.batch_size >= 1.0:
+            raise ConfigError(
+                f"with --batch-rule sum the first update shrinks W by (1 − η·B) = "
+                f"{1 - self.eta0 * self.batch_size:.3g} ≤ 0 (η = {self.eta0}, B = {self.batch_size}): "
+                "use a smaller --batch-size, a smaller --eta0, or --batch-rule mean"
+            )
+        parse_schedule(self.schedule)
+        make_solver(self.solver, **self.solver_options())
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+        return self
+
+    def solver_options(self) -> dict[str, Any]:
+        return {"schedule": parse_schedule(self.schedule)} if self.solver == "euler" else {}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DSSMConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown DSSM setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def prepare_data(config: DSSMConfig):
+    """Load the data set and apply the DSSM preprocessing (per-image mean removed)."""
+    from dynsim.data import center_per_image, check_images, load_dataset
+
+    ds = load_dataset(config.data, config.data_dir)
+    x_train = center_per_image(check_images(ds.x_train, ds.n_features, name="x_train"))
+    x_test = center_per_image(check_images(ds.x_test, ds.n_features, name="x_test"))
+    return ds, x_train, x_test
+
+
+def build_layer(config: DSSMConfig, image_shape: tuple[int, int, int]) -> HebbianLayer:
+    """The structured layer for ``image_shape``, geometry from the config or the defaults."""
+    stride, radius = DEFAULT_GEOMETRY.get(tuple(image_shape[1:]), (2, 4.0))
+    return HebbianLayer(
+        image_shape,
+        nps=config.nps,
+        stride=config.stride or stride,
+        radius=config.radius or radius,
+        lateral_distance=config.lateral_distance,
+        lateral_sign=config.lateral_sign,
+        activation=config.activation,
+        tau=config.tau,
+        seed=config.seed,
+    )
+
+
+def epoch_batches(x: torch.Tensor, *, images: int, batch_size: int, seed: int):
+    """``batches(epoch)``: ``images`` draws with replacement per epoch, seeded by (seed, epoch)."""
+
+    def batches(epoch: int):
+        rng = np.random.default_rng([seed, epoch])
+        order = torch.from_numpy(rng.integers(0, x.shape[0], size=images))
+        for number, start in enumerate(range(0, images, batch_size)):
+            idx = order[start : start + batch_size]
+            yield Batch(x=x[idx.to(x.device)], y=None, index=idx, epoch=epoch, number=number)
+
+    return batches
+
+
+def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
+    if n is None or n >= len(x):
+        return x, y
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
+    return x[idx], y[idx]
+
+
+def run_dssm(config: DSSMConfig) -> dict[str, Any]:
+    """Train and evaluate a DSSM network; write the result JSON and plots if ``config.out``."""
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    t_start = time.perf_counter()
+    ds, x_train, x_test = prepare_data(config)
+    y_train, y_test = ds.y_train, ds.y_test
+    device = torch.device(config.device)
+    layer = build_layer(config, ds.image_shape).to(device)
+
+    stop = stop_rule(config.threshold, config.max_steps, on=config.residual)
+    solver = make_solver(config.solver, **config.solver_options())
+    settler = DynamicsSettler(layer, solver, stop, stream_every=config.stream_every, on_divergence=config.on_divergence)
+
+    ev_xtr, ev_ytr = _subset(x_train, y_train, config.eval_train_size, config.seed)
+    ev_xte, ev_yte = _subset(x_test, y_test, config.eval_test_size, config.seed + 1)
+    t0 = time.perf_counter()
+    baseline = linear_svc_accuracy(ev_xtr, ev_ytr, ev_xte, ev_yte)
+    baseline_seconds = time.perf_counter() - t0
+
+    monitor = SettlingMonitor()
+    evaluator = Evaluator(
+        layer,
+        x_train=ev_xtr,
+        y_train=ev_ytr,
+        x_test=ev_xte,
+        y_test=ev_yte,
+        solver=solver,
+        stop=stop_rule(config.threshold, config.max_steps, on=config.residual),
+        every=config.eval_every,
+        epochs=config.epochs,
+        readout=config.readout,
+        batch_size=config.eval_batch_size,
+        device=config.device,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    rule = SimilarityMatchingRule(
+        layer, rate=DecayingRate(config.eta0, config.eta_decay, config.eta_min), batch_rule=config.batch_rule
+    )
+    engine = Engine(settler, [rule, monitor, evaluator], progress=config.progress, desc=f"dssm {config.data}")
+    x_train_t = torch.as_tensor(x_train, device=device)
+    batches = epoch_batches(x_train_t, images=config.images_per_epoch, batch_size=config.batch_size, seed=config.seed)
+    with torch.no_grad():
+        engine.fit(batches, config.epochs, images_per_epoch=config.images_per_epoch)
+
+    history = engine.history
+    train_seconds = sum(h["train_seconds"] for h in history)
+    eval_seconds = sum(h.get("eval_seconds", 0.0) for h in history)
+    evaluated = [h for h in history if "test_accuracy" in h]
+    its = np.asarray(monitor.iterations)
+    result = {
+        "command": "run dssm",
+        "dynsim_version": dynsim.__version__,
+        "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "device": str(device)},
+        "config": asdict(config),
+        "data": {"name": ds.name, "n_train": len(x_train), "n_test": len(x_test), "image_shape": ds.image_shape,
+                 "eval_n_train": len(ev_xtr), "eval_n_test": len(ev_xte)},
+        "system": {
+            "n_neurons": layer.state_size,
+            "n_sites": layer.n_sites,
+            "stride": layer.stride,
+            "radius": layer.radius,
+            "mean_fan_in": layer.mean_fan_in,
+            "ff_nonzeros": layer.ff.nnz,
+            "lateral_nonzeros": layer.lateral.nnz,
+        },
+        "baseline": {"raw_pixel_accuracy": baseline["accuracy"], "seconds": baseline_seconds},
+        "history": history,
+        "iterations_per_input": its.tolist(),
+        "final": {
+            "test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+            "best_test_accuracy": max((h["test_accuracy"] for h in evaluated), default=None),
+            "raw_pixel_accuracy": baseline["accuracy"],
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "total_seconds": time.perf_counter() - t_start,
+            "images_seen": engine.images_seen,
+            "mean_iterations": float(its.mean()) if its.size else None,
+            "fraction_converged": float(np.mean(np.asarray(monitor.status) == 1)) if its.size else None,
+        },
+    }
+    if config.out:
+        result["files"] = write_outputs(result, Path(config.out))
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
+    """Write ``out`` (JSON) and the two plots beside it; return their paths."""
+    from dynsim.plots import plot_accuracy, plot_iterations
+    from dynsim.results import save_figure_atomic, write_json_atomic
+
+    stem = out.with_suffix("")
+    files = {
+        "result": str(out),
+        "accuracy_plot": str(stem) + "_accuracy.png",
+        "iterations_plot": str(stem) + "_iterations.png",
+    }
+    result["files"] = files
+    write_json_atomic(out, result)
+    for key, plot in (("accuracy_plot", plot_accuracy), ("iterations_plot", plot_iterations)):
+        fig = plot(result)
+        save_figure_atomic(fig, files[key])
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return files

@@ -1,0 +1,77 @@
+"""Hebbian / anti-Hebbian similarity-matching plasticity (DESIGN §2).
+
+After each settled batch, with settled rates ``r`` (B, N) and inputs ``x`` (B, D_in):
+
+    ΔW = η c (⟨r xᵀ⟩ − W) ⊙ mask_W          (Hebbian, feed-forward)
+    ΔL = (η/2) c (⟨r rᵀ⟩ − L) ⊙ mask_L      (anti-Hebbian, lateral)
+
+where ``⟨·⟩`` is the mean over the batch and ``c`` is the batch rule: ``"sum"`` (c = B,
+the default: the sum of B online updates computed at the same weights, as the authors'
+batched code does) or ``"mean"`` (c = 1: one online-sized step per batch). With B = 1
+both equal the online rule ``ΔW = η (r xᵀ − W)``. Only stored (structural) weights change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynsim.callbacks import Callback
+from dynsim.errors import ConfigError
+from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
+from dynsim.systems.hebbian import HebbianLayer
+
+BATCH_RULES = ("sum", "mean")
+
+
+def hebbian_update(
+    layer: HebbianLayer,
+    x: torch.Tensor,
+    r: torch.Tensor,
+    eta: float,
+    *,
+    batch_rule: str = "sum",
+    lateral_factor: float = 0.5,
+) -> None:
+    """Apply ``ΔW`` and ``ΔL`` above to ``layer`` in place. Shapes: x (B, D_in), r (B, N)."""
+    b = x.shape[0]
+    scale = float(b) if batch_rule == "sum" else 1.0
+    rs = layer.sites(r)  # (B, S, M)
+    # feed-forward: pre = pixels in each site's receptive field
+    pre = layer.ff.gather(layer.input_groups(x))  # (B, S, K·C)
+    corr = torch.einsum("bsm,bsk->smk", rs, pre) / b
+    layer.ff.weight.add_(eta * scale * (corr - layer.ff.weight) * layer.ff.mask)
+    # lateral: pre = rates of the neighbouring sites' neurons
+    pre_l = layer.lateral.gather(rs)  # (B, S, K·M)
+    corr_l = torch.einsum("bsm,bsk->smk", rs, pre_l) / b
+    layer.lateral.weight.add_(lateral_factor * eta * scale * (corr_l - layer.lateral.weight) * layer.lateral.mask)
+
+
+class SimilarityMatchingRule(Callback):
+    """Plasticity callback: :func:`hebbian_update` after every settled batch.
+
+    Parameters
+    ----------
+    layer : the :class:`HebbianLayer` to train.
+    rate : learning-rate schedule per epoch (default: the seed's ``max(5e-3/(1+0.5e), 1e-4)``).
+    batch_rule : ``"sum"`` or ``"mean"`` (see module docstring).
+
+    Samples whose dynamics diverged are left out of the update.
+    """
+
+    def __init__(self, layer: HebbianLayer, *, rate: DecayingRate = SEED_RATE, batch_rule: str = "sum"):
+        if batch_rule not in BATCH_RULES:
+            raise ConfigError(f"batch rule must be one of {BATCH_RULES}, got {batch_rule!r}")
+        self.layer, self.rate, self.batch_rule = layer, rate, batch_rule
+        self.eta = rate(0)
+
+    def on_epoch_start(self, engine, epoch):
+        self.eta = self.rate(epoch)
+        engine.log(learning_rate=self.eta)
+
+    def on_settled(self, engine, batch, result):
+        x, r = batch.x, result.r
+        ok = ~result.diverged
+        if not bool(ok.all()):
+            x, r = x[ok], r[ok]
+        if x.shape[0]:
+            hebbian_update(self.layer, x, r, self.eta, batch_rule=self.batch_rule)

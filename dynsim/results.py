@@ -1,0 +1,65 @@
+"""Writing results atomically: a file is either the old one or the complete new one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as JSON to ``path`` via a temp file + rename (tensors/arrays become lists)."""
+    text = json.dumps(_jsonable(data), indent=1, allow_nan=False)
+    return _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def save_figure_atomic(fig, path: str | Path, **kwargs: Any) -> Path:
+    """Save a matplotlib figure to ``path`` (format from the suffix) atomically."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    return _atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, **{"dpi": 120, **kwargs}))
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically (checkpoints)."""
+    return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))

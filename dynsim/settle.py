@@ -1,0 +1,160 @@
+"""``settle``: run a system's dynamics on a batch until each sample stops on its own rule.
+
+The loop keeps only the samples still running (the batch shrinks as samples settle), so
+settled samples stop costing and stop changing. Each sample records how many steps it
+took, why it stopped (:class:`~dynsim.stopping.Status`) and its final residual
+``‖du/ds‖/‖u‖``, evaluated the same way whatever the solver or the stop rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dynsim.errors import ConfigError
+from dynsim.solvers.base import Solver
+from dynsim.stopping import Status, StopRule
+from dynsim.systems.base import System
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+_TINY = 1e-12
+
+
+@dataclass
+class SettleResult:
+    """What :func:`settle` returns (all tensors batch-first).
+
+    Attributes
+    ----------
+    u : (B, D) settled state.
+    r : (B, D) settled rates ``f(u)``.
+    steps : (B,) long, solver steps each sample took.
+    status : (B,) int8, :class:`~dynsim.stopping.Status` codes.
+    residual : (B,) ``‖du/ds‖/‖u‖`` at the returned state.
+    n_evals : int, vector-field evaluations summed over samples (one per sample per stage).
+    """
+
+    u: torch.Tensor
+    r: torch.Tensor
+    steps: torch.Tensor
+    status: torch.Tensor
+    residual: torch.Tensor
+    n_evals: int
+
+    @property
+    def converged(self) -> torch.Tensor:
+        """(B,) bool: the sample met its tolerance."""
+        return self.status == Status.SETTLED
+
+    @property
+    def diverged(self) -> torch.Tensor:
+        """(B,) bool: the state became non-finite or unbounded."""
+        return self.status == Status.DIVERGED
+
+
+def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``‖f‖ / ‖u‖`` (infinite where ``u = 0`` and ``f ≠ 0``, 0 where both are 0)."""
+    num = torch.linalg.vector_norm(f, dim=1)
+    den = torch.linalg.vector_norm(u, dim=1)
+    return torch.where(num == 0, torch.zeros_like(num), num / den.clamp_min(_TINY))
+
+
+def settle(
+    system: System,
+    x: torch.Tensor,
+    *,
+    solver: Solver,
+    stop: StopRule,
+    u0: torch.Tensor | None = None,
+    max_state_norm: float = 1e6,
+    on_step: StepHook | None = None,
+) -> SettleResult:
+    """Integrate ``du/ds = system.field(u, system.drive(x))`` from ``u0`` until ``stop``.
+
+    Parameters
+    ----------
+    system : System
+    x : (B, D_in) inputs, held fixed while settling.
+    solver : Solver, e.g. ``Euler(SEED_SCHEDULE)``.
+    stop : StopRule, judged per sample, e.g. ``RelativeChange(1e-4) | MaxSteps(3000)``.
+    u0 : (B, D) initial state (streaming input carries it over); zeros when ``None``.
+    max_state_norm : a sample whose RMS state exceeds this, or turns non-finite, is
+        marked ``Status.DIVERGED`` and keeps its last finite state.
+    on_step : optional ``hook(n, u_running, residual_running)`` after each step.
+
+    Returns
+    -------
+    SettleResult
+
+    Examples
+    --------
+    >>> from dynsim import HebbianLayer, Euler, RelativeChange, MaxSteps, settle
+    >>> layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    >>> res = settle(layer, torch.randn(5, 64), solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    >>> res.r.shape, bool(res.converged.all())
+    (torch.Size([5, 32]), True)
+    """
+    if x.ndim != 2:
+        raise ConfigError(f"x must be a (batch, features) tensor, got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    drive_all = system.drive(x)
+    u_all = torch.zeros_like(drive_all) if u0 is None else u0.to(drive_all).clone()
+    if u_all.shape != drive_all.shape:
+        raise ConfigError(f"u0 must have shape {tuple(drive_all.shape)}, got {tuple(u_all.shape)}")
+    steps = torch.zeros(b, dtype=torch.long, device=x.device)
+    status = torch.zeros(b, dtype=torch.int8, device=x.device)
+    on = stop.on or "field"
+    bound = max_state_norm * math.sqrt(drive_all.shape[1])
+    n_evals = 0
+
+    active = torch.arange(b, device=x.device)
+    u, drive = u_all, drive_all
+
+    def field(v: torch.Tensor) -> torch.Tensor:
+        return system.field(v, drive)
+
+    state = solver.init(field, u)
+    n = 0
+    cap = stop.max_steps
+    if cap == 0:
+        active = active[:0]
+    while active.numel():
+        u_next, f, state = solver.step(field, u, state, n)
+        n_evals += solver.evals_per_step * active.numel()
+        if on == "field":
+            residual = relative_norm(f, u)
+            candidate, cand_steps = u, n
+        else:
+            residual = relative_norm(u_next - u, u)
+            candidate, cand_steps = u_next, n + 1
+        code = stop.status(residual, cand_steps)
+        bad = ~torch.isfinite(residual) | ~torch.isfinite(u_next).all(dim=1)
+        bad |= torch.linalg.vector_norm(u_next, dim=1) > bound
+        code = torch.where(bad & (code == Status.RUNNING), int(Status.DIVERGED), code).to(torch.int8)
+        done = code != Status.RUNNING
+        if bool(done.any()):
+            ids = active[done]
+            final = torch.where((code[done] == Status.DIVERGED)[:, None], u[done], candidate[done])
+            u_all[ids] = final
+            status[ids] = code[done]
+            steps[ids] = torch.where(code[done] == Status.DIVERGED, n, cand_steps)
+            keep = ~done
+            active, u_next, drive = active[keep], u_next[keep], drive[keep]
+            state = solver.select(state, keep)
+        u = u_next
+        n += 1
+        if on_step is not None and active.numel():
+            on_step(n, u, relative_norm(field(u), u))
+    final_field = system.field(u_all, drive_all)
+    residual_all = relative_norm(final_field, u_all)
+    return SettleResult(
+        u=u_all,
+        r=system.rates(u_all),
+        steps=steps,
+        status=status,
+        residual=residual_all,
+        n_evals=n_evals,
+    )

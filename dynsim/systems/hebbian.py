@@ -1,0 +1,154 @@
+"""Single-layer structured Hebbian network (similarity matching, DESIGN §2).
+
+    τ du/ds = −u + W x + s·(L − I) r,      r = f(u)
+
+``W`` (N × D_in) is locally connected (each site sees a disc of pixels), ``L`` (N × N)
+connects neurons of nearby sites (same site only, by default), and ``s`` is the lateral
+sign: ``s = −1`` is the authors' lateral inhibition (the similarity-matching default),
+``s = +1`` the form printed in the reproduction report. Both matrices are stored without
+their zeros (:class:`~dynsim.systems.structure.SiteLinear`).
+
+Neuron order is **site-major**: neuron ``n`` of site ``s`` is entry ``s·nps + n`` of the
+state (the authors' code uses ``n·S + s``; use :meth:`HebbianLayer.to_site_minor` to
+convert). Inputs are flat images ``(B, C·H·W)`` in channel-major (torch) order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dynsim.errors import ConfigError
+from dynsim.systems.base import System, activation_fn
+from dynsim.systems.structure import SiteLinear, lateral_neighbours, receptive_fields, site_grid
+
+
+class HebbianLayer(System):
+    """A structured Hebbian layer.
+
+    Parameters
+    ----------
+    input_shape : (C, H, W)
+        Shape of one input image.
+    nps : int
+        Neurons per site (NpS).
+    stride : int
+        Site spacing in pixels.
+    radius : float
+        Receptive-field radius in pixels (Euclidean, centre to pixel centre).
+    lateral_distance : float
+        Lateral connections join sites at most this far apart on the site grid (0: same site).
+    lateral_sign : {-1, +1}
+        ``s`` in the equation above.
+    activation : str
+        Rate function ``f``: ``tanh``, ``linear`` or ``relu``.
+    tau : float
+        Time constant τ (time units of the solver's ``s``).
+    seed : int
+        Seed of the initial weights ``W = mask ⊙ N(0, 1) / sqrt(mean fan-in)``, ``L = I``.
+
+    Examples
+    --------
+    >>> layer = HebbianLayer((1, 28, 28), nps=4, stride=2, radius=4.0)
+    >>> layer.state_size, layer.ff.nnz, layer.lateral.nnz
+    (784, 35968, 3136)
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        *,
+        nps: int = 4,
+        stride: int = 2,
+        radius: float = 4.0,
+        lateral_distance: float = 0.0,
+        lateral_sign: int = -1,
+        activation: str = "tanh",
+        tau: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ConfigError(f"input_shape must be (channels, height, width), got {input_shape}")
+        if nps < 1:
+            raise ConfigError(f"nps (neurons per site) must be >= 1, got {nps}")
+        if lateral_sign not in (-1, 1):
+            raise ConfigError(f"lateral_sign must be -1 (inhibition) or +1, got {lateral_sign}")
+        if not tau > 0:
+            raise ConfigError(f"tau must be > 0, got {tau}")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.nps, self.stride, self.radius = nps, stride, radius
+        self.lateral_distance, self.lateral_sign, self.tau = lateral_distance, lateral_sign, tau
+        self.activation = activation
+        self._f = activation_fn(activation)
+        c, h, w = self.input_shape
+        self.grid = site_grid(h, w, stride)
+        self.n_sites = self.grid[0] * self.grid[1]
+        self.state_size = self.n_sites * nps
+        self.input_size = c * h * w
+
+        ff_index, ff_valid = receptive_fields(h, w, stride=stride, radius=radius)
+        self.ff = SiteLinear(ff_index, ff_valid, group_size=c, out_per_site=nps)
+        lat_index, lat_valid = lateral_neighbours(*self.grid, distance=lateral_distance)
+        self.lateral = SiteLinear(lat_index, lat_valid, group_size=nps, out_per_site=nps)
+        self.reset_parameters(seed)
+
+    @property
+    def mean_fan_in(self) -> float:
+        """Mean number of inputs per neuron (pixels × channels), over all sites."""
+        return float(self.ff.fan_in.mean())
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """``W = mask ⊙ N(0, 1)/sqrt(mean fan-in)``, ``L = I`` (DESIGN §2 "Init")."""
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.ff.weight.shape, generator=gen, dtype=self.ff.weight.dtype)
+        self.ff.weight.copy_(w.to(self.ff.weight.device) * self.ff.mask / math.sqrt(self.mean_fan_in))
+        eye = torch.eye(self.nps, dtype=self.lateral.weight.dtype, device=self.lateral.weight.device)
+        self.lateral.weight.zero_()
+        self.lateral.weight[:, :, : self.nps] = eye  # the site itself is the first neighbour
+
+    # --- layout helpers -------------------------------------------------------------
+    def input_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat images (B, C·H·W) -> pixel groups (B, H·W, C)."""
+        c = self.input_shape[0]
+        return x.reshape(x.shape[0], c, -1).transpose(1, 2)
+
+    def sites(self, u: torch.Tensor) -> torch.Tensor:
+        """Flat state (B, N) -> (B, S, nps) view."""
+        return u.reshape(u.shape[0], self.n_sites, self.nps)
+
+    def to_site_minor(self, r: torch.Tensor) -> torch.Tensor:
+        """Reorder (B, N) from site-major ``s·nps + n`` to the authors' ``n·S + s``."""
+        return self.sites(r).transpose(1, 2).reshape(r.shape[0], -1)
+
+    # --- dynamics -------------------------------------------------------------------
+    def drive(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x``: (B, C·H·W) -> (B, N)."""
+        if x.ndim != 2 or x.shape[1] != self.input_size:
+            raise ConfigError(
+                f"input must have shape (batch, {self.input_size}) for images {self.input_shape}, "
+                f"got {tuple(x.shape)}"
+            )
+        return self.ff(self.input_groups(x)).reshape(x.shape[0], -1)
+
+    def rates(self, u: torch.Tensor) -> torch.Tensor:
+        """``r = f(u)``."""
+        return self._f(u)
+
+    def lateral_input(self, r: torch.Tensor) -> torch.Tensor:
+        """``(L − I) r``: (B, N) -> (B, N)."""
+        return self.lateral(self.sites(r)).reshape(r.shape[0], -1) - r
+
+    def field(self, u: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+        """``du/ds = (−u + W x + s·(L − I) f(u)) / τ``."""
+        du = drive - u + self.lateral_sign * self.lateral_input(self._f(u))
+        return du if self.tau == 1.0 else du / self.tau
+
+    # --- dense views (tests, references; small sizes only) --------------------------
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``W`` (N, C·H·W) in the input's channel-major order and ``L`` (N, N)."""
+        c, h, w = self.input_shape
+        wd = self.ff.to_dense(h * w)  # columns ordered pixel·C + channel
+        wd = wd.reshape(-1, h * w, c).transpose(1, 2).reshape(-1, c * h * w)
+        return wd, self.lateral.to_dense(self.n_sites)

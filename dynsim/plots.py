@@ -62,3 +62,43 @@ def plot_iterations(result: dict[str, Any]) -> Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _solver_family(spec: str) -> str:
+    return spec.split(",", 1)[0]
+
+
+def plot_solver_pareto(result: dict[str, Any]) -> Figure:
+    """``dynsim bench solvers``: time and field evaluations per input vs distance to the
+    reference fixed point, one marker per setting (colour = solver, shape = network state)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    families = sorted({_solver_family(r["solver"]) for b in result["states"].values() for r in b["rows"]})
+    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    markers = {"init": "o", "trained": "s"}
+    for state, block in result["states"].items():
+        for r in block["rows"]:
+            fam = _solver_family(r["solver"])
+            for ax, key in zip(axes, ("ms_per_input", "evals_per_input"), strict=True):
+                ax.scatter(r[key], max(r["distance_max"], 1e-12), color=colours[fam],
+                           marker=markers.get(state, "^"), s=36, alpha=0.8,
+                           edgecolors="k" if r["fraction_settled"] < 1 else "none")
+                label = r["solver"].replace(fam + ",", "").replace("schedule=", "")
+                ax.annotate(label, (r[key], max(r["distance_max"], 1e-12)), fontsize=5, alpha=0.7)
+    for fam, c in colours.items():
+        axes[0].scatter([], [], color=c, label=fam)
+    for state, m in markers.items():
+        if state in result["states"]:
+            axes[0].scatter([], [], color="grey", marker=m, label=f"{state} network")
+    axes[0].set_xlabel("wall time per input (ms)")
+    axes[1].set_xlabel("vector-field evaluations per input")
+    axes[0].set_ylabel("max ‖u − u*‖ / ‖u*‖ at stop")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    c = result["config"]
+    fig.suptitle(f"solvers on {result['data']['name']}: T = {c['threshold']}, batch {c['batch_size']}, "
+                 f"{result['data']['n_inputs']} inputs (black edge: not all settled)", fontsize=9)
+    fig.tight_layout()
+    return fig

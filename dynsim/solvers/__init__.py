@@ -64,3 +64,7 @@ __all__ = [
     "parse_schedule",
     "register",
 ]
+
+from dynsim.solvers.spec import parse_solver_spec, solver_from_spec  # noqa: E402
+
+__all__ += ["parse_solver_spec", "solver_from_spec"]

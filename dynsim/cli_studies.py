@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solvers", nargs="+", default=None, help="solver specs to overlay")
     p.add_argument("--inputs", default="0,1", help="test-set indices of the inputs (default: %(default)s)")
     p.add_argument("--units", type=int, default=4, help="units shown per input (largest |u*|)")
-    p.add_argument("--threshold", type=float, default=1e-6)
+    p.add_argument("--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--train-images", type=int, default=0, help="train this many images first (default: at init)")
     p.add_argument("--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)")

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
 
 from dynsim.errors import ConfigError
 from dynsim.results import _jsonable, write_json_atomic
@@ -62,13 +61,18 @@ def _run_cell(fn: Callable[[dict], dict], cell: dict) -> tuple[dict, float]:
 
 
 def _finish(results_dir: Path, cell: dict, out: dict, seconds: float) -> dict:
-    write_json_atomic(cell_path(results_dir, cell), {"cell": cell, "seconds": seconds, "result": out})
+    write_json_atomic(
+        cell_path(results_dir, cell), {"cell": cell, "seconds": seconds, "result": out}
+    )
     return out
 
 
 def _log(progress: bool, done: int, total: int, cell: dict, what: str) -> None:
     if progress:
-        print(f"[sweep {done}/{total}] {what} {json.dumps(_jsonable(cell), sort_keys=True)}", flush=True)
+        print(
+            f"[sweep {done}/{total}] {what} {json.dumps(_jsonable(cell), sort_keys=True)}",
+            flush=True,
+        )
 
 
 def run_grid(
@@ -120,7 +124,13 @@ def run_grid(
         for i in todo:
             out, seconds = _run_cell(fn, cells[i])
             results[i] = _finish(results_dir, cells[i], out, seconds)
-            _log(progress, sum(r is not None for r in results), len(cells), cells[i], f"done in {seconds:.1f} s")
+            _log(
+                progress,
+                sum(r is not None for r in results),
+                len(cells),
+                cells[i],
+                f"done in {seconds:.1f} s",
+            )
     elif todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             pending = {pool.submit(_run_cell, fn, cells[i]): i for i in todo}
@@ -130,8 +140,13 @@ def run_grid(
                     i = pending.pop(fut)
                     out, seconds = fut.result()
                     results[i] = _finish(results_dir, cells[i], out, seconds)
-                    _log(progress, sum(r is not None for r in results), len(cells), cells[i],
-                         f"done in {seconds:.1f} s")
+                    _log(
+                        progress,
+                        sum(r is not None for r in results),
+                        len(cells),
+                        cells[i],
+                        f"done in {seconds:.1f} s",
+                    )
     return [r for r in results if r is not None]
 
 
@@ -139,10 +154,16 @@ def _run_ray(cells, fn, todo, results, results_dir, workers, ray_address, progre
     try:
         import ray
     except ImportError:
-        raise ConfigError("the ray backend needs Ray: pip install 'dynsim[ray]' (or use --backend local)") from None
+        raise ConfigError(
+            "the ray backend needs Ray: pip install 'dynsim[ray]' (or use --backend local)"
+        ) from None
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, ignore_reinit_error=True,
-                 **({} if ray_address else {"num_cpus": workers}))
+        ray.init(
+            address=ray_address,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            **({} if ray_address else {"num_cpus": workers}),
+        )
     task = ray.remote(_run_cell)
     pending = {task.remote(fn, cells[i]): i for i in todo}
     while pending:
@@ -151,4 +172,10 @@ def _run_ray(cells, fn, todo, results, results_dir, workers, ray_address, progre
             i = pending.pop(ref)
             out, seconds = ray.get(ref)
             results[i] = _finish(results_dir, cells[i], out, seconds)
-            _log(progress, sum(r is not None for r in results), len(cells), cells[i], f"done in {seconds:.1f} s")
+            _log(
+                progress,
+                sum(r is not None for r in results),
+                len(cells),
+                cells[i],
+                f"done in {seconds:.1f} s",
+            )

@@ -27,7 +27,9 @@ TIGHT = {
 
 def coupled_layer(activation: str, seed: int = 0) -> HebbianLayer:
     """An 8x8 layer in float64 with a non-trivial symmetric lateral matrix L = I + A."""
-    layer = HebbianLayer((1, 8, 8), nps=3, stride=2, radius=3.0, activation=activation, seed=seed).double()
+    layer = HebbianLayer(
+        (1, 8, 8), nps=3, stride=2, radius=3.0, activation=activation, seed=seed
+    ).double()
     gen = torch.Generator().manual_seed(seed + 1)
     w = layer.lateral.weight
     a = 0.25 * torch.randn(w.shape, generator=gen, dtype=w.dtype)
@@ -54,10 +56,17 @@ def test_linear_fixed_point_matches_linalg_solve(name):
     # u = W x + s (L − I) u   =>   (I − s (L − I)) u = W x
     lhs = torch.eye(n, dtype=ld.dtype) - layer.lateral_sign * (ld - torch.eye(n, dtype=ld.dtype))
     expected = torch.linalg.solve(lhs, (x @ wd.T).T).T
-    res = settle(layer, x, solver=make_solver(name, **TIGHT[name]), stop=RelativeChange(1e-9) | MaxSteps(3000))
+    res = settle(
+        layer,
+        x,
+        solver=make_solver(name, **TIGHT[name]),
+        stop=RelativeChange(1e-9) | MaxSteps(3000),
+    )
     assert bool(res.converged.all()), res.status
     assert float(res.residual.max()) < 1e-9
-    rel = torch.linalg.vector_norm(res.u - expected, dim=1) / torch.linalg.vector_norm(expected, dim=1)
+    rel = torch.linalg.vector_norm(res.u - expected, dim=1) / torch.linalg.vector_norm(
+        expected, dim=1
+    )
     assert float(rel.max()) < 1e-7
 
 
@@ -65,8 +74,12 @@ def test_linear_fixed_point_matches_linalg_solve(name):
 def tanh_reference():
     layer = coupled_layer("tanh")
     x = inputs()
-    ref = settle(layer, x, solver=make_solver("euler", schedule=ConstantStep(0.1)),
-                 stop=RelativeChange(1e-13) | MaxSteps(20000))
+    ref = settle(
+        layer,
+        x,
+        solver=make_solver("euler", schedule=ConstantStep(0.1)),
+        stop=RelativeChange(1e-13) | MaxSteps(20000),
+    )
     assert bool(ref.converged.all())
     return layer, x, ref.u
 
@@ -74,7 +87,12 @@ def tanh_reference():
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_tanh_fixed_point_matches_reference(name, tanh_reference):
     layer, x, u_ref = tanh_reference
-    res = settle(layer, x, solver=make_solver(name, **TIGHT[name]), stop=RelativeChange(1e-9) | MaxSteps(3000))
+    res = settle(
+        layer,
+        x,
+        solver=make_solver(name, **TIGHT[name]),
+        stop=RelativeChange(1e-9) | MaxSteps(3000),
+    )
     assert bool(res.converged.all()), res.status
     rel = torch.linalg.vector_norm(res.u - u_ref, dim=1) / torch.linalg.vector_norm(u_ref, dim=1)
     assert float(rel.max()) < 1e-7
@@ -85,11 +103,21 @@ def test_per_sample_stopping(name):
     """A sample that starts at its fixed point stops at once; the others run on."""
     layer = coupled_layer("tanh")
     x = inputs(4)
-    ref = settle(layer, x, solver=make_solver("euler", schedule=ConstantStep(0.2)),
-                 stop=RelativeChange(1e-11) | MaxSteps(5000))
+    ref = settle(
+        layer,
+        x,
+        solver=make_solver("euler", schedule=ConstantStep(0.2)),
+        stop=RelativeChange(1e-11) | MaxSteps(5000),
+    )
     u0 = torch.zeros_like(ref.u)
     u0[1] = ref.u[1]
-    res = settle(layer, x, solver=make_solver(name, **TIGHT[name]), u0=u0, stop=RelativeChange(1e-8) | MaxSteps(3000))
+    res = settle(
+        layer,
+        x,
+        solver=make_solver(name, **TIGHT[name]),
+        u0=u0,
+        stop=RelativeChange(1e-8) | MaxSteps(3000),
+    )
     assert res.status.tolist() == [Status.SETTLED] * 4
     assert int(res.steps[1]) == 0
     assert bool((res.steps[[0, 2, 3]] > 0).all())
@@ -101,7 +129,12 @@ def test_per_sample_stopping(name):
 def test_cap_is_honoured_without_raising(name, cap):
     layer = coupled_layer("tanh")
     x = inputs(3)
-    res = settle(layer, x, solver=make_solver(name, **TIGHT[name]), stop=RelativeChange(1e-12) | MaxSteps(cap))
+    res = settle(
+        layer,
+        x,
+        solver=make_solver(name, **TIGHT[name]),
+        stop=RelativeChange(1e-12) | MaxSteps(cap),
+    )
     assert res.steps.tolist() == [cap] * 3
     assert res.status.tolist() == [Status.MAX_STEPS] * 3
     assert torch.isfinite(res.residual).all()
@@ -110,7 +143,9 @@ def test_cap_is_honoured_without_raising(name, cap):
 def test_diverging_sample_reports_status():
     layer = coupled_layer("linear")
     x = inputs(2)
-    res = settle(layer, x, solver=make_solver("euler", schedule=ConstantStep(5.0)), stop=MaxSteps(500))
+    res = settle(
+        layer, x, solver=make_solver("euler", schedule=ConstantStep(5.0)), stop=MaxSteps(500)
+    )
     assert res.status.tolist() == [Status.DIVERGED] * 2
 
 

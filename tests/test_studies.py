@@ -18,9 +18,24 @@ torch.set_num_threads(1)
 
 def test_bench_solvers_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "solvers", "--n-inputs", "4", "--train-images", "20", "--no-progress",
-               "--solvers", "euler,schedule=seed", "anderson,beta=0.5", "dopri5,rtol=1e-5,atol=1e-7",
-               "torchdiffeq,rtol=1e-5,atol=1e-7", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "solvers",
+            "--n-inputs",
+            "4",
+            "--train-images",
+            "20",
+            "--no-progress",
+            "--solvers",
+            "euler,schedule=seed",
+            "anderson,beta=0.5",
+            "dopri5,rtol=1e-5,atol=1e-7",
+            "torchdiffeq,rtol=1e-5,atol=1e-7",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert set(result["states"]) == {"init", "trained"}
@@ -41,8 +56,22 @@ def test_bench_solvers_command(tmp_path, capsys):
 
 def test_plot_trajectories_command(tmp_path):
     out = tmp_path / "traj.json"
-    rc = main(["plot", "trajectories", "--inputs", "0,3", "--units", "3", "--no-progress",
-               "--solvers", "euler", "anderson,beta=0.5", "--out", str(out)])
+    rc = main(
+        [
+            "plot",
+            "trajectories",
+            "--inputs",
+            "0,3",
+            "--units",
+            "3",
+            "--no-progress",
+            "--solvers",
+            "euler",
+            "anderson,beta=0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert [item["index"] for item in result["inputs"]] == [0, 3]
@@ -53,28 +82,57 @@ def test_plot_trajectories_command(tmp_path):
         assert euler["steps"][0] == 0 and euler["steps"] == sorted(euler["steps"])
         assert len(euler["u"]) == len(euler["steps"]) == len(euler["residual"])
         assert euler["residual"][-1] < 1e-4
-        torch.testing.assert_close(torch.tensor(euler["u"][-1]), torch.tensor(item["u_ref"]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(euler["u"][-1]), torch.tensor(item["u_ref"]), atol=1e-3, rtol=0
+        )
         assert anderson["n_evals"] < euler["n_evals"]
     assert (tmp_path / "traj.png").stat().st_size > 0
 
 
 def test_study_convergence_command_and_resume(tmp_path, capsys):
     out = tmp_path / "conv.json"
-    argv = ["study", "convergence", "--thresholds", "1e-2,1e-4", "--caps", "5,3000", "--streams", "off",
-            "--epochs", "1", "--images-per-epoch", "30", "--eval-train-size", "150", "--eval-test-size", "60",
-            "--workers", "1", "--no-progress", "--out", str(out)]
+    argv = [
+        "study",
+        "convergence",
+        "--thresholds",
+        "1e-2,1e-4",
+        "--caps",
+        "5,3000",
+        "--streams",
+        "off",
+        "--epochs",
+        "1",
+        "--images-per-epoch",
+        "30",
+        "--eval-train-size",
+        "150",
+        "--eval-test-size",
+        "60",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     study = json.loads(out.read_text())
     cells = study["cells"]
     assert [(c["cell"]["threshold"], c["cell"]["max_steps"]) for c in cells] == [
-        (1e-2, 5), (1e-2, 3000), (1e-4, 5), (1e-4, 3000)]
+        (1e-2, 5),
+        (1e-2, 3000),
+        (1e-4, 5),
+        (1e-4, 3000),
+    ]
     for c in cells:
         assert len(c["iterations_per_input"]) == 30
         assert max(c["iterations_per_input"]) <= c["cell"]["max_steps"]
         assert 0 <= c["final"]["test_accuracy"] <= 1
         assert c["history"][0]["test_accuracy"] == c["final"]["test_accuracy"]
         assert c["train_evals"] > 0
-    its = {(c["cell"]["threshold"], c["cell"]["max_steps"]): sum(c["iterations_per_input"]) for c in cells}
+    its = {
+        (c["cell"]["threshold"], c["cell"]["max_steps"]): sum(c["iterations_per_input"])
+        for c in cells
+    }
     assert its[(1e-4, 3000)] > its[(1e-2, 3000)] > its[(1e-2, 5)]
     for name in ("accuracy", "iterations", "pareto"):
         assert (tmp_path / f"conv_{name}.png").stat().st_size > 0

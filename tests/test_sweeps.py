@@ -1,4 +1,4 @@
-"""run_grid: local backend (in-process and process pool), per-cell files, resume; Ray if installed."""
+"""run_grid: local backend (in process and pool), per-cell files, resume; Ray if installed."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def test_local_backend_runs_every_cell_in_order(tmp_path, workers):
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run_grid(CELLS, fail_on_three, results_dir=tmp_path, workers=1, progress=False)
-    assert sorted(p.name for p in tmp_path.glob("cell-*.json")) == sorted(cell_path(tmp_path, c).name for c in CELLS[:3])
+    assert sorted(p.name for p in tmp_path.glob("cell-*.json")) == sorted(
+        cell_path(tmp_path, c).name for c in CELLS[:3]
+    )
     # finished cells are reused: mark one file to prove it is read back, not recomputed
     path = cell_path(tmp_path, CELLS[0])
     saved = json.loads(path.read_text())
@@ -54,5 +56,7 @@ def test_bad_arguments(tmp_path):
 
 def test_ray_backend_two_cells(tmp_path):
     pytest.importorskip("ray")
-    out = run_grid(CELLS[:2], square, results_dir=tmp_path, workers=2, backend="ray", progress=False)
+    out = run_grid(
+        CELLS[:2], square, results_dir=tmp_path, workers=2, backend="ray", progress=False
+    )
     assert [r["y"] for r in out] == [0, 1]

@@ -88,7 +88,10 @@ class Dopri5(Solver):
         return f"Dopri5(rtol={self.rtol}, atol={self.atol}, dt0={self.dt0}, dt_max={self.dt_max})"
 
     def init(self, field, u0):
-        return {"dt": torch.full((u0.shape[0],), float(self.dt0), dtype=u0.dtype, device=u0.device), "k1": None}
+        return {
+            "dt": torch.full((u0.shape[0],), float(self.dt0), dtype=u0.dtype, device=u0.device),
+            "k1": None,
+        }
 
     def step(self, field, u, state, n):
         dt, k1 = state["dt"], state["k1"]

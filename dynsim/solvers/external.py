@@ -70,7 +70,10 @@ class TorchDiffEq(Solver):
         self.method, self.rtol, self.atol, self.window = method, rtol, atol, window
 
     def __repr__(self) -> str:
-        return f"TorchDiffEq(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, window={self.window})"
+        return (
+            f"TorchDiffEq(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
+            f"window={self.window})"
+        )
 
     def step(self, field, u, state, n):
         from torchdiffeq import odeint
@@ -101,7 +104,10 @@ class TorchODE(Solver):
         self.method, self.rtol, self.atol, self.window = method, rtol, atol, window
 
     def __repr__(self) -> str:
-        return f"TorchODE(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, window={self.window})"
+        return (
+            f"TorchODE(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
+            f"window={self.window})"
+        )
 
     def step(self, field, u, state, n):
         import torchode
@@ -109,7 +115,9 @@ class TorchODE(Solver):
         rec = _Recorder(field, u)
         term = torchode.ODETerm(rec)
         controller = torchode.IntegralController(atol=self.atol, rtol=self.rtol, term=term)
-        t_eval = torch.tensor([0.0, self.window], dtype=u.dtype, device=u.device).expand(u.shape[0], 2)
+        t_eval = torch.tensor([0.0, self.window], dtype=u.dtype, device=u.device).expand(
+            u.shape[0], 2
+        )
         sol = torchode.solve_ivp(term, u, t_eval, method=self.method, controller=controller)
         u_next = sol.ys[:, -1]
         f = rec.field_at_start()

@@ -53,7 +53,9 @@ class Anderson(Solver):
     name = "anderson"
     evals_per_step = 1
 
-    def __init__(self, *, beta: float = 0.5, memory: int = 5, reg: float = 1e-8, restart: float | None = 1e3):
+    def __init__(
+        self, *, beta: float = 0.5, memory: int = 5, reg: float = 1e-8, restart: float | None = 1e3
+    ):
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
             raise ConfigError(f"anderson: beta must be a positive number, got {beta!r}")
         if not (isinstance(memory, int) and memory >= 1):
@@ -79,8 +81,16 @@ class Anderson(Solver):
             return g, f, {"g": g, "r": r, "dg": None, "dr": None, "best": best}
         dg_new = (g - state["g"])[:, None]
         dr_new = (r - state["r"])[:, None]
-        dg = dg_new if state["dg"] is None else torch.cat([state["dg"], dg_new], 1)[:, -self.memory :]
-        dr = dr_new if state["dr"] is None else torch.cat([state["dr"], dr_new], 1)[:, -self.memory :]
+        dg = (
+            dg_new
+            if state["dg"] is None
+            else torch.cat([state["dg"], dg_new], 1)[:, -self.memory :]
+        )
+        dr = (
+            dr_new
+            if state["dr"] is None
+            else torch.cat([state["dr"], dr_new], 1)[:, -self.memory :]
+        )
         gram = dr @ dr.transpose(1, 2)  # (B, k, k)
         k = gram.shape[1]
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)

@@ -41,14 +41,20 @@ def parse_solver_spec(spec: str, *, schedule: str | None = None) -> tuple[str, d
     head, *pairs = _SPLIT.split(spec.strip())
     name = head.strip()
     if name not in SOLVERS:
-        raise ConfigError(f"unknown solver {name!r} in {spec!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        raise ConfigError(
+            f"unknown solver {name!r} in {spec!r}; choose one of {', '.join(sorted(SOLVERS))}"
+        )
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not text.strip():
             raise ConfigError(f"solver spec {spec!r}: expected key=value, got {pair!r}")
         options[key.strip()] = _value(key.strip(), text.strip())
-    if schedule is not None and "schedule" not in options and issubclass(SOLVERS[name], FixedStepSolver):
+    if (
+        schedule is not None
+        and "schedule" not in options
+        and issubclass(SOLVERS[name], FixedStepSolver)
+    ):
         options["schedule"] = parse_schedule(schedule)
     return name, options
 

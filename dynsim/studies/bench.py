@@ -77,7 +77,9 @@ class BenchConfig:
             solver_from_spec(spec)
         for name in ("n_inputs", "batch_size", "max_steps", "repeats"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.train_images < 0:
             raise ConfigError(f"--train-images must be >= 0, got {self.train_images}")
         bad = set(self.states) - {"init", "trained"}
@@ -89,8 +91,12 @@ class BenchConfig:
 def reference_fixed_points(layer, x: torch.Tensor, *, tol: float, max_steps: int = 100_000):
     """Tightly converged fixed points in float64 (Euler, dt = 0.2; batched)."""
     ref_layer = copy.deepcopy(layer).double()
-    res = settle(ref_layer, x.double(), solver=make_solver("euler", schedule=ConstantStep(0.2)),
-                 stop=RelativeChange(tol) | MaxSteps(max_steps))
+    res = settle(
+        ref_layer,
+        x.double(),
+        solver=make_solver("euler", schedule=ConstantStep(0.2)),
+        stop=RelativeChange(tol) | MaxSteps(max_steps),
+    )
     return res.u, res
 
 
@@ -107,12 +113,17 @@ def train_layer(config: BenchConfig, layer, x_train: torch.Tensor) -> dict[str, 
     engine = Engine(settler, [rule], progress=config.progress, desc="bench: train")
     t0 = time.perf_counter()
     with torch.no_grad():
-        engine.fit(epoch_batches(x_train, images=config.train_images, batch_size=1, seed=config.seed), 1,
-                   images_per_epoch=config.train_images)
+        engine.fit(
+            epoch_batches(x_train, images=config.train_images, batch_size=1, seed=config.seed),
+            1,
+            images_per_epoch=config.train_images,
+        )
     return {"images": config.train_images, "seconds": time.perf_counter() - t0}
 
 
-def run_setting(layer, x: torch.Tensor, u_ref: torch.Tensor, spec: str, config: BenchConfig) -> dict[str, Any]:
+def run_setting(
+    layer, x: torch.Tensor, u_ref: torch.Tensor, spec: str, config: BenchConfig
+) -> dict[str, Any]:
     """Settle ``x`` with one solver setting; measure it against ``u_ref``."""
     stop = RelativeChange(config.threshold) | MaxSteps(config.max_steps)
     best = None
@@ -132,7 +143,9 @@ def run_setting(layer, x: torch.Tensor, u_ref: torch.Tensor, spec: str, config: 
     steps_t, status_t = torch.cat(steps).double(), torch.cat(status)
     drive = layer.drive(x)
     residual = relative_norm(layer.field(u, drive), u).double()
-    dist = (torch.linalg.vector_norm(u.double() - u_ref, dim=1) / torch.linalg.vector_norm(u_ref, dim=1))
+    dist = torch.linalg.vector_norm(u.double() - u_ref, dim=1) / torch.linalg.vector_norm(
+        u_ref, dim=1
+    )
     n = x.shape[0]
     return {
         "solver": spec,
@@ -192,10 +205,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         for row in rows:
             if base is not None:
                 row["speedup_vs_baseline"] = base["seconds"] / row["seconds"]
-                row["evals_ratio_vs_baseline"] = base["evals_per_input"] / max(row["evals_per_input"], 1e-12)
+                row["evals_ratio_vs_baseline"] = base["evals_per_input"] / max(
+                    row["evals_per_input"], 1e-12
+                )
         result["states"][state] = {
-            "reference": {"tol": config.ref_tol, "settled": float(ref.converged.double().mean()),
-                          "mean_steps": float(ref.steps.double().mean())},
+            "reference": {
+                "tol": config.ref_tol,
+                "settled": float(ref.converged.double().mean()),
+                "mean_steps": float(ref.steps.double().mean()),
+            },
             "rows": rows,
         }
     if config.out:
@@ -204,24 +222,32 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return (f"{row['solver']:<58} {row['ms_per_input']:9.2f} ms {row['evals_per_input']:9.1f} ev "
-            f"{row['mean_steps']:8.1f} st  res {row['residual_max']:.1e}  dist {row['distance_max']:.1e}  "
-            f"settled {100 * row['fraction_settled']:5.1f}%")
+    return (
+        f"{row['solver']:<58} {row['ms_per_input']:9.2f} ms {row['evals_per_input']:9.1f} ev "
+        f"{row['mean_steps']:8.1f} st  res {row['residual_max']:.1e}  "
+        f"dist {row['distance_max']:.1e}  "
+        f"settled {100 * row['fraction_settled']:5.1f}%"
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of every state and setting."""
     lines = []
     for state, block in result["states"].items():
-        lines.append(f"\n{state} network ({result['data']['name']}, {result['data']['n_inputs']} inputs, "
-                     f"batch {result['config']['batch_size']}, T = {result['config']['threshold']}):\n")
-        lines.append("| solver | ms/input | evals/input | steps | settled | max residual | max dist to u* "
-                     "| speed-up vs Euler seed |")
+        lines.append(
+            f"\n{state} network ({result['data']['name']}, {result['data']['n_inputs']} inputs, "
+            f"batch {result['config']['batch_size']}, T = {result['config']['threshold']}):\n"
+        )
+        lines.append(
+            "| solver | ms/input | evals/input | steps | settled | max residual | max dist to u* "
+            "| speed-up vs Euler seed |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in block["rows"]:
             lines.append(
                 f"| `{r['solver']}` | {r['ms_per_input']:.2f} | {r['evals_per_input']:.1f} | "
-                f"{r['mean_steps']:.1f} | {100 * r['fraction_settled']:.0f} % | {r['residual_max']:.1e} | "
+                f"{r['mean_steps']:.1f} | {100 * r['fraction_settled']:.0f} % | "
+                f"{r['residual_max']:.1e} | "
                 f"{r['distance_max']:.1e} | {r.get('speedup_vs_baseline', float('nan')):.2f}× |"
             )
     return "\n".join(lines)

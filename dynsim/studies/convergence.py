@@ -51,13 +51,23 @@ class ConvergenceConfig:
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per grid cell (T × cap × streaming)."""
         if not (self.thresholds and self.caps and self.streams):
-            raise ConfigError("the grid needs at least one threshold, one cap and one streaming setting")
+            raise ConfigError(
+                "the grid needs at least one threshold, one cap and one streaming setting"
+            )
         base = {k: _parse_value(v) for k, v in self.base.items()}
         common = {
-            "data": self.data, "data_dir": self.data_dir, "nps": self.nps, "solver": self.solver,
-            "epochs": self.epochs, "images_per_epoch": self.images_per_epoch, "eval_every": self.eval_every,
-            "eval_train_size": self.eval_train_size, "eval_test_size": self.eval_test_size,
-            "readout": self.readout, "seed": self.seed, **base,
+            "data": self.data,
+            "data_dir": self.data_dir,
+            "nps": self.nps,
+            "solver": self.solver,
+            "epochs": self.epochs,
+            "images_per_epoch": self.images_per_epoch,
+            "eval_every": self.eval_every,
+            "eval_train_size": self.eval_train_size,
+            "eval_test_size": self.eval_test_size,
+            "readout": self.readout,
+            "seed": self.seed,
+            **base,
         }
         return [
             {**common, "threshold": t, "max_steps": cap, "stream_every": stream}
@@ -78,8 +88,15 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Train one DSSM cell (top-level and picklable for :func:`run_grid`)."""
     from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
-    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1,
-                                   "on_divergence": cell.get("on_divergence", "skip")})
+    config = DSSMConfig.from_dict(
+        {
+            **cell,
+            "progress": False,
+            "out": None,
+            "threads": 1,
+            "on_divergence": cell.get("on_divergence", "skip"),
+        }
+    )
     result = run_dssm(config)
     its = result["iterations_per_input"]
     stride = max(1, -(-len(its) // ITERATIONS_KEPT))
@@ -104,9 +121,20 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
 
         DSSMConfig.from_dict({**cell, "progress": False}).validate()
     out = Path(config.out) if config.out else None
-    results_dir = out.with_suffix("").with_name(out.stem + "_cells") if out else Path("runs") / "convergence_cells"
-    results = run_grid(cells, train_cell, results_dir=results_dir, workers=config.workers,
-                       backend=config.backend, ray_address=config.ray_address, progress=config.progress)
+    results_dir = (
+        out.with_suffix("").with_name(out.stem + "_cells")
+        if out
+        else Path("runs") / "convergence_cells"
+    )
+    results = run_grid(
+        cells,
+        train_cell,
+        results_dir=results_dir,
+        workers=config.workers,
+        backend=config.backend,
+        ray_address=config.ray_address,
+        progress=config.progress,
+    )
     study = {
         "command": "study convergence",
         "dynsim_version": dynsim.__version__,
@@ -124,16 +152,27 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
 def write_convergence_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
-    from dynsim.plots import plot_convergence_accuracy, plot_convergence_iterations, plot_convergence_pareto
+    from dynsim.plots import (
+        plot_convergence_accuracy,
+        plot_convergence_iterations,
+        plot_convergence_pareto,
+    )
     from dynsim.results import save_figure_atomic, write_json_atomic
 
     stem = str(out.with_suffix(""))
-    files = {"result": str(out), "accuracy_plot": stem + "_accuracy.png",
-             "iterations_plot": stem + "_iterations.png", "pareto_plot": stem + "_pareto.png"}
+    files = {
+        "result": str(out),
+        "accuracy_plot": stem + "_accuracy.png",
+        "iterations_plot": stem + "_iterations.png",
+        "pareto_plot": stem + "_pareto.png",
+    }
     study["files"] = files
     write_json_atomic(out, study)
-    for key, plot in (("accuracy_plot", plot_convergence_accuracy), ("iterations_plot", plot_convergence_iterations),
-                      ("pareto_plot", plot_convergence_pareto)):
+    for key, plot in (
+        ("accuracy_plot", plot_convergence_accuracy),
+        ("iterations_plot", plot_convergence_iterations),
+        ("pareto_plot", plot_convergence_pareto),
+    ):
         fig = plot(study)
         save_figure_atomic(fig, files[key])
         plt.close(fig)

@@ -58,8 +58,12 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
     layer = build_layer(dcfg, ds.image_shape)
     training = None
     if config.train_images:
-        bcfg = BenchConfig(data=config.data, train_images=config.train_images, seed=config.seed,
-                           progress=config.progress)
+        bcfg = BenchConfig(
+            data=config.data,
+            train_images=config.train_images,
+            seed=config.seed,
+            progress=config.progress,
+        )
         training = train_layer(bcfg, layer, torch.as_tensor(x_train))
     stop = RelativeChange(config.threshold) | MaxSteps(config.max_steps)
     inputs = []
@@ -76,17 +80,38 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
                 u0 = torch.zeros_like(drive)
                 # ‖du/ds‖/‖u‖ is undefined at u = 0: record NaN for step 0
                 monitor.on_step(None, 0, u0, torch.full((1,), float("nan")))
-                res = settle(layer, x, solver=solver_from_spec(spec), stop=stop,
-                             on_step=lambda n, u, r, m=monitor: m.on_step(None, n, u, r))
+                res = settle(
+                    layer,
+                    x,
+                    solver=solver_from_spec(spec),
+                    stop=stop,
+                    on_step=lambda n, u, r, m=monitor: m.on_step(None, n, u, r),
+                )
                 arr = monitor.as_arrays()
                 # the last step (settled state) is not passed to on_step once the sample stops
                 steps = arr["steps"].tolist() + [int(res.steps[0])]
                 traj_u = arr["u"][:, 0].tolist() + [res.u[0, units].tolist()]
                 resid = arr["residual"][:, 0].tolist() + [float(res.residual[0])]
-                runs.append({"solver": spec, "steps": steps, "u": traj_u, "residual": resid,
-                             "status": int(res.status[0]), "n_evals": res.n_evals, "stride": monitor.stride})
-            inputs.append({"index": int(index), "label": int(ds.y_test[index]), "units": units,
-                           "u_ref": u_ref[0, units].tolist(), "runs": runs})
+                runs.append(
+                    {
+                        "solver": spec,
+                        "steps": steps,
+                        "u": traj_u,
+                        "residual": resid,
+                        "status": int(res.status[0]),
+                        "n_evals": res.n_evals,
+                        "stride": monitor.stride,
+                    }
+                )
+            inputs.append(
+                {
+                    "index": int(index),
+                    "label": int(ds.y_test[index]),
+                    "units": units,
+                    "u_ref": u_ref[0, units].tolist(),
+                    "runs": runs,
+                }
+            )
     result = {
         "command": "plot trajectories",
         "dynsim_version": dynsim.__version__,
@@ -110,5 +135,3 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
 
         plt.close(fig)
     return result
-
-

@@ -68,44 +68,39 @@ class Anderson(Solver):
         return f"Anderson(beta={self.beta}, memory={self.memory}, reg={self.reg})"
 
     def init(self, field, u0):
-        # previous g and r (B, 1, D) and the difference histories (B, k, D)
-        return {"g": None, "r": None, "dg": None, "dr": None, "best": None}
+        # previous g and r, ring buffers of the last m differences (B, m, D), steps taken
+        return {"g": None, "r": None, "dg": None, "dr": None, "best": None, "count": 0}
 
     def step(self, field, u, state, n):
         f = field(u)
         r = self.beta * f
         g = u + r
+        count = state["count"]
         rn = torch.linalg.vector_norm(r, dim=1)
-        best = rn if state["best"] is None else torch.minimum(state["best"], rn)
-        if state["g"] is None:
-            return g, f, {"g": g, "r": r, "dg": None, "dr": None, "best": best}
-        dg_new = (g - state["g"])[:, None]
-        dr_new = (r - state["r"])[:, None]
-        dg = (
-            dg_new
-            if state["dg"] is None
-            else torch.cat([state["dg"], dg_new], 1)[:, -self.memory :]
-        )
-        dr = (
-            dr_new
-            if state["dr"] is None
-            else torch.cat([state["dr"], dr_new], 1)[:, -self.memory :]
-        )
-        gram = dr @ dr.transpose(1, 2)  # (B, k, k)
-        k = gram.shape[1]
+        if count == 0:
+            b, d = u.shape
+            dg = u.new_empty(b, self.memory, d)
+            dr = u.new_empty(b, self.memory, d)
+            return g, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": rn, "count": 1}
+        dg, dr = state["dg"], state["dr"]
+        slot = (count - 1) % self.memory  # column order does not matter to least squares
+        torch.sub(g, state["g"], out=dg[:, slot])
+        torch.sub(r, state["r"], out=dr[:, slot])
+        k = min(count, self.memory)
+        dgk, drk = dg[:, :k], dr[:, :k]
+        gram = torch.bmm(drk, drk.transpose(1, 2))  # (B, k, k)
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
-        eye = torch.eye(k, dtype=u.dtype, device=u.device)
-        lhs = gram + (self.reg * scale + torch.finfo(u.dtype).tiny)[:, None, None] * eye
+        best = torch.minimum(state["best"], rn)
         plain = scale <= 0  # no usable history: a plain damped step
         if self.restart is not None:
-            plain |= rn > self.restart * best
-        lhs = torch.where(plain[:, None, None], eye.expand_as(lhs), lhs)
-        rhs = dr @ r[:, :, None]  # (B, k, 1)
-        gamma = torch.linalg.solve_ex(lhs, rhs)[0]
-        gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
-        gamma = torch.where(plain[:, None, None], torch.zeros_like(gamma), gamma)
-        u_next = g - (dg.transpose(1, 2) @ gamma)[:, :, 0]
-        return u_next, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": best}
+            plain = plain | (rn > self.restart * best)
+        reg = self.reg * scale + torch.finfo(u.dtype).tiny
+        gram.diagonal(dim1=1, dim2=2).add_(reg[:, None])
+        gamma = torch.linalg.solve_ex(gram, torch.bmm(drk, r[:, :, None]))[0]  # (B, k, 1)
+        ok = torch.isfinite(gamma).all(dim=1) & ~plain[:, None]  # (B, 1)
+        gamma = torch.where(ok[:, :, None], gamma, 0.0)
+        u_next = g - torch.bmm(dgk.transpose(1, 2), gamma)[:, :, 0]
+        return u_next, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": best, "count": count + 1}
 
     def select(self, state, keep):
-        return {key: (None if v is None else v[keep]) for key, v in state.items()}
+        return {key: (v[keep] if isinstance(v, torch.Tensor) else v) for key, v in state.items()}

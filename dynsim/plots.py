@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -69,70 +70,38 @@ def _solver_family(spec: str) -> str:
 
 
 def plot_solver_pareto(result: dict[str, Any]) -> Figure:
-    """``dynsim bench solvers``: time and field evaluations per input vs distance to the
-    reference fixed point, one marker per setting (colour = solver, shape = network state)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    """``dynsim bench solvers``: wall time (left) and field evaluations (right) per input vs
+    the distance to the reference fixed point, one row per network state, one marker per
+    setting (colour = solver family; black edge: not every input settled)."""
+    states = list(result["states"])
+    fig, axes = plt.subplots(len(states), 2, figsize=(12, 4.2 * len(states)), squeeze=False)
     families = sorted({_solver_family(r["solver"]) for b in result["states"].values() for r in b["rows"]})
     colours = {f: f"C{i}" for i, f in enumerate(families)}
-    markers = {"init": "o", "trained": "s"}
-    for state, block in result["states"].items():
-        for r in block["rows"]:
+    for row_axes, state in zip(axes, states, strict=True):
+        for r in result["states"][state]["rows"]:
             fam = _solver_family(r["solver"])
-            for ax, key in zip(axes, ("ms_per_input", "evals_per_input"), strict=True):
-                ax.scatter(r[key], max(r["distance_max"], 1e-12), color=colours[fam],
-                           marker=markers.get(state, "^"), s=36, alpha=0.8,
+            y = max(r["distance_max"], 1e-12)
+            for ax, key in zip(row_axes, ("ms_per_input", "evals_per_input"), strict=True):
+                ax.scatter(r[key], y, color=colours[fam], s=40, alpha=0.85,
                            edgecolors="k" if r["fraction_settled"] < 1 else "none")
                 label = r["solver"].replace(fam + ",", "").replace("schedule=", "")
-                ax.annotate(label, (r[key], max(r["distance_max"], 1e-12)), fontsize=5, alpha=0.7)
+                label = label.replace(",atol=1e-7", "").replace(",atol=1e-6", "").replace("method=dopri5,", "")
+                ax.annotate(label if label != fam else "", (r[key], y), fontsize=6, alpha=0.8,
+                            rotation=20, xytext=(3, 2), textcoords="offset points")
+        row_axes[0].set_ylabel(f"{state} network\nmax ‖u − u*‖ / ‖u*‖ at stop")
+        row_axes[0].set_xlabel("wall time per input (ms)")
+        row_axes[1].set_xlabel("vector-field evaluations per input")
+        for ax in row_axes:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(alpha=0.3, which="both")
     for fam, c in colours.items():
-        axes[0].scatter([], [], color=c, label=fam)
-    for state, m in markers.items():
-        if state in result["states"]:
-            axes[0].scatter([], [], color="grey", marker=m, label=f"{state} network")
-    axes[0].set_xlabel("wall time per input (ms)")
-    axes[1].set_xlabel("vector-field evaluations per input")
-    axes[0].set_ylabel("max ‖u − u*‖ / ‖u*‖ at stop")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+        axes[0, 0].scatter([], [], color=c, label=fam)
+    axes[0, 0].legend(fontsize=7)
     c = result["config"]
     fig.suptitle(f"solvers on {result['data']['name']}: T = {c['threshold']}, batch {c['batch_size']}, "
-                 f"{result['data']['n_inputs']} inputs (black edge: not all settled)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_trajectories(result: dict[str, Any]) -> Figure:
-    """``dynsim plot trajectories``: per input, the selected units vs step (top) and the
-    residual ``‖du/ds‖/‖u‖`` vs step on a log scale (bottom), one colour per solver."""
-    inputs = result["inputs"]
-    fig, axes = plt.subplots(2, len(inputs), figsize=(5.5 * len(inputs), 7), squeeze=False, sharex="col")
-    for j, item in enumerate(inputs):
-        top, bottom = axes[0, j], axes[1, j]
-        for k, run in enumerate(item["runs"]):
-            steps = np.maximum(np.asarray(run["steps"], dtype=float), 0) + 1
-            u = np.asarray(run["u"], dtype=float)
-            top.plot(steps, u, "-", color=f"C{k}", lw=1, alpha=0.8)
-            top.plot([], [], "-", color=f"C{k}", label=run["solver"])
-            bottom.plot(steps, np.maximum(np.asarray(run["residual"], dtype=float), 1e-16), ".-",
-                        color=f"C{k}", ms=3, lw=1, label=f"{run['solver']} ({run['n_evals']} evals)")
-        for v in item["u_ref"]:
-            top.axhline(v, ls=":", color="grey", lw=0.8)
-        thr = result["config"].get("threshold")
-        if thr:
-            bottom.axhline(thr, ls="--", color="k", lw=0.8, label=f"T = {thr}")
-        top.set_title(f"test input {item['index']} (label {item['label']}), units {item['units']}", fontsize=9)
-        top.set_ylabel("u (dotted: reference u*)")
-        bottom.set_ylabel("‖du/ds‖ / ‖u‖")
-        bottom.set_xlabel("solver step + 1")
-        for ax in (top, bottom):
-            ax.set_xscale("log")
-            ax.grid(alpha=0.3, which="both")
-        bottom.set_yscale("log")
-        top.legend(fontsize=6)
-        bottom.legend(fontsize=6)
+                 f"{result['data']['n_inputs']} inputs", fontsize=9)
     fig.tight_layout()
     return fig
 

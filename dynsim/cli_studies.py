@@ -54,6 +54,9 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         states=tuple(args.states.split(",")),
         ref_tol=args.ref_tol,
+        accuracy_solvers=tuple(args.accuracy or ()),
+        accuracy_eval_train=args.accuracy_eval_train,
+        accuracy_eval_test=args.accuracy_eval_test,
         repeats=args.repeats,
         threads=args.threads,
         out=args.out or _default_out("bench-solvers", args.data),
@@ -175,6 +178,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=1, help="time each setting this many times, keep the best"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--accuracy",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="also train a DSSM network with each of these solvers and report test accuracy",
+    )
+    p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
+    p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
     p.set_defaults(func=cmd_bench_solvers)
 
     plot = command_group(sub, "plot", "plots of settling dynamics")

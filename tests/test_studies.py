@@ -34,6 +34,13 @@ def test_bench_solvers_command(tmp_path, capsys):
             "torchdiffeq,rtol=1e-5,atol=1e-7",
             "--out",
             str(out),
+            "--accuracy",
+            "euler",
+            "anderson,beta=0.5",
+            "--accuracy-eval-train",
+            "150",
+            "--accuracy-eval-test",
+            "60",
         ]
     )
     assert rc == 0
@@ -50,6 +57,11 @@ def test_bench_solvers_command(tmp_path, capsys):
             # T = 1e-4 on the field residual puts every solver within ~1e-3 of u*
             assert r["distance_max"] < 1e-3
             assert r["evals_per_input"] >= r["mean_steps"]
+    assert [r["solver"] for r in result["accuracy"]] == ["euler", "anderson,beta=0.5"]
+    euler_acc, anderson_acc = result["accuracy"]
+    assert 0.5 < euler_acc["test_accuracy"] <= 1
+    assert abs(euler_acc["test_accuracy"] - anderson_acc["test_accuracy"]) < 0.1
+    assert anderson_acc["train_evals"] < euler_acc["train_evals"]
     assert (tmp_path / "bench_pareto.png").stat().st_size > 0
     assert "speed-up vs Euler seed" in capsys.readouterr().out
 

@@ -64,6 +64,9 @@ class BenchConfig:
     states: tuple[str, ...] = ("init", "trained")
     ref_tol: float = 1e-9
     repeats: int = 1
+    accuracy_solvers: tuple[str, ...] = ()
+    accuracy_eval_train: int = 2000
+    accuracy_eval_test: int = 1000
     seed: int = 0
     threads: int = 1
     out: str | None = None
@@ -216,9 +219,63 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             },
             "rows": rows,
         }
+    if config.accuracy_solvers:
+        result["accuracy"] = downstream_accuracy(config)
     if config.out:
         result["files"] = write_bench_outputs(result, Path(config.out))
     return result
+
+
+def downstream_accuracy(config: BenchConfig) -> list[dict[str, Any]]:
+    """Train a DSSM network with each of ``accuracy_solvers`` (``train_images`` images, the
+    bench's T and cap, same seed) and read it out; one :func:`run_grid` cell per solver."""
+    import tempfile
+
+    from dynsim.studies.convergence import train_cell
+    from dynsim.sweeps import run_grid
+
+    cells = [
+        {
+            "data": config.data,
+            "data_dir": config.data_dir,
+            "nps": config.nps,
+            "solver": spec,
+            "threshold": config.threshold,
+            "max_steps": config.max_steps,
+            "epochs": 1,
+            "images_per_epoch": max(config.train_images, 1),
+            "eval_every": 1,
+            "eval_train_size": config.accuracy_eval_train,
+            "eval_test_size": config.accuracy_eval_test,
+            "seed": config.seed,
+        }
+        for spec in config.accuracy_solvers
+    ]
+    if config.out:
+        out = Path(config.out)
+        cells_dir = out.with_name(out.stem + "_accuracy_cells")
+    else:
+        cells_dir = Path(tempfile.mkdtemp(prefix="dynsim-bench-"))
+    rows = []
+    for cell, res in zip(
+        cells,
+        run_grid(cells, train_cell, results_dir=cells_dir, workers=1, progress=config.progress),
+        strict=True,
+    ):
+        f = res["final"]
+        rows.append(
+            {
+                "solver": cell["solver"],
+                "test_accuracy": f["test_accuracy"],
+                "raw_pixel_accuracy": f["raw_pixel_accuracy"],
+                "train_seconds": f["train_seconds"],
+                "eval_seconds": f["eval_seconds"],
+                "train_evals": res["train_evals"],
+                "mean_iterations": f["mean_iterations"],
+                "fraction_converged": f["fraction_converged"],
+            }
+        )
+    return rows
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -249,6 +306,25 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{r['mean_steps']:.1f} | {100 * r['fraction_settled']:.0f} % | "
                 f"{r['residual_max']:.1e} | "
                 f"{r['distance_max']:.1e} | {r.get('speedup_vs_baseline', float('nan')):.2f}× |"
+            )
+    if result.get("accuracy"):
+        c = result["config"]
+        lines.append(
+            f"\ndownstream accuracy: DSSM trained on {c['train_images']} images with each solver "
+            f"(T = {c['threshold']}), LinearSVC on "
+            f"{c['accuracy_eval_train']}/{c['accuracy_eval_test']} "
+            "train/test images:\n"
+        )
+        lines.append(
+            "| solver | test accuracy | train s | evals in training | mean steps | converged |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for r in result["accuracy"]:
+            lines.append(
+                f"| `{r['solver']}` | {100 * r['test_accuracy']:.2f} % | "
+                f"{r['train_seconds']:.1f} | "
+                f"{r['train_evals']} | {r['mean_iterations']:.1f} | "
+                f"{100 * r['fraction_converged']:.0f} % |"
             )
     return "\n".join(lines)
 

@@ -44,7 +44,9 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
                    help="s in τ du/ds = −u + Wx + s(L−I)r; −1 = authors' inhibition (default)")
     g.add_argument("--activation", default=d.activation, help="rate function f: tanh, linear, relu")
     g = p.add_argument_group("settling")
-    g.add_argument("--solver", default=d.solver, help="ODE solver by name (default: %(default)s)")
+    g.add_argument("--solver", default=d.solver,
+                   help="solver spec NAME[,KEY=VALUE...]: euler, heun, rk4, dopri5,rtol=..,atol=.., "
+                   "anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=.. (default: %(default)s)")
     g.add_argument("--schedule", default=d.schedule,
                    help="Euler step sizes: 'seed' = max(0.2/(1+0.005n), 0.05), 'constant:DT', 'decaying:DT0,DECAY,MIN'")
     g.add_argument("--threshold", type=_optional(float), default=d.threshold,

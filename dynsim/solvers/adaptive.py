@@ -53,13 +53,18 @@ class Dopri5(Solver):
     (``k1`` at the start), 6 after (first-same-as-last); :attr:`evals_per_step` is updated
     after each step so :func:`dynsim.settle` counts them exactly.
 
+    Choosing ``rtol``: near a fixed point the step size climbs to the stability limit and
+    the error controller then holds it there; the field residual stalls at roughly
+    ``rtol`` (measured: rtol = 1e-3 stalls at ‖F‖/‖u‖ ≈ 5e-4, rtol = 1e-5 at ≈ 5e-6 in
+    float32). Use ``rtol ≤ T/10`` for a threshold ``T``.
+
     Examples
     --------
     >>> import torch
     >>> from dynsim import HebbianLayer, settle, RelativeChange, MaxSteps
     >>> layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
-    >>> res = settle(layer, torch.randn(3, 64), solver=Dopri5(rtol=1e-3, atol=1e-6),
-    ...              stop=RelativeChange(1e-6) | MaxSteps(2000))
+    >>> res = settle(layer, torch.randn(3, 64), solver=Dopri5(rtol=1e-5, atol=1e-7),
+    ...              stop=RelativeChange(1e-4) | MaxSteps(2000))
     >>> bool(res.converged.all())
     True
     """

@@ -162,6 +162,12 @@ class Evaluator(Callback):
         }
         return self.last
 
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = state["last"]
+
     def on_epoch_end(self, engine, epoch):
         if self.due(epoch):
             engine.log(**self.evaluate())

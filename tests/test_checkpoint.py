@@ -1,0 +1,143 @@
+"""Checkpoints and resume: a killed run, resumed, ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynsim.checkpoint import Checkpoint, checkpoint_path, get_rng_state, load_checkpoint, set_rng_state
+from dynsim.cli import main
+from dynsim.errors import ConfigError
+from dynsim.results import write_json_atomic
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--data", "digits", "--images-per-epoch", "40", "--max-steps", "150", "--eval-every", "0",
+        "--eval-train-size", "300", "--eval-test-size", "150", "--no-progress", "--checkpoint-every", "1"]
+TIMING = {"train_seconds", "eval_seconds", "eval_settle_seconds", "readout_seconds", "total_seconds", "seconds"}
+
+
+def numbers(result: dict) -> dict:
+    """A result without wall-clock timings, paths and the resume marker."""
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in TIMING}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    keep = {k: v for k, v in result.items() if k in ("history", "final", "iterations_per_input", "baseline")}
+    return strip(keep)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["modules"]["system"]
+
+
+def test_checkpoint_path_beside_result():
+    assert checkpoint_path("runs/a.json") == Path("runs/a.ckpt.pt")
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = get_rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_checkpoint_must_be_last():
+    from dynsim.engine import Engine
+    from dynsim.monitors import SettlingMonitor
+
+    engine = Engine(lambda b, h: None, [Checkpoint("x.pt"), SettlingMonitor()], progress=False)
+    with pytest.raises(ConfigError, match="last"):
+        engine.fit(lambda e: [], 1)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "run.ckpt.pt"
+    bad.write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(ConfigError, match="not a readable dynsim checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    epochs = "8"
+    ref = tmp_path / "ref.json"
+    assert main(["run", "dssm", *FAST, "--epochs", epochs, "--out", str(ref)]) == 0
+
+    out = tmp_path / "killed.json"
+    ckpt = checkpoint_path(out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dynsim", "run", "dssm", *FAST, "--epochs", epochs,
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed_mid_run = proc.poll() is None
+    proc.send_signal(signal.SIGKILL) if killed_mid_run else None
+    proc.wait()
+    assert ckpt.exists(), proc.stderr.read().decode()
+    assert killed_mid_run, "the run ended before it could be killed; make it longer"
+    assert not out.exists()  # no half-written (or any) result from the killed run
+    done = load_checkpoint(ckpt)["completed_epochs"]
+    assert 1 <= done < int(epochs)
+
+    assert main(["run", "dssm", *FAST, "--epochs", epochs, "--out", str(out), "--resume"]) == 0
+    resumed, reference = json.loads(out.read_text()), json.loads(ref.read_text())
+    assert resumed["resumed_from_epoch"] >= done
+    assert numbers(resumed) == numbers(reference)
+    w_res, w_ref = weights(ckpt), weights(checkpoint_path(ref))
+    assert w_res.keys() == w_ref.keys()
+    for k in w_ref:
+        assert torch.equal(w_res[k], w_ref[k]), k
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["run", "dssm", *FAST, "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["run", "dssm", *FAST, "--epochs", "2", "--nps", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nps=4 (now 2)" in err and "new --out" in err
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["run", "dssm", *FAST, "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["run", "dssm", *FAST, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert [h["epoch"] for h in res["history"]] == [0, 1] and res["resumed_from_epoch"] == 1
+
+
+def test_resume_needs_out(capsys):
+    assert main(["run", "dssm", *FAST, "--epochs", "1", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_json_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous complete file and no temp file."""
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"a": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"a": 2, "big": list(range(10000))})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -182,7 +182,7 @@ class Engine:
         self.batches_seen = state["batches_seen"]
         self.images_seen = state["images_seen"]
         self.history = [dict(h) for h in state["history"]]
-        for cb, c in zip(self.callbacks, state["callbacks"]):
+        for cb, c in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(c["state"])
         if hasattr(self.settler, "load_state_dict") and state.get("settler"):
             self.settler.load_state_dict(state["settler"])

@@ -147,14 +147,21 @@ class DSSMConfig:
             raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if self.on_divergence not in ("raise", "skip"):
             raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
-        DecayingRate(self.eta0, self.eta_decay, self.eta_min)
+        for name in ("eta0", "eta_decay", "eta_min"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0 "
+                                  f"(default {getattr(DSSMConfig, name)}), got {v!r}")
         if self.batch_rule == "sum" and self.eta0 * self.batch_size >= 1.0:
             raise ConfigError(
                 f"with --batch-rule sum the first update shrinks W by (1 − η·B) = "
                 f"{1 - self.eta0 * self.batch_size:.3g} ≤ 0 (η = {self.eta0}, B = {self.batch_size}): "
                 "use a smaller --batch-size, a smaller --eta0, or --batch-rule mean"
             )
-        parse_schedule(self.schedule)
+        try:
+            parse_schedule(self.schedule)
+        except ConfigError as exc:
+            raise ConfigError(f"--schedule {self.schedule!r}: {exc}") from None
         make_solver(self.solver, **self.solver_options())
         try:
             torch.device(self.device)
@@ -255,6 +262,10 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
 
     ev_xtr, ev_ytr = _subset(x_train, y_train, config.eval_train_size, config.seed)
     ev_xte, ev_yte = _subset(x_test, y_test, config.eval_test_size, config.seed + 1)
+    for flag, y in (("--eval-train-size", ev_ytr), ("--eval-test-size", ev_yte)):
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
+                              f"use at least {2 * ds.n_classes} or 'none' for all")
     t0 = time.perf_counter()
     baseline = linear_svc_accuracy(ev_xtr, ev_ytr, ev_xte, ev_yte)
     baseline_seconds = time.perf_counter() - t0

@@ -97,6 +97,21 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
     return parser
 
 
+def _converted(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
+    """A file value as the flag would parse it (strings go through the flag's type), checked
+    against the flag's choices; :class:`ConfigError` naming the file, key and value otherwise."""
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "value")
+            raise ConfigError(f"config file {path}: {key} = {value!r} is not a valid {kind}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigError(f"config file {path}: {key} = {value!r}; choose one of {choices}")
+    return value
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` where ``--config FILE`` supplies the defaults.
 
@@ -112,10 +127,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         return args
     leaf = _leaf_parser(parser, args)
     values = load_config_file(path, section=leaf.prog.split()[-1])  # "dynsim run dssm" -> [dssm]
-    dests = {a.dest for a in leaf._actions if a.dest not in ("help", "config")}
-    leaf.set_defaults(**{k: v for k, v in values.items() if k in dests})
+    actions = {a.dest: a for a in leaf._actions if a.dest not in ("help", "config")}
+    leaf.set_defaults(**{k: _converted(actions[k], k, v, path) for k, v in values.items() if k in actions})
     args = parser.parse_args(argv)
-    args.config_values = {k: v for k, v in values.items() if k not in dests}
+    args.config_values = {k: v for k, v in values.items() if k not in actions}
     return args
 
 

@@ -69,7 +69,8 @@ def _as_float_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
         try:
             v = torch.as_tensor(np.asarray(v))
         except (TypeError, ValueError, RuntimeError):
-            raise DataError(f"{name} must be a numeric tensor or array, got {type(v).__name__}") from None
+            what = getattr(v, "dtype", type(v).__name__)
+            raise DataError(f"{name} must be a numeric tensor or array, got {what}") from None
     if v.dtype.is_complex or v.dtype == torch.bool:
         raise DataError(f"{name} must hold real numbers, got dtype {v.dtype}")
     return v.to(device=like.device, dtype=like.dtype)
@@ -147,6 +148,14 @@ def settle(
     """
     x = _checked_input(system, x, solver, stop, max_state_norm)
     b = x.shape[0]
+    if b == 0:  # an empty batch settles trivially (the drive's reshape cannot infer sizes from 0 rows)
+        want = getattr(system, "input_size", x.shape[1])
+        if x.shape[1] != want:
+            raise ConfigError(f"input must have shape (batch, {want}), got {tuple(x.shape)}")
+        empty = x.new_zeros(0, system.state_size)
+        z = torch.zeros(0, dtype=torch.long, device=x.device)
+        return SettleResult(u=empty, r=empty.clone(), steps=z, status=z.to(torch.int8), residual=x.new_zeros(0),
+                            n_evals=0)
     drive_all = system.drive(x)
     if u0 is not None:
         u0 = _as_float_tensor(u0, "u0", drive_all)

@@ -172,3 +172,41 @@ def test_json_write_is_atomic(tmp_path, monkeypatch):
         write_json_atomic(path, {"a": 2, "big": list(range(10000))})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _toy_engine(path, seed=0):
+    """A library-level training loop (no CLI): layer, settler, plasticity, monitor, checkpoint."""
+    from dynsim import Euler, HebbianLayer, MaxSteps, RelativeChange
+    from dynsim.engine import DynamicsSettler, Engine
+    from dynsim.monitors import SettlingMonitor
+    from dynsim.pipelines.dssm import epoch_batches
+    from dynsim.plasticity import SimilarityMatchingRule
+
+    layer = HebbianLayer((1, 4, 4), nps=2, stride=2, radius=2.0, seed=seed)
+    settler = DynamicsSettler(layer, Euler(), RelativeChange(1e-4) | MaxSteps(100), stream_every=20)
+    monitor = SettlingMonitor()
+    ckpt = Checkpoint(path, every=2, modules={"system": layer}, meta={"seed": seed})
+    engine = Engine(settler, [SimilarityMatchingRule(layer), monitor, ckpt], progress=False)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    return engine, layer, monitor, epoch_batches(x, images=12, batch_size=2, seed=seed)
+
+
+def test_engine_fit_resume_matches_straight_run(tmp_path):
+    straight, layer_a, mon_a, batches = _toy_engine(tmp_path / "a.pt")
+    with torch.no_grad():
+        straight.fit(batches, 5)
+
+    first, _, _, batches = _toy_engine(tmp_path / "b.pt")
+    with torch.no_grad():
+        first.fit(batches, 3)  # checkpoints after epochs 2 and 3 (the end)
+    again, layer_b, mon_b, batches = _toy_engine(tmp_path / "b.pt")
+    with torch.no_grad():
+        again.fit(batches, 5, resume=True)
+    assert again.history[0]["epoch"] == 0 and [h["epoch"] for h in again.history] == list(range(5))
+    assert mon_b.iterations == mon_a.iterations and again.images_seen == straight.images_seen
+    assert torch.equal(layer_a.ff.weight, layer_b.ff.weight)
+    assert torch.equal(layer_a.lateral.weight, layer_b.lateral.weight)
+
+    other, _, _, batches = _toy_engine(tmp_path / "b.pt", seed=1)
+    with pytest.raises(ConfigError, match="seed=0 \\(now 1\\)"):
+        other.fit(batches, 5, resume=True)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from dynsim import ConstantStep, DynsimError, Euler, HebbianLayer, MaxSteps, RelativeChange, Status, settle
@@ -44,6 +44,10 @@ def inputs(draw):
 
 @SETTINGS
 @given(x=inputs(), threshold=maybe_numbers, cap=maybe_numbers, dt=numbers, bound=numbers)
+@example(x=np.zeros((0, 16), np.float32), threshold=1e-4, cap=10, dt=0.1, bound=1e6)  # empty batch
+@example(x=np.zeros((0, 5), np.float32), threshold=1e-4, cap=10, dt=0.1, bound=1e6)
+@example(x=np.array([["a"] * 16]), threshold=1e-4, cap=10, dt=0.1, bound=1e6)
+@example(x=torch.ones(2, 16, dtype=torch.float64), threshold=1e-4, cap=10, dt=0.1, bound=1e6)
 def test_settle_works_or_raises_dynsim_error(x, threshold, cap, dt, bound):
     try:
         stop = stop_rule(threshold, cap)

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parse_args_with_config(parser, argv)
         return args.func(args)
@@ -143,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dynsim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dynsim: interrupted", file=sys.stderr)
+        resumable = getattr(args, "checkpoint_every", 0) and getattr(args, "out", None)
+        hint = "; rerun the same command with --resume to continue from the last checkpoint" if resumable else ""
+        print(f"dynsim: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -75,27 +75,28 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(bad)
 
 
-def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    """In-process version of the kill test: Ctrl-C during epoch 3, then --resume."""
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
+    """In-process version of the kill test: Ctrl-C at the end of epoch 2, then --resume."""
     from dynsim.monitors import SettlingMonitor
 
-    args = ["run", "dssm", *FAST, "--epochs", "4", "--stream-every", "50"]
+    args = ["run", "dssm", *FAST, "--epochs", "3", "--stream-every", "50"]
     ref, out = tmp_path / "ref.json", tmp_path / "cut.json"
     assert main([*args, "--out", str(ref)]) == 0
     original = SettlingMonitor.on_epoch_end
 
     def interrupt(self, engine, epoch):
         original(self, engine, epoch)
-        if epoch == 2:
+        if epoch == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(SettlingMonitor, "on_epoch_end", interrupt)
     assert main([*args, "--out", str(out)]) == 130
-    assert load_checkpoint(checkpoint_path(out))["completed_epochs"] == 2 and not out.exists()
+    assert "with --resume" in capsys.readouterr().err
+    assert load_checkpoint(checkpoint_path(out))["completed_epochs"] == 1 and not out.exists()
     monkeypatch.setattr(SettlingMonitor, "on_epoch_end", original)
     assert main([*args, "--out", str(out), "--resume"]) == 0
     resumed = json.loads(out.read_text())
-    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["resumed_from_epoch"] == 1
     assert numbers(resumed) == numbers(json.loads(ref.read_text()))
     w_res, w_ref = weights(checkpoint_path(out)), weights(checkpoint_path(ref))
     assert all(torch.equal(w_res[k], w_ref[k]) for k in w_ref)

@@ -30,9 +30,9 @@ def test_pipeline_with_linear_svc_on_digits():
 
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
-    model = make_pipeline(DSSMTransformer(nps=4, epochs=1, images_per_epoch=300, max_steps=300), LinearSVC())
-    model.fit(X[:600], y[:600])
-    assert model.score(X[600:900], y[600:900]) > 0.8
+    model = make_pipeline(DSSMTransformer(nps=4, epochs=1, images_per_epoch=150, max_steps=200), LinearSVC())
+    model.fit(X[:400], y[:400])
+    assert model.score(X[1000:1300], y[1000:1300]) > 0.8
     dssm = model[0]
     assert dssm.image_shape_ == (1, 8, 8) and dssm.transform(X[:3]).shape == (3, 64)
 

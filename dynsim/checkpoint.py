@@ -66,6 +66,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _plain(obj: Any) -> Any:
+    """NumPy scalars/arrays -> Python numbers/tensors, so the file loads with ``weights_only``."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file (tensors and plain Python values only: ``weights_only``)."""
     path = Path(path)
@@ -122,7 +135,7 @@ class Checkpoint(Callback):
             "format": FORMAT,
             "completed_epochs": completed_epochs,
             "meta": self.meta,
-            "engine": engine.state_dict(),
+            "engine": _plain(engine.state_dict()),
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "rng": get_rng_state(),
         }

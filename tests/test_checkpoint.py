@@ -211,3 +211,21 @@ def test_engine_fit_resume_matches_straight_run(tmp_path):
     other, _, _, batches = _toy_engine(tmp_path / "b.pt", seed=1)
     with pytest.raises(ConfigError, match="seed=0 \\(now 1\\)"):
         other.fit(batches, 5, resume=True)
+
+
+def test_numpy_values_in_history_survive_a_checkpoint(tmp_path):
+    import numpy as np
+
+    engine, layer, _, batches = _toy_engine(tmp_path / "n.pt")
+
+    from dynsim.callbacks import Callback
+
+    class LogsNumpy(Callback):
+        def on_epoch_end(self, engine, epoch):
+            engine.log(score=np.float32(0.5), counts=np.arange(3))
+
+    engine.callbacks.insert(0, LogsNumpy())
+    with torch.no_grad():
+        engine.fit(batches, 1)
+    history = load_checkpoint(tmp_path / "n.pt")["engine"]["history"]
+    assert history[0]["score"] == 0.5 and history[0]["counts"].tolist() == [0, 1, 2]

@@ -145,6 +145,11 @@ class DSSMConfig:
             raise ConfigError(f"--batch-rule must be one of {', '.join(BATCH_RULES)}, got {self.batch_rule!r}")
         if self.readout not in READOUTS:
             raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.readout == "probe":
+            import importlib.util
+
+            if importlib.util.find_spec("dynsim.probe") is None:
+                raise ConfigError("--readout probe needs dynsim.probe, which this build lacks; use --readout svc")
         if self.on_divergence not in ("raise", "skip"):
             raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
         for name in ("eta0", "eta_decay", "eta_min"):

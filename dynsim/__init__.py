@@ -11,6 +11,7 @@ torch.Size([2, 64])
 __version__ = "0.1.0"
 
 from dynsim.callbacks import Callback
+from dynsim.checkpoint import Checkpoint
 from dynsim.engine import Batch, DynamicsSettler, Engine
 from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError
 from dynsim.settle import SettleResult, settle
@@ -24,6 +25,7 @@ __all__ = [
     "AnyOf",
     "Batch",
     "Callback",
+    "Checkpoint",
     "ConfigError",
     "ConstantStep",
     "DataError",

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from dynsim.errors import DynsimError
+from dynsim.config import add_config_argument, parse_args_with_config, reject_unknown
+from dynsim.errors import ConfigError, DynsimError
 
 
 def _optional(kind):
@@ -82,23 +83,34 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default 1: fastest for batch-1 settling on 2 cores)")
     g.add_argument("--out", default=None, help="result JSON path (default: runs/dssm-<data>-<time>.json)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write <out>.ckpt.pt every K epochs and at the end (default: %(default)s; 0: never)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose result is --out from its checkpoint (same final numbers)")
+    add_config_argument(p)
 
 
 def _config_from_args(args: argparse.Namespace):
     from dynsim.pipelines.dssm import DSSMConfig
 
-    names = {f.name for f in fields(DSSMConfig)}
+    names = [f.name for f in fields(DSSMConfig)]
+    from_file = dict(getattr(args, "config_values", {}))
+    reject_unknown(from_file, names, source=f"config file {args.config}")
     values = {k: v for k, v in vars(args).items() if k in names}
-    values["progress"] = not args.no_progress
+    values.update(from_file)  # settings without a flag (tau, extra, progress)
+    values["progress"] = not args.no_progress and bool(from_file.get("progress", True))
+    if getattr(args, "resume", False) and not values.get("out"):
+        raise ConfigError("--resume needs --out PATH: the result file of the run to continue "
+                          "(its checkpoint <out>.ckpt.pt lies beside it)")
     if not values.get("out"):
-        values["out"] = str(Path("runs") / f"dssm-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        values["out"] = str(Path("runs") / f"dssm-{values['data']}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     return DSSMConfig(**values)
 
 
 def cmd_run_dssm(args: argparse.Namespace) -> int:
     from dynsim.pipelines.dssm import run_dssm
 
-    result = run_dssm(_config_from_args(args))
+    result = run_dssm(_config_from_args(args), resume=args.resume)
     f = result["final"]
     acc = f["test_accuracy"]
     print(
@@ -139,14 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        args = parse_args_with_config(parser, argv)
         return args.func(args)
     except DynsimError as exc:
         print(f"dynsim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dynsim: interrupted", file=sys.stderr)
+        resumable = getattr(args, "checkpoint_every", 0) and getattr(args, "out", None)
+        hint = "; rerun the same command with --resume to continue from the last checkpoint" if resumable else ""
+        print(f"dynsim: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dynsim.callbacks import Callback, overrides
-from dynsim.errors import DivergenceError
+from dynsim.errors import ConfigError, DivergenceError
 from dynsim.settle import SettleResult, StepHook, settle
 from dynsim.solvers.base import Solver
 from dynsim.stopping import MaxSteps, StopRule
@@ -87,6 +87,13 @@ class DynamicsSettler:
         """Forget the carried state (streaming)."""
         self.state = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The carried streaming state (``None`` when inputs start from rest)."""
+        return {"state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state["state"]
+
     def __call__(self, batch: Batch, on_step: StepHook | None = None) -> SettleResult:
         u0 = None
         if self.stream_every is not None and self.state is not None:
@@ -153,6 +160,33 @@ class Engine:
         if self._bar is not None:
             self._bar.set_postfix(fields, refresh=False)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, history, every callback's state and the settler's (for checkpoints)."""
+        settler = self.settler.state_dict() if hasattr(self.settler, "state_dict") else {}
+        return {
+            "epoch": self.epoch,
+            "batches_seen": self.batches_seen,
+            "images_seen": self.images_seen,
+            "history": [dict(h) for h in self.history],
+            "callbacks": [{"type": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks],
+            "settler": settler,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the callbacks must be the same, in order)."""
+        saved = [c["type"] for c in state["callbacks"]]
+        have = [type(cb).__name__ for cb in self.callbacks]
+        if saved != have:
+            raise ConfigError(f"checkpoint callbacks {saved} do not match this engine's {have}")
+        self.epoch = state["epoch"]
+        self.batches_seen = state["batches_seen"]
+        self.images_seen = state["images_seen"]
+        self.history = [dict(h) for h in state["history"]]
+        for cb, c in zip(self.callbacks, state["callbacks"], strict=True):
+            cb.load_state_dict(c["state"])
+        if hasattr(self.settler, "load_state_dict") and state.get("settler"):
+            self.settler.load_state_dict(state["settler"])
+
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
@@ -175,10 +209,19 @@ class Engine:
         *,
         start_epoch: int = 0,
         images_per_epoch: int | None = None,
+        resume: bool = False,
     ) -> Engine:
-        """Train for epochs ``start_epoch .. epochs-1``; ``batches(epoch)`` yields that epoch's batches."""
+        """Train for epochs ``start_epoch .. epochs-1``; ``batches(epoch)`` yields that epoch's batches.
+
+        ``resume=True``: a :class:`~dynsim.checkpoint.Checkpoint` callback restores the last
+        checkpoint (if its file exists) and training continues after its last epoch.
+        """
+        if resume:
+            for cb in self.callbacks:
+                if hasattr(cb, "restore"):
+                    start_epoch = max(start_epoch, cb.restore(self))
         on_step = self._step_hook()
-        total = None if images_per_epoch is None else images_per_epoch * (epochs - start_epoch)
+        total = None if images_per_epoch is None else images_per_epoch * max(epochs - start_epoch, 0)
         self._bar = tqdm(total=total, unit="img", desc=self.desc, disable=not self.progress, dynamic_ncols=True)
         try:
             self._call("on_fit_start")
@@ -198,8 +241,10 @@ class Engine:
                     if self.should_stop:
                         break
                 self._record.update(images_seen=self.images_seen, train_seconds=time.perf_counter() - t0)
-                self._call("on_epoch_end", epoch)
+                # appended before on_epoch_end so that a checkpoint saved there includes this
+                # epoch; callbacks still add metrics to it with log()
                 self.history.append(self._record)
+                self._call("on_epoch_end", epoch)
                 if self.should_stop:
                     break
             self._call("on_fit_end")

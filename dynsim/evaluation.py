@@ -75,7 +75,8 @@ def linear_svc_accuracy(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model = LinearSVC(C=C, class_weight="balanced", dual="auto", max_iter=2000).fit(f_train, y_train)
+        model = LinearSVC(C=C, class_weight="balanced", dual="auto", max_iter=2000, random_state=0)
+        model.fit(f_train, y_train)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return {
         "accuracy": float(model.score(f_test, y_test)),
@@ -161,6 +162,12 @@ class Evaluator(Callback):
             "readout_converged": out.get("readout_converged", True),
         }
         return self.last
+
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = state["last"]
 
     def on_epoch_end(self, engine, epoch):
         if self.due(epoch):

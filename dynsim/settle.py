@@ -12,9 +12,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from dynsim.errors import ConfigError
+from dynsim.errors import ConfigError, DataError
 from dynsim.solvers.base import Solver
 from dynsim.stopping import Status, StopRule
 from dynsim.systems.base import System
@@ -62,6 +63,47 @@ def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(num == 0, torch.zeros_like(num), num / den.clamp_min(_TINY))
 
 
+def _as_float_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
+    """``v`` as a tensor of ``like``'s dtype and device; :class:`DataError` if it is not numeric."""
+    if not isinstance(v, torch.Tensor):
+        try:
+            v = torch.as_tensor(np.asarray(v))
+        except (TypeError, ValueError, RuntimeError):
+            what = getattr(v, "dtype", type(v).__name__)
+            raise DataError(f"{name} must be a numeric tensor or array, got {what}") from None
+    if v.dtype.is_complex or v.dtype == torch.bool:
+        raise DataError(f"{name} must hold real numbers, got dtype {v.dtype}")
+    return v.to(device=like.device, dtype=like.dtype)
+
+
+def _reject_non_finite(v: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(v)
+    if v.numel() and not bool(finite.all()):
+        row = int(torch.nonzero(~finite.all(dim=1))[0])
+        bad = v[row][~finite[row]][0]
+        what = "NaN" if bool(torch.isnan(bad)) else "inf (or a value too large for the system's dtype)"
+        raise DataError(f"{name}[{row}] contains {what}; remove or clean that sample")
+
+
+def _checked_input(system: System, x, solver, stop, max_state_norm) -> torch.Tensor:
+    """Validate the arguments of :func:`settle`; return ``x`` on the system's device and dtype."""
+    if not isinstance(solver, Solver):
+        raise ConfigError(f"solver must be a dynsim Solver (e.g. Euler()), got {solver!r}")
+    if not isinstance(stop, StopRule):
+        raise ConfigError(f"stop must be a StopRule (e.g. RelativeChange(1e-4) | MaxSteps(3000)), got {stop!r}")
+    if (isinstance(max_state_norm, bool) or not isinstance(max_state_norm, (int, float))
+            or not (math.isfinite(max_state_norm) and max_state_norm > 0)):
+        raise ConfigError(f"max_state_norm must be a finite number > 0 (e.g. 1e6), got {max_state_norm!r}")
+    tensors = [*system.parameters(), *system.buffers()]
+    like = next((t for t in tensors if t.dtype.is_floating_point), torch.empty(0))
+    x = _as_float_tensor(x, "x", like)
+    if x.ndim != 2:
+        raise ConfigError(f"x must be a (batch, features) tensor, got shape {tuple(x.shape)}; "
+                          "flatten images with x.reshape(len(x), -1)")
+    _reject_non_finite(x, "x")
+    return x
+
+
 def settle(
     system: System,
     x: torch.Tensor,
@@ -83,6 +125,11 @@ def settle(
     u0 : (B, D) initial state (streaming input carries it over); zeros when ``None``.
     max_state_norm : a sample whose RMS state exceeds this, or turns non-finite, is
         marked ``Status.DIVERGED`` and keeps its last finite state.
+
+    Raises
+    ------
+    ConfigError : wrong shapes, a solver/stop rule of the wrong type, a bad ``max_state_norm``.
+    DataError : ``x`` or ``u0`` is not numeric or holds NaN/Inf (the message names the row).
     on_step : optional ``hook(n, u_running, residual_running)`` after each step.
 
     Returns
@@ -97,13 +144,23 @@ def settle(
     >>> res.r.shape, bool(res.converged.all())
     (torch.Size([5, 32]), True)
     """
-    if x.ndim != 2:
-        raise ConfigError(f"x must be a (batch, features) tensor, got shape {tuple(x.shape)}")
+    x = _checked_input(system, x, solver, stop, max_state_norm)
     b = x.shape[0]
+    if b == 0:  # an empty batch settles trivially (the drive's reshape cannot infer sizes from 0 rows)
+        want = getattr(system, "input_size", x.shape[1])
+        if x.shape[1] != want:
+            raise ConfigError(f"input must have shape (batch, {want}), got {tuple(x.shape)}")
+        empty = x.new_zeros(0, system.state_size)
+        z = torch.zeros(0, dtype=torch.long, device=x.device)
+        return SettleResult(u=empty, r=empty.clone(), steps=z, status=z.to(torch.int8), residual=x.new_zeros(0),
+                            n_evals=0)
     drive_all = system.drive(x)
-    u_all = torch.zeros_like(drive_all) if u0 is None else u0.to(drive_all).clone()
-    if u_all.shape != drive_all.shape:
-        raise ConfigError(f"u0 must have shape {tuple(drive_all.shape)}, got {tuple(u_all.shape)}")
+    if u0 is not None:
+        u0 = _as_float_tensor(u0, "u0", drive_all)
+        if u0.shape != drive_all.shape:
+            raise ConfigError(f"u0 must have shape {tuple(drive_all.shape)}, got {tuple(u0.shape)}")
+        _reject_non_finite(u0, "u0")
+    u_all = torch.zeros_like(drive_all) if u0 is None else u0.clone()
     steps = torch.zeros(b, dtype=torch.long, device=x.device)
     status = torch.zeros(b, dtype=torch.int8, device=x.device)
     on = stop.on or "field"

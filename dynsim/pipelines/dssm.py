@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 
 import dynsim
+from dynsim.checkpoint import Checkpoint, checkpoint_path
 from dynsim.engine import Batch, DynamicsSettler, Engine
-from dynsim.errors import ConfigError
+from dynsim.errors import ConfigError, DivergenceError
 from dynsim.evaluation import READOUTS, Evaluator, linear_svc_accuracy
 from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
-from dynsim.stopping import stop_rule
+from dynsim.stopping import Status, stop_rule
 from dynsim.systems import ACTIVATIONS, HebbianLayer
 
 # receptive-field geometry per image size when the user gives none: (stride, radius)
@@ -72,6 +74,7 @@ class DSSMConfig:
     device: str = "cpu"
     threads: int | None = 1
     on_divergence: str = "raise"
+    checkpoint_every: int = 1
     out: str | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +99,36 @@ class DSSMConfig:
             positive_int(name, allow_none=True)
         positive_int("max_steps", allow_none=True, allow_zero=True)
         positive_int("eval_every", allow_zero=True)
+        positive_int("checkpoint_every", allow_zero=True)
+        positive_int("seed", allow_zero=True)
+        for name in ("eval_train_size", "eval_test_size"):
+            if getattr(self, name) == 1:
+                raise ConfigError(f"--{name.replace('_', '-')} 1 leaves one sample, too few for a readout; "
+                                  "give at least one sample per class (e.g. 100) or 'none' for all")
+        for name in ("lateral_distance", "tau", "eta0", "eta_decay", "eta_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {v!r}")
+        if not (np.isfinite(self.lateral_distance) and self.lateral_distance >= 0):
+            raise ConfigError(f"--lateral-distance must be a finite number >= 0 (0: same site), "
+                              f"got {self.lateral_distance!r}")
+        if not (np.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(f"tau must be a finite time constant > 0 (e.g. 1.0), got {self.tau!r}")
+        for name in ("data", "solver", "schedule", "activation", "device", "readout"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a string, got {getattr(self, name)!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool)
+                                           or not isinstance(self.threshold, (int, float))):
+            raise ConfigError(f"--threshold must be a number (e.g. 1e-4) or 'none', got {self.threshold!r}")
+        if self.radius is not None and (isinstance(self.radius, bool) or not isinstance(self.radius, (int, float))):
+            raise ConfigError(f"--radius must be a number of pixels, got {self.radius!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a table/dict, got {self.extra!r}")
+        if self.out is not None:
+            if not isinstance(self.out, str) or not self.out:
+                raise ConfigError(f"--out must be a file path, got {self.out!r}")
+            if Path(self.out).is_dir():
+                raise ConfigError(f"--out {self.out} is a directory; give a file name such as {self.out}/run.json")
         if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold > 0):
             raise ConfigError(f"--threshold must be > 0 (e.g. 1e-4), got {self.threshold!r}")
         if self.threshold is None and self.max_steps is None:
@@ -112,17 +145,33 @@ class DSSMConfig:
             raise ConfigError(f"--batch-rule must be one of {', '.join(BATCH_RULES)}, got {self.batch_rule!r}")
         if self.readout not in READOUTS:
             raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if self.readout == "probe":
+            import importlib.util
+
+            if importlib.util.find_spec("dynsim.probe") is None:
+                raise ConfigError("--readout probe needs dynsim.probe, which this build lacks; use --readout svc")
         if self.on_divergence not in ("raise", "skip"):
             raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
-        DecayingRate(self.eta0, self.eta_decay, self.eta_min)
+        for name in ("eta0", "eta_decay", "eta_min"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0 "
+                                  f"(default {getattr(DSSMConfig, name)}), got {v!r}")
         if self.batch_rule == "sum" and self.eta0 * self.batch_size >= 1.0:
             raise ConfigError(
                 f"with --batch-rule sum the first update shrinks W by (1 − η·B) = "
                 f"{1 - self.eta0 * self.batch_size:.3g} ≤ 0 (η = {self.eta0}, B = {self.batch_size}): "
                 "use a smaller --batch-size, a smaller --eta0, or --batch-rule mean"
             )
-        parse_schedule(self.schedule)
+        try:
+            parse_schedule(self.schedule)
+        except ConfigError as exc:
+            raise ConfigError(f"--schedule {self.schedule!r}: {exc}") from None
         solver_from_spec(self.solver, schedule=self.schedule)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {self.device!r} is not a torch device; use cpu or cuda") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
         return self
@@ -139,6 +188,14 @@ class DSSMConfig:
         if unknown:
             raise ConfigError(f"unknown DSSM setting(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+# settings that decide the training trajectory: a checkpoint must match them to be resumed
+TRAINING_KEYS = (
+    "data", "data_dir", "nps", "stride", "radius", "lateral_distance", "lateral_sign", "activation", "tau",
+    "solver", "schedule", "threshold", "max_steps", "residual", "stream_every", "images_per_epoch",
+    "batch_size", "batch_rule", "eta0", "eta_decay", "eta_min", "seed", "extra",
+)
 
 
 def prepare_data(config: DSSMConfig):
@@ -187,9 +244,17 @@ def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
     return x[idx], y[idx]
 
 
-def run_dssm(config: DSSMConfig) -> dict[str, Any]:
-    """Train and evaluate a DSSM network; write the result JSON and plots if ``config.out``."""
+def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate a DSSM network; write the result JSON and plots if ``config.out``.
+
+    With ``config.out`` and ``checkpoint_every > 0`` a checkpoint ``<out>.ckpt.pt`` is written
+    every ``checkpoint_every`` epochs and at the end; ``resume=True`` continues from it
+    (same final numbers as an uninterrupted run).
+    """
     config.validate()
+    if resume and not config.out:
+        raise ConfigError("--resume needs --out PATH: the result file of the run to continue "
+                          "(its checkpoint lies beside it)")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     t_start = time.perf_counter()
@@ -204,6 +269,10 @@ def run_dssm(config: DSSMConfig) -> dict[str, Any]:
 
     ev_xtr, ev_ytr = _subset(x_train, y_train, config.eval_train_size, config.seed)
     ev_xte, ev_yte = _subset(x_test, y_test, config.eval_test_size, config.seed + 1)
+    for flag, y in (("--eval-train-size", ev_ytr), ("--eval-test-size", ev_yte)):
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
+                              f"use at least {2 * ds.n_classes} or 'none' for all")
     t0 = time.perf_counter()
     baseline = linear_svc_accuracy(ev_xtr, ev_ytr, ev_xte, ev_yte)
     baseline_seconds = time.perf_counter() - t0
@@ -228,11 +297,32 @@ def run_dssm(config: DSSMConfig) -> dict[str, Any]:
     rule = SimilarityMatchingRule(
         layer, rate=DecayingRate(config.eta0, config.eta_decay, config.eta_min), batch_rule=config.batch_rule
     )
-    engine = Engine(settler, [rule, monitor, evaluator], progress=config.progress, desc=f"dssm {config.data}")
+    callbacks = [rule, monitor, evaluator]
+    ckpt = None
+    if config.out and (config.checkpoint_every or resume):
+        meta = {k: getattr(config, k) for k in TRAINING_KEYS}
+        ckpt = Checkpoint(checkpoint_path(config.out), every=config.checkpoint_every, modules={"system": layer},
+                          meta=meta)
+        callbacks.append(ckpt)
+    engine = Engine(settler, callbacks, progress=config.progress, desc=f"dssm {config.data}")
     x_train_t = torch.as_tensor(x_train, device=device)
     batches = epoch_batches(x_train_t, images=config.images_per_epoch, batch_size=config.batch_size, seed=config.seed)
-    with torch.no_grad():
-        engine.fit(batches, config.epochs, images_per_epoch=config.images_per_epoch)
+    resumed_from = None
+    if resume:
+        resumed_from = ckpt.restore(engine) if ckpt.path.exists() else None
+        if resumed_from is None:
+            warnings.warn(f"no checkpoint at {ckpt.path}; starting from epoch 0", stacklevel=2)
+    try:
+        with torch.no_grad():
+            engine.fit(batches, config.epochs, start_epoch=resumed_from or 0,
+                       images_per_epoch=config.images_per_epoch)
+    except DivergenceError as exc:
+        if ckpt is not None and ckpt.last_saved_epoch:
+            where = (f"the last good checkpoint is {ckpt.path} (after epoch {ckpt.last_saved_epoch}); "
+                     "fix the setting and rerun with --resume")
+        else:
+            where = "no checkpoint was written before it (use --checkpoint-every 1 and --out)"
+        raise DivergenceError(f"{exc}. The run stopped; {where}") from None
 
     history = engine.history
     train_seconds = sum(h["train_seconds"] for h in history)
@@ -269,8 +359,12 @@ def run_dssm(config: DSSMConfig) -> dict[str, Any]:
             "images_seen": engine.images_seen,
             "mean_iterations": float(its.mean()) if its.size else None,
             "fraction_converged": float(np.mean(np.asarray(monitor.status) == 1)) if its.size else None,
+            "diverged_skipped": int(np.sum(np.asarray(monitor.status) == int(Status.DIVERGED))),
         },
+        "resumed_from_epoch": resumed_from,
     }
+    if ckpt is not None:
+        result["checkpoint"] = str(ckpt.path)
     if config.out:
         result["files"] = write_outputs(result, Path(config.out))
     return result

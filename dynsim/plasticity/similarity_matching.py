@@ -68,6 +68,13 @@ class SimilarityMatchingRule(Callback):
         self.eta = self.rate(epoch)
         engine.log(learning_rate=self.eta)
 
+    def state_dict(self):
+        """The current rate (the weights themselves belong to the layer's ``state_dict``)."""
+        return {"eta": self.eta}
+
+    def load_state_dict(self, state):
+        self.eta = state["eta"]
+
     def on_settled(self, engine, batch, result):
         x, r = batch.x, result.r
         ok = ~result.diverged

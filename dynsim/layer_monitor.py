@@ -68,7 +68,10 @@ class LayerMonitor(Callback):
         steps = np.asarray(self.layer_steps[self._epoch_start :], dtype=float)
         res = np.asarray(self.layer_residual[self._epoch_start :], dtype=float)
         if steps.size:
-            engine.log(layer_mean_iterations=steps.mean(axis=0).tolist(), layer_mean_residual=res.mean(axis=0).tolist())
+            engine.log(
+                layer_mean_iterations=steps.mean(axis=0).tolist(),
+                layer_mean_residual=res.mean(axis=0).tolist(),
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"layer_steps": self.layer_steps, "layer_residual": self.layer_residual}

@@ -78,7 +78,9 @@ class InputStream:
         if self.order not in ("random", "sequential"):
             raise ConfigError(f"stream order must be 'random' or 'sequential', got {self.order!r}")
         if self.x.ndim != 2 or self.x.shape[0] < 1:
-            raise ConfigError(f"stream inputs must be a non-empty (n, features) tensor, got {tuple(self.x.shape)}")
+            raise ConfigError(
+                f"stream inputs must be a non-empty (n, features) tensor, got {tuple(self.x.shape)}"
+            )
 
     def __call__(self, epoch: int) -> Iterator[Batch]:
         n = self.x.shape[0]
@@ -96,8 +98,10 @@ class InputStream:
     def settler(
         self, system: System, solver: Solver, stop: StopRule, *, on_divergence: str = "raise"
     ) -> DynamicsSettler:
-        """A :class:`DynamicsSettler` that carries the state and caps each input at ``dwell`` steps."""
-        return DynamicsSettler(system, solver, stop, stream_every=self.dwell, on_divergence=on_divergence)
+        """A :class:`DynamicsSettler` carrying the state, each input capped at ``dwell`` steps."""
+        return DynamicsSettler(
+            system, solver, stop, stream_every=self.dwell, on_divergence=on_divergence
+        )
 
 
 class SwitchMonitor(Callback):
@@ -164,7 +168,10 @@ class SwitchMonitor(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: list(getattr(self, k)) for k in ("switch_residual", "steps", "settled", "final_residual")}
+        return {
+            k: list(getattr(self, k))
+            for k in ("switch_residual", "steps", "settled", "final_residual")
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from dynsim import ConfigError, ConstantStep, Engine, Euler, MaxSteps, RelativeChange, settle, stop_rule
+from dynsim import (
+    ConfigError,
+    ConstantStep,
+    Engine,
+    Euler,
+    MaxSteps,
+    RelativeChange,
+    settle,
+    stop_rule,
+)
 from dynsim.layer_monitor import LayerMonitor
 from dynsim.plasticity.deep import DeepSimilarityMatchingRule, deep_hebbian_update
 from dynsim.streaming import InputStream, SwitchMonitor, SwitchTraceMonitor
@@ -17,12 +26,20 @@ from dynsim.systems.structure import receptive_fields
 
 torch.set_num_threads(1)
 
-SPECS = [LayerSpec(nps=3, stride=2, radius=3.0), LayerSpec(nps=2, stride=1, radius=1.5, lateral_distance=1.0)]
+SPECS = [
+    LayerSpec(nps=3, stride=2, radius=3.0),
+    LayerSpec(nps=2, stride=1, radius=1.5, lateral_distance=1.0),
+]
 
 
 def small_net(gamma=0.0, activation="tanh", lateral_sign=-1, channels=1, seed=0):
     return DeepHebbianNet(
-        (channels, 8, 8), SPECS, gamma=gamma, activation=activation, lateral_sign=lateral_sign, seed=seed
+        (channels, 8, 8),
+        SPECS,
+        gamma=gamma,
+        activation=activation,
+        lateral_sign=lateral_sign,
+        seed=seed,
     ).double()
 
 
@@ -32,8 +49,11 @@ def perturb_lateral(net, scale=0.1, seed=1):
     for layer in net.layers:
         _, lat = layer.dense_weights()
         a = torch.randn(lat.shape, generator=gen, dtype=lat.dtype)
-        mask = (layer.lateral.to_dense(layer.n_sites) != 0) | torch.eye(lat.shape[0], dtype=torch.bool)
-        # write the symmetric dense target back through the structure: weight[s, m, k·M + m'] = L[s·M+m, idx·M+m']
+        mask = (layer.lateral.to_dense(layer.n_sites) != 0) | torch.eye(
+            lat.shape[0], dtype=torch.bool
+        )
+        # write the dense target back through the structure:
+        # weight[s, m, k·M + m'] = L[s·M + m, index[s, k]·M + m']
         sym = (a + a.T) / 2 * mask * scale + torch.eye(lat.shape[0], dtype=lat.dtype)
         m = layer.nps
         idx, valid = layer.lateral.index, layer.lateral.mask[:, 0, :].bool()
@@ -42,7 +62,9 @@ def perturb_lateral(net, scale=0.1, seed=1):
                 if not valid[s, k * m]:
                     continue
                 j = int(idx[s, k])
-                layer.lateral.weight[s, :, k * m : (k + 1) * m] = sym[s * m : (s + 1) * m, j * m : (j + 1) * m]
+                layer.lateral.weight[s, :, k * m : (k + 1) * m] = sym[
+                    s * m : (s + 1) * m, j * m : (j + 1) * m
+                ]
 
 
 def tight():
@@ -124,13 +146,18 @@ def _disc_count(h, w, stride, radius):
         for j in range(w // stride):
             cr, cc = stride * i + stride / 2, stride * j + stride / 2
             total += sum(
-                (k + 0.5 - cr) ** 2 + (l + 0.5 - cc) ** 2 <= radius**2 + 1e-9 for k in range(h) for l in range(w)
+                (k + 0.5 - cr) ** 2 + (l + 0.5 - cc) ** 2 <= radius**2 + 1e-9
+                for k in range(h)
+                for l in range(w)
             )
     return total
 
 
 def test_structure_counts_multichannel_input():
-    specs = [LayerSpec(nps=4, stride=2, radius=4.0), LayerSpec(nps=8, stride=2, radius=2.0, lateral_distance=1.0)]
+    specs = [
+        LayerSpec(nps=4, stride=2, radius=4.0),
+        LayerSpec(nps=8, stride=2, radius=2.0, lateral_distance=1.0),
+    ]
     net = DeepHebbianNet((3, 32, 32), specs, gamma=0.1)
     l1, l2 = net.layers
     assert l1.grid == (16, 16) and l2.grid == (8, 8)
@@ -161,7 +188,9 @@ def test_deep_update_matches_dense_rule(lateral_rule):
     deep_hebbian_update(net, x, r, eta, batch_rule="mean", lateral_rule=lateral_rule)
     after = net.dense_weights()
     pre = [x, *net.split(r)[:-1]]
-    for p, ((w0, l0), (w1, l1), rp, xp) in enumerate(zip(before, after, net.split(r), pre)):
+    for p, ((w0, l0), (w1, l1), rp, xp) in enumerate(
+        zip(before, after, net.split(r), pre, strict=True)
+    ):
         kappa = 1 / 1.25 if p == 0 else 1.0  # hidden-layer lateral updates only
         mw, ml = (w0 != 0), (l0 != 0) | (l1 != 0)
         torch.testing.assert_close(w1, w0 + eta * (rp.T @ xp / 2 - w0) * mw)
@@ -196,12 +225,18 @@ def test_stream_carries_state_exactly_like_piecewise_euler():
             u = u + 0.1 * layer.field(u, d)
     torch.testing.assert_close(settler.state, u)
     assert monitor.steps == [3] * 6 and not any(monitor.settled)
-    assert math.isnan(monitor.switch_residual[0]) and all(v > 0 for v in monitor.switch_residual[1:])
+    assert math.isnan(monitor.switch_residual[0]) and all(
+        v > 0 for v in monitor.switch_residual[1:]
+    )
 
 
 @pytest.mark.parametrize("deep", [False, True])
 def test_switch_monitor_records_settling_after_switch(deep):
-    system = small_net(gamma=0.2) if deep else HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0).double()
+    system = (
+        small_net(gamma=0.2)
+        if deep
+        else HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0).double()
+    )
     x = torch.randn(20, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     stream = InputStream(x, dwell=400, inputs_per_epoch=8, n_streams=2, seed=1)
     settler = stream.settler(system, Euler(), stop_rule(1e-4, None))
@@ -223,9 +258,35 @@ def test_layer_monitor_and_deep_training_step():
     settler.reset()
     layers = LayerMonitor(net, tol=1e-4)
     w_before = net.layers[1].ff.weight.clone()
-    engine = Engine(settler, [layers, DeepSimilarityMatchingRule(net)], progress=False).fit(stream, epochs=1)
+    engine = Engine(settler, [layers, DeepSimilarityMatchingRule(net)], progress=False).fit(
+        stream, epochs=1
+    )
     assert not torch.equal(w_before, net.layers[1].ff.weight)
     log = engine.history[0]
     assert len(log["layer_mean_iterations"]) == 2 and len(log["layer_mean_residual"]) == 2
     assert all(r < 1e-3 for r in log["layer_mean_residual"])
     assert all(0 < s <= 2000 for steps in layers.layer_steps for s in steps)
+
+
+@pytest.mark.slow
+def test_cli_runs_two_layers_and_reports_each_layer(tmp_path, capsys):
+    import json
+
+    from dynsim.cli import main
+
+    out = tmp_path / "deep.json"
+    argv = (
+        "run dssm --data digits --layers 2 --nps 4,2 --stride 2,1 --radius 3,1.5 --gamma 0.1 "
+        "--max-steps 20 --epochs 1 --images-per-epoch 40 --eval-train-size 100 --eval-test-size 50 "
+        "--stream-every 5 "
+        f"--no-progress --out {out}"
+    ).split()
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert len(result["final"]["layer_test_accuracy"]) == 2
+    assert result["final"]["test_accuracy"] == result["final"]["layer_test_accuracy"][1]
+    assert [layer["nps"] for layer in result["system"]["layers"]] == [4, 2]
+    epoch = result["history"][0]
+    assert len(epoch["layer_mean_iterations"]) == 2 and epoch["stream_dwell"] == 5
+    assert main(argv[:-2] + ["--nps", "4,4,4", "--out", str(out)]) == 2
+    assert "--nps has 3 values for 2 layer(s)" in capsys.readouterr().err

@@ -95,7 +95,12 @@ class DeepSimilarityMatchingRule(Callback):
             raise ConfigError(f"batch rule must be one of {BATCH_RULES}, got {batch_rule!r}")
         if lateral_rule not in LATERAL_RULES:
             raise ConfigError(f"lateral rule must be one of {LATERAL_RULES}, got {lateral_rule!r}")
-        self.net, self.rate, self.batch_rule, self.lateral_rule = net, rate, batch_rule, lateral_rule
+        self.net, self.rate, self.batch_rule, self.lateral_rule = (
+            net,
+            rate,
+            batch_rule,
+            lateral_rule,
+        )
         self.eta = rate(0)
 
     def on_epoch_start(self, engine, epoch):

@@ -164,7 +164,7 @@ class DeepHebbianNet(System):
         return layer.ff(self.layers[p - 1].sites(r_prev)).reshape(r_prev.shape[0], -1)
 
     def feedback_input(self, p: int, r_next: torch.Tensor) -> torch.Tensor:
-        """``W_{p+1}ᵀ r_{p+1}`` (0-based ``p < P−1``): (B, N_{p+1}) -> (B, N_p), structured transpose."""
+        """``W_{p+1}ᵀ r_{p+1}`` (0-based ``p < P−1``): (B, N_{p+1}) -> (B, N_p), structured."""
         upper = self.layers[p + 1]
         back = site_linear_transpose(upper.ff, upper.sites(r_next), self.layers[p].n_sites)
         return back.reshape(r_next.shape[0], -1)
@@ -176,7 +176,9 @@ class DeepHebbianNet(System):
         out = []
         for p, layer in enumerate(self.layers):
             du = self.lateral_sign * layer.lateral_input(rs[p]) - us[p]
-            du = du + (drive[:, self.layer_slices()[0]] if p == 0 else self.feedforward_input(p, rs[p - 1]))
+            du = du + (
+                drive[:, self.layer_slices()[0]] if p == 0 else self.feedforward_input(p, rs[p - 1])
+            )
             if self.gamma and p + 1 < self.n_layers:
                 du = du + self.gamma * self.feedback_input(p, rs[p + 1])
             out.append(du)
@@ -200,7 +202,12 @@ class DeepHebbianNet(System):
         out = [self.layers[0].dense_weights()]
         for p in range(1, self.n_layers):
             layer = self.layers[p]
-            out.append((layer.ff.to_dense(self.layers[p - 1].n_sites), layer.lateral.to_dense(layer.n_sites)))
+            out.append(
+                (
+                    layer.ff.to_dense(self.layers[p - 1].n_sites),
+                    layer.lateral.to_dense(layer.n_sites),
+                )
+            )
         return out
 
     def describe(self) -> list[dict]:

@@ -128,6 +128,7 @@ class DeepHebbianNet(System):
         self.sizes = sizes
         self.offsets = [sum(sizes[:p]) for p in range(len(sizes) + 1)]
         self.state_size = self.offsets[-1]
+        self._slices = [slice(self.offsets[p], self.offsets[p + 1]) for p in range(len(sizes))]
         self.input_size = self.layers[0].input_size
 
     @property
@@ -136,11 +137,11 @@ class DeepHebbianNet(System):
 
     def layer_slices(self) -> list[slice]:
         """Slice of the flat state held by each layer."""
-        return [slice(self.offsets[p], self.offsets[p + 1]) for p in range(self.n_layers)]
+        return list(self._slices)
 
     def split(self, u: torch.Tensor) -> list[torch.Tensor]:
         """Flat state (B, Σ N_p) -> per-layer views [(B, N_1), …]."""
-        return [u[:, sl] for sl in self.layer_slices()]
+        return [u[:, sl] for sl in self._slices]
 
     def lateral_scale(self, p: int) -> float:
         """``κ_p`` of layer ``p`` (0-based): ``1/(1+γ)`` for hidden layers, 1 on top.
@@ -177,7 +178,7 @@ class DeepHebbianNet(System):
         for p, layer in enumerate(self.layers):
             du = self.lateral_sign * layer.lateral_input(rs[p]) - us[p]
             du = du + (
-                drive[:, self.layer_slices()[0]] if p == 0 else self.feedforward_input(p, rs[p - 1])
+                drive[:, self._slices[0]] if p == 0 else self.feedforward_input(p, rs[p - 1])
             )
             if self.gamma and p + 1 < self.n_layers:
                 du = du + self.gamma * self.feedback_input(p, rs[p + 1])

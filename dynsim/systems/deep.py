@@ -34,20 +34,44 @@ from dynsim.systems.hebbian import HebbianLayer
 from dynsim.systems.structure import SiteLinear
 
 
-def site_linear_transpose(linear: SiteLinear, y: torch.Tensor, n_in_groups: int) -> torch.Tensor:
+def transpose_index(linear: SiteLinear, n_in_groups: int) -> torch.Tensor:
+    """Inverse of the gather index: ``(S_in, J)`` positions ``s·K + k`` that read each input group.
+
+    Padded with ``S·K`` (a zero row). Entries of ``linear.index`` that point at padding
+    (``>= n_in_groups``) are left out.
+    """
+    s, k = linear.index.shape
+    flat = linear.index.reshape(-1)
+    lists: list[list[int]] = [[] for _ in range(n_in_groups)]
+    for pos, j in enumerate(flat.tolist()):
+        if j < n_in_groups:
+            lists[j].append(pos)
+    width = max(1, max(len(item) for item in lists))
+    inv = torch.full((n_in_groups, width), s * k, dtype=torch.long)
+    for j, item in enumerate(lists):
+        inv[j, : len(item)] = torch.tensor(item, dtype=torch.long)
+    return inv.to(linear.index.device)
+
+
+def site_linear_transpose(
+    linear: SiteLinear, y: torch.Tensor, n_in_groups: int, inverse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Apply the transpose of a structured map: ``(B, S, M) -> (B, S_in, G)``.
 
     ``x[b, index[s, k], g] += Σ_m weight[s, m, k·G + g] · y[b, s, m]``, i.e. ``Wᵀ y`` for the
-    dense ``W = linear.to_dense(n_in_groups)``, computed by an ``index_add`` over the
-    gather index (padding lands in a dummy group that is dropped).
+    dense ``W = linear.to_dense(n_in_groups)``. Each site's contributions come from one
+    batched matmul; they are summed per input group by gathering through ``inverse``
+    (:func:`transpose_index`, computed here when not given; a gather is ~10× faster than
+    ``index_add_`` on CPU). No dense matrix is formed.
     """
-    b, s, _ = y.shape
+    b = y.shape[0]
     g = linear.group_size
     per_site = torch.bmm(y.transpose(0, 1), linear.weight).transpose(0, 1)  # (B, S, K·G)
     per_site = per_site.reshape(b, -1, g)  # (B, S·K, G)
-    out = y.new_zeros(b, n_in_groups + 1, g)
-    out.index_add_(1, linear.index.reshape(-1), per_site)
-    return out[:, :n_in_groups]
+    if inverse is None:
+        inverse = transpose_index(linear, n_in_groups)
+    padded = torch.cat([per_site, per_site.new_zeros(b, 1, g)], dim=1)
+    return padded[:, inverse].sum(dim=2)
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,9 @@ class DeepHebbianNet(System):
         self.offsets = [sum(sizes[:p]) for p in range(len(sizes) + 1)]
         self.state_size = self.offsets[-1]
         self._slices = [slice(self.offsets[p], self.offsets[p + 1]) for p in range(len(sizes))]
+        for p in range(1, len(built)):  # feedback W_pᵀ: inverse gather index of layer p's ff map
+            inv = transpose_index(built[p].ff, built[p - 1].n_sites)
+            self.register_buffer(f"_feedback_index_{p}", inv, persistent=False)
         self.input_size = self.layers[0].input_size
 
     @property
@@ -167,7 +194,8 @@ class DeepHebbianNet(System):
     def feedback_input(self, p: int, r_next: torch.Tensor) -> torch.Tensor:
         """``W_{p+1}ᵀ r_{p+1}`` (0-based ``p < P−1``): (B, N_{p+1}) -> (B, N_p), structured."""
         upper = self.layers[p + 1]
-        back = site_linear_transpose(upper.ff, upper.sites(r_next), self.layers[p].n_sites)
+        inverse = getattr(self, f"_feedback_index_{p + 1}")
+        back = site_linear_transpose(upper.ff, upper.sites(r_next), self.layers[p].n_sites, inverse)
         return back.reshape(r_next.shape[0], -1)
 
     def field(self, u: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:

@@ -290,3 +290,14 @@ def test_cli_runs_two_layers_and_reports_each_layer(tmp_path, capsys):
     assert len(epoch["layer_mean_iterations"]) == 2 and epoch["stream_dwell"] == 5
     assert main(argv[:-2] + ["--nps", "4,4,4", "--out", str(out)]) == 2
     assert "--nps has 3 values for 2 layer(s)" in capsys.readouterr().err
+
+
+def test_one_explicit_step_from_rest_leaves_upper_layers_silent():
+    """Why a 2-layer net read out after 1 step from rest is at chance (docs/deep.md study)."""
+    net = small_net(gamma=0.5)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    res = settle(net, x, solver=Euler(), stop=MaxSteps(1))
+    r1, r2 = net.split(res.r)
+    assert bool((r1 != 0).any()) and bool((r2 == 0).all())
+    r1, r2 = net.split(settle(net, x, solver=Euler(), stop=MaxSteps(2)).r)
+    assert bool((r2 != 0).any())

@@ -26,6 +26,19 @@ def _optional(kind):
     return parse
 
 
+def _per_layer(kind):
+    """``"4"`` -> 4, ``"4,8"`` -> [4, 8] (one value per layer)."""
+
+    def parse(text: str):
+        parts = [kind(v) for v in text.split(",") if v.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list, got {text!r}")
+        return parts[0] if len(parts) == 1 else parts
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``dynsim run dssm`` (defaults: DESIGN §2)."""
     from dynsim.data import DATASETS
@@ -36,10 +49,17 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=d.data, choices=DATASETS, help="data set (default: %(default)s, embedded)")
     g.add_argument("--data-dir", default=None, help="directory with the data files (MNIST, CIFAR-10, ...)")
     g = p.add_argument_group("network")
-    g.add_argument("--nps", type=int, default=d.nps, help="neurons per site (default: %(default)s)")
-    g.add_argument("--stride", type=int, default=None, help="site spacing in pixels (default: 2)")
-    g.add_argument("--radius", type=float, default=None, help="receptive-field radius in pixels (28x28: 4, 8x8: 3)")
-    g.add_argument("--lateral-distance", type=float, default=d.lateral_distance,
+    g.add_argument("--layers", type=int, default=d.layers,
+                   help="number of layers; > 1 builds a deep network (the four flags below take per-layer lists)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="feedback strength of a deep network (default: 0)")
+    g.add_argument("--lateral-rule", default=d.lateral_rule, choices=("code", "scaled"),
+                   help="deep: 1/(1+γ) on the hidden lateral decay term (authors code, default) or whole update")
+    g.add_argument("--nps", type=_per_layer(int), default=d.nps, help="neurons per site, e.g. 4 or 4,4 (default: 4)")
+    g.add_argument("--stride", type=_per_layer(int), default=None,
+                   help="site spacing in pixels (default: 2; upper layers 1), e.g. 2,1")
+    g.add_argument("--radius", type=_per_layer(float), default=None,
+                   help="receptive-field radius in pixels (28x28: 4, 8x8: 3; upper layers 2), e.g. 4,2")
+    g.add_argument("--lateral-distance", type=_per_layer(float), default=d.lateral_distance,
                    help="lateral links between sites up to this grid distance (default: 0, same site)")
     g.add_argument("--lateral-sign", type=int, default=d.lateral_sign, choices=(-1, 1),
                    help="s in τ du/ds = −u + Wx + s(L−I)r; −1 = authors' inhibition (default)")

@@ -106,7 +106,10 @@ class Evaluator(Callback):
     """Every ``every`` epochs (and after the last), settle train and test sets and fit a readout.
 
     Logs ``test_accuracy``, ``train_accuracy``, ``eval_seconds``, ``eval_mean_iterations``
-    and ``eval_fraction_converged`` into ``engine.history``.
+    and ``eval_fraction_converged`` into ``engine.history``. With ``layer_slices`` (a deep
+    network's :meth:`~dynsim.systems.deep.DeepHebbianNet.layer_slices`) the readout is fitted
+    on each layer's rates separately: ``layer_test_accuracy`` lists them bottom first and
+    ``test_accuracy`` is the top layer's.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class Evaluator(Callback):
         device: str = "cpu",
         seed: int = 0,
         progress: bool = True,
+        layer_slices: list[slice] | None = None,
     ):
         if readout not in READOUTS:
             raise ConfigError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
@@ -135,6 +139,7 @@ class Evaluator(Callback):
         self.every, self.epochs = every, epochs
         self.readout, self.batch_size, self.device = readout, batch_size, device
         self.seed, self.progress = seed, progress
+        self.layer_slices = layer_slices
         self.last: dict | None = None
 
     def due(self, epoch: int) -> bool:
@@ -148,7 +153,15 @@ class Evaluator(Callback):
         rep_train = settle_dataset(self.system, x_train, progress=self.progress, desc="eval train", **kw)
         rep_test = settle_dataset(self.system, x_test, progress=self.progress, desc="eval test", **kw)
         settle_seconds = time.perf_counter() - t0
-        out = readout_accuracy(self.readout, rep_train.r, y_train, rep_test.r, y_test, seed=self.seed)
+        layer_acc = None
+        if self.layer_slices:
+            outs = [
+                readout_accuracy(self.readout, rep_train.r[:, sl], y_train, rep_test.r[:, sl], y_test, seed=self.seed)
+                for sl in self.layer_slices
+            ]
+            layer_acc, out = [o["accuracy"] for o in outs], outs[-1]
+        else:
+            out = readout_accuracy(self.readout, rep_train.r, y_train, rep_test.r, y_test, seed=self.seed)
         steps = np.concatenate([rep_train.steps, rep_test.steps])
         self.last = {
             "test_accuracy": out["accuracy"],
@@ -161,6 +174,8 @@ class Evaluator(Callback):
             ),
             "readout_converged": out.get("readout_converged", True),
         }
+        if layer_acc is not None:
+            self.last["layer_test_accuracy"] = layer_acc
         return self.last
 
     def state_dict(self) -> dict:

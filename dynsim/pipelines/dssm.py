@@ -25,11 +25,15 @@ from dynsim.checkpoint import Checkpoint, checkpoint_path
 from dynsim.engine import Batch, DynamicsSettler, Engine
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.evaluation import READOUTS, Evaluator, linear_svc_accuracy
+from dynsim.layer_monitor import LayerMonitor
 from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
+from dynsim.plasticity.deep import LATERAL_RULES, DeepSimilarityMatchingRule
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.stopping import Status, stop_rule
+from dynsim.streaming import SwitchMonitor
 from dynsim.systems import ACTIVATIONS, HebbianLayer
+from dynsim.systems.deep import DeepHebbianNet, LayerSpec
 
 # receptive-field geometry per image size when the user gives none: (stride, radius)
 DEFAULT_GEOMETRY = {
@@ -37,6 +41,7 @@ DEFAULT_GEOMETRY = {
     (28, 28): (2, 4.0),  # MNIST-like: DESIGN §2, 14x14 sites, 52-pixel discs
     (32, 32): (2, 4.0),
 }
+DEEP_GEOMETRY = (1, 2.0)  # (stride, radius) of layers above the first, in sites of the layer below
 
 
 @dataclass
@@ -45,10 +50,13 @@ class DSSMConfig:
 
     data: str = "digits"
     data_dir: str | None = None
-    nps: int = 4
-    stride: int | None = None
-    radius: float | None = None
-    lateral_distance: float = 0.0
+    nps: int | list[int] = 4
+    stride: int | list[int] | None = None
+    radius: float | list[float] | None = None
+    lateral_distance: float | list[float] = 0.0
+    layers: int = 1  # > 1: DeepHebbianNet; nps/stride/radius/lateral_distance may be per-layer lists
+    gamma: float = 0.0  # feedback strength of the deep network
+    lateral_rule: str = "code"  # deep: where 1/(1+γ) enters hidden lateral updates (plasticity/deep.py)
     lateral_sign: int = -1
     activation: str = "tanh"
     tau: float = 1.0
@@ -93,10 +101,11 @@ class DSSMConfig:
 
         if self.data not in DATASETS:
             raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
-        for name in ("nps", "epochs", "images_per_epoch", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "images_per_epoch", "batch_size", "eval_batch_size", "layers"):
             positive_int(name)
-        for name in ("stride", "eval_train_size", "eval_test_size", "stream_every", "threads"):
+        for name in ("eval_train_size", "eval_test_size", "stream_every", "threads"):
             positive_int(name, allow_none=True)
+        self.layer_structure()
         positive_int("max_steps", allow_none=True, allow_zero=True)
         positive_int("eval_every", allow_zero=True)
         positive_int("checkpoint_every", allow_zero=True)
@@ -105,13 +114,10 @@ class DSSMConfig:
             if getattr(self, name) == 1:
                 raise ConfigError(f"--{name.replace('_', '-')} 1 leaves one sample, too few for a readout; "
                                   "give at least one sample per class (e.g. 100) or 'none' for all")
-        for name in ("lateral_distance", "tau", "eta0", "eta_decay", "eta_min"):
+        for name in ("tau", "eta0", "eta_decay", "eta_min"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {v!r}")
-        if not (np.isfinite(self.lateral_distance) and self.lateral_distance >= 0):
-            raise ConfigError(f"--lateral-distance must be a finite number >= 0 (0: same site), "
-                              f"got {self.lateral_distance!r}")
         if not (np.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(f"tau must be a finite time constant > 0 (e.g. 1.0), got {self.tau!r}")
         for name in ("data", "solver", "schedule", "activation", "device", "readout"):
@@ -133,8 +139,10 @@ class DSSMConfig:
             raise ConfigError(f"--threshold must be > 0 (e.g. 1e-4), got {self.threshold!r}")
         if self.threshold is None and self.max_steps is None:
             raise ConfigError("give --threshold, --max-steps or both; settling would never stop")
-        if self.radius is not None and not (np.isfinite(self.radius) and self.radius > 0):
-            raise ConfigError(f"--radius must be > 0 pixels, got {self.radius!r}")
+        if self.lateral_rule not in LATERAL_RULES:
+            raise ConfigError(f"--lateral-rule must be one of {', '.join(LATERAL_RULES)}, got {self.lateral_rule!r}")
+        if not (isinstance(self.gamma, (int, float)) and np.isfinite(self.gamma) and self.gamma >= 0):
+            raise ConfigError(f"--gamma (feedback strength) must be a number >= 0, got {self.gamma!r}")
         if self.lateral_sign not in (-1, 1):
             raise ConfigError(f"--lateral-sign must be -1 or +1, got {self.lateral_sign!r}")
         if self.activation not in ACTIVATIONS:
@@ -176,6 +184,39 @@ class DSSMConfig:
             raise ConfigError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
         return self
 
+    def per_layer(self, name: str) -> list:
+        """Setting ``name`` as one value per layer (a single value is used for every layer)."""
+        value = getattr(self, name)
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * self.layers
+        if len(values) != self.layers:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} has {len(values)} values for {self.layers} layer(s); give one value or {self.layers}"
+            )
+        return values
+
+    def layer_structure(self) -> list[dict[str, Any]]:
+        """Per-layer ``nps``, ``stride``, ``radius``, ``lateral_distance`` (None: geometry default)."""
+        out = []
+        names = ("nps", "stride", "radius", "lateral_distance")
+        for p, vals in enumerate(zip(*(self.per_layer(n) for n in names), strict=True)):
+            spec = dict(zip(names, vals, strict=True))
+            where = f" (layer {p + 1})" if self.layers > 1 else ""
+            for n in ("nps", "stride"):
+                v = spec[n]
+                if v is None and n == "stride":
+                    continue
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConfigError(f"--{n} must be an integer >= 1{where}, got {v!r}")
+            r = spec["radius"]
+            if r is not None and not (isinstance(r, (int, float)) and np.isfinite(r) and r > 0):
+                raise ConfigError(f"--radius must be > 0 pixels{where}, got {r!r}")
+            d = spec["lateral_distance"]
+            if isinstance(d, bool) or not (isinstance(d, (int, float)) and np.isfinite(d) and d >= 0):
+                raise ConfigError(f"--lateral-distance must be a finite number >= 0 (0: same site){where}, got {d!r}")
+            out.append(spec)
+        return out
+
     def solver_options(self) -> dict[str, Any]:
         """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step
         solvers get ``schedule`` unless the spec names one."""
@@ -208,15 +249,59 @@ def prepare_data(config: DSSMConfig):
     return ds, x_train, x_test
 
 
+def build_system(config: DSSMConfig, image_shape: tuple[int, int, int]) -> HebbianLayer | DeepHebbianNet:
+    """``build_layer`` for one layer; a :class:`DeepHebbianNet` for ``config.layers > 1``.
+
+    Layers above the first default to stride 1 and radius 2 (in sites of the layer below).
+    """
+    if config.layers == 1:
+        return build_layer(config, image_shape)
+    stride, radius = DEFAULT_GEOMETRY.get(tuple(image_shape[1:]), (2, 4.0))
+    specs = [
+        LayerSpec(
+            nps=s["nps"],
+            stride=s["stride"] or (stride if p == 0 else DEEP_GEOMETRY[0]),
+            radius=s["radius"] or (radius if p == 0 else DEEP_GEOMETRY[1]),
+            lateral_distance=s["lateral_distance"],
+        )
+        for p, s in enumerate(config.layer_structure())
+    ]
+    return DeepHebbianNet(
+        image_shape,
+        specs,
+        gamma=config.gamma,
+        lateral_sign=config.lateral_sign,
+        activation=config.activation,
+        tau=config.tau,
+        seed=config.seed,
+    )
+
+
+def describe_system(system: HebbianLayer | DeepHebbianNet) -> dict[str, Any]:
+    """Structure summary for the result file (per layer for a deep network)."""
+    if isinstance(system, DeepHebbianNet):
+        return {"n_neurons": system.state_size, "gamma": system.gamma, "layers": system.describe()}
+    return {
+        "n_neurons": system.state_size,
+        "n_sites": system.n_sites,
+        "stride": system.stride,
+        "radius": system.radius,
+        "mean_fan_in": system.mean_fan_in,
+        "ff_nonzeros": system.ff.nnz,
+        "lateral_nonzeros": system.lateral.nnz,
+    }
+
+
 def build_layer(config: DSSMConfig, image_shape: tuple[int, int, int]) -> HebbianLayer:
     """The structured layer for ``image_shape``, geometry from the config or the defaults."""
     stride, radius = DEFAULT_GEOMETRY.get(tuple(image_shape[1:]), (2, 4.0))
+    spec = config.layer_structure()[0]
     return HebbianLayer(
         image_shape,
-        nps=config.nps,
-        stride=config.stride or stride,
-        radius=config.radius or radius,
-        lateral_distance=config.lateral_distance,
+        nps=spec["nps"],
+        stride=spec["stride"] or stride,
+        radius=spec["radius"] or radius,
+        lateral_distance=spec["lateral_distance"],
         lateral_sign=config.lateral_sign,
         activation=config.activation,
         tau=config.tau,
@@ -261,7 +346,8 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     ds, x_train, x_test = prepare_data(config)
     y_train, y_test = ds.y_train, ds.y_test
     device = torch.device(config.device)
-    layer = build_layer(config, ds.image_shape).to(device)
+    layer = build_system(config, ds.image_shape).to(device)
+    deep = isinstance(layer, DeepHebbianNet)
 
     stop = stop_rule(config.threshold, config.max_steps, on=config.residual)
     solver = solver_from_spec(config.solver, schedule=config.schedule)
@@ -293,11 +379,17 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         device=config.device,
         seed=config.seed,
         progress=config.progress,
+        layer_slices=layer.layer_slices() if deep else None,
     )
-    rule = SimilarityMatchingRule(
-        layer, rate=DecayingRate(config.eta0, config.eta_decay, config.eta_min), batch_rule=config.batch_rule
-    )
+    rate = DecayingRate(config.eta0, config.eta_decay, config.eta_min)
+    rule_cls = DeepSimilarityMatchingRule if deep else SimilarityMatchingRule
+    extra = {"lateral_rule": config.lateral_rule} if deep else {}
+    rule = rule_cls(layer, rate=rate, batch_rule=config.batch_rule, **extra)
     callbacks = [rule, monitor, evaluator]
+    if deep:  # before the rule: it reads the residuals at the weights the state settled with
+        callbacks.insert(0, LayerMonitor(layer, tol=config.threshold or 1e-4))
+    if config.stream_every is not None:
+        callbacks.insert(0, SwitchMonitor(settler))
     ckpt = None
     if config.out and (config.checkpoint_every or resume):
         meta = {k: getattr(config, k) for k in TRAINING_KEYS}
@@ -337,21 +429,14 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         "config": asdict(config),
         "data": {"name": ds.name, "n_train": len(x_train), "n_test": len(x_test), "image_shape": ds.image_shape,
                  "eval_n_train": len(ev_xtr), "eval_n_test": len(ev_xte)},
-        "system": {
-            "n_neurons": layer.state_size,
-            "n_sites": layer.n_sites,
-            "stride": layer.stride,
-            "radius": layer.radius,
-            "mean_fan_in": layer.mean_fan_in,
-            "ff_nonzeros": layer.ff.nnz,
-            "lateral_nonzeros": layer.lateral.nnz,
-        },
+        "system": describe_system(layer),
         "baseline": {"raw_pixel_accuracy": baseline["accuracy"], "seconds": baseline_seconds},
         "history": history,
         "iterations_per_input": its.tolist(),
         "final": {
             "test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
             "best_test_accuracy": max((h["test_accuracy"] for h in evaluated), default=None),
+            "layer_test_accuracy": evaluated[-1].get("layer_test_accuracy") if evaluated else None,
             "raw_pixel_accuracy": baseline["accuracy"],
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,

@@ -106,6 +106,39 @@ def plot_solver_pareto(result: dict[str, Any]) -> Figure:
     return fig
 
 
+def plot_trajectories(result: dict[str, Any]) -> Figure:
+    """``dynsim plot trajectories``: per input, the selected units vs step (top) and the
+    residual ``‖du/ds‖/‖u‖`` vs step on a log scale (bottom), one colour per solver."""
+    inputs = result["inputs"]
+    fig, axes = plt.subplots(2, len(inputs), figsize=(5.5 * len(inputs), 7), squeeze=False, sharex="col")
+    for j, item in enumerate(inputs):
+        top, bottom = axes[0, j], axes[1, j]
+        for k, run in enumerate(item["runs"]):
+            steps = np.maximum(np.asarray(run["steps"], dtype=float), 0) + 1
+            u = np.asarray(run["u"], dtype=float)
+            top.plot(steps, u, "-", color=f"C{k}", lw=1, alpha=0.8)
+            top.plot([], [], "-", color=f"C{k}", label=run["solver"])
+            bottom.plot(steps, np.maximum(np.asarray(run["residual"], dtype=float), 1e-16), ".-",
+                        color=f"C{k}", ms=3, lw=1, label=f"{run['solver']} ({run['n_evals']} evals)")
+        for v in item["u_ref"]:
+            top.axhline(v, ls=":", color="grey", lw=0.8)
+        thr = result["config"].get("threshold")
+        if thr:
+            bottom.axhline(thr, ls="--", color="k", lw=0.8, label=f"T = {thr}")
+        top.set_title(f"test input {item['index']} (label {item['label']}), units {item['units']}", fontsize=9)
+        top.set_ylabel("u (dotted: reference u*)")
+        bottom.set_ylabel("‖du/ds‖ / ‖u‖")
+        bottom.set_xlabel("solver step + 1")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+        bottom.set_yscale("log")
+        top.legend(fontsize=6)
+        bottom.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 def _cell_label(cell: dict[str, Any]) -> str:
     stream = cell.get("stream_every")
     return f"T={cell['threshold']:g}, cap {cell['max_steps']}" + (f", stream {stream}" if stream else "")

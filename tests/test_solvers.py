@@ -204,3 +204,22 @@ def test_bad_options_name_the_value():
         make_solver("anderson", beta=0.0)
     with pytest.raises(ConfigError, match="unknown solver"):
         make_solver("nope")
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_n_evals_counts_every_field_evaluation(name):
+    """SettleResult.n_evals equals the rows actually evaluated (minus the final residual check)."""
+    layer = coupled_layer("tanh")
+    x = inputs(4)
+    rows = []
+    original = layer.field
+
+    def counting_field(u, drive):
+        rows.append(u.shape[0])
+        return original(u, drive)
+
+    layer.field = counting_field
+    res = settle(
+        layer, x, solver=make_solver(name, **TIGHT[name]), stop=RelativeChange(1e-6) | MaxSteps(50)
+    )
+    assert res.n_evals == sum(rows) - x.shape[0]

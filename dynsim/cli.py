@@ -45,7 +45,9 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
                    help="s in τ du/ds = −u + Wx + s(L−I)r; −1 = authors' inhibition (default)")
     g.add_argument("--activation", default=d.activation, help="rate function f: tanh, linear, relu")
     g = p.add_argument_group("settling")
-    g.add_argument("--solver", default=d.solver, help="ODE solver by name (default: %(default)s)")
+    g.add_argument("--solver", default=d.solver,
+                   help="solver spec NAME[,KEY=VALUE...]: euler, heun, rk4, dopri5,rtol=..,atol=.., "
+                   "anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=.. (default: %(default)s)")
     g.add_argument("--schedule", default=d.schedule,
                    help="Euler step sizes: 'seed' = max(0.2/(1+0.005n), 0.05), 'constant:DT', 'decaying:DT0,DECAY,MIN'")
     g.add_argument("--threshold", type=_optional(float), default=d.threshold,
@@ -123,6 +125,16 @@ def cmd_run_dssm(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """The subcommands of group ``name`` (``study``, ``bench``, ``plot``), created on first use
+    so that several modules can add commands to one group (``dynsim study convergence``,
+    ``dynsim study ssl``)."""
+    if name not in sub.choices:
+        group = sub.add_parser(name, help=help)
+        group.set_defaults(_commands=group.add_subparsers(dest=f"{name}_command", required=True))
+    return sub.choices[name].get_default("_commands")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynsim", description="Continuous-time Hebbian network simulator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     dssm = run_sub.add_parser("dssm", help="similarity-matching network (Obeid et al. 2019)")
     add_dssm_arguments(dssm)
     dssm.set_defaults(func=cmd_run_dssm)
+    from dynsim import cli_studies
+
+    cli_studies.register(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -60,5 +61,143 @@ def plot_iterations(result: dict[str, Any]) -> Figure:
     ax.set_title(_title(result), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _solver_family(spec: str) -> str:
+    return spec.split(",", 1)[0]
+
+
+def plot_solver_pareto(result: dict[str, Any]) -> Figure:
+    """``dynsim bench solvers``: wall time (left) and field evaluations (right) per input vs
+    the distance to the reference fixed point, one row per network state, one marker per
+    setting (colour = solver family; black edge: not every input settled)."""
+    states = list(result["states"])
+    fig, axes = plt.subplots(len(states), 2, figsize=(12, 4.2 * len(states)), squeeze=False)
+    families = sorted({_solver_family(r["solver"]) for b in result["states"].values() for r in b["rows"]})
+    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    for row_axes, state in zip(axes, states, strict=True):
+        for r in result["states"][state]["rows"]:
+            fam = _solver_family(r["solver"])
+            y = max(r["distance_max"], 1e-12)
+            for ax, key in zip(row_axes, ("ms_per_input", "evals_per_input"), strict=True):
+                ax.scatter(r[key], y, color=colours[fam], s=40, alpha=0.85,
+                           edgecolors="k" if r["fraction_settled"] < 1 else "none")
+                label = r["solver"].replace(fam + ",", "").replace("schedule=", "")
+                label = label.replace(",atol=1e-7", "").replace(",atol=1e-6", "").replace("method=dopri5,", "")
+                ax.annotate(label if label != fam else "", (r[key], y), fontsize=6, alpha=0.8,
+                            rotation=20, xytext=(3, 2), textcoords="offset points")
+        row_axes[0].set_ylabel(f"{state} network\nmax ‖u − u*‖ / ‖u*‖ at stop")
+        row_axes[0].set_xlabel("wall time per input (ms)")
+        row_axes[1].set_xlabel("vector-field evaluations per input")
+        for ax in row_axes:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(alpha=0.3, which="both")
+    for fam, c in colours.items():
+        axes[0, 0].scatter([], [], color=c, label=fam)
+    axes[0, 0].legend(fontsize=7)
+    c = result["config"]
+    fig.suptitle(f"solvers on {result['data']['name']}: T = {c['threshold']}, batch {c['batch_size']}, "
+                 f"{result['data']['n_inputs']} inputs", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _cell_label(cell: dict[str, Any]) -> str:
+    stream = cell.get("stream_every")
+    return f"T={cell['threshold']:g}, cap {cell['max_steps']}" + (f", stream {stream}" if stream else "")
+
+
+def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
+    """Test accuracy vs epoch, one line per grid cell (colour = T, line style = cap), one
+    panel per streaming setting (the reproduction report's Figure 1)."""
+    cells = study["cells"]
+    streams = sorted({c["cell"].get("stream_every") or 0 for c in cells})
+    ts = sorted({c["cell"]["threshold"] for c in cells}, reverse=True)
+    caps = sorted({c["cell"]["max_steps"] or 10**9 for c in cells})
+    styles = ["-", "--", "-.", ":", (0, (1, 3))]
+    fig, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4.5), squeeze=False, sharey=True)
+    for ax, stream in zip(axes[0], streams, strict=True):
+        for c in cells:
+            cell = c["cell"]
+            if (cell.get("stream_every") or 0) != stream:
+                continue
+            ev = [h for h in c["history"] if h.get("test_accuracy") is not None]
+            ax.plot([h["epoch"] + 1 for h in ev], [100 * h["test_accuracy"] for h in ev], marker="o", ms=3,
+                    color=f"C{ts.index(cell['threshold']) % 10}",
+                    ls=styles[caps.index(cell["max_steps"] or 10**9) % len(styles)], label=_cell_label(cell))
+        raw = cells[0].get("baseline", {}).get("raw_pixel_accuracy")
+        if raw is not None:
+            ax.axhline(100 * raw, color="grey", ls="--", lw=0.8, label="raw pixels")
+        ax.set_title("streaming off" if not stream else f"streaming, input switches every {stream} steps", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_convergence_iterations(study: dict[str, Any], max_cells: int = 8) -> Figure:
+    """Steps to settle per training input (log scale) for up to ``max_cells`` cells: the
+    largest cap of each (T, streaming) pair (the reproduction report's Figure 2)."""
+    chosen: dict[tuple, dict] = {}
+    for c in study["cells"]:
+        cell = c["cell"]
+        key = (cell["threshold"], cell.get("stream_every"))
+        if key not in chosen or (cell["max_steps"] or 10**9) > (chosen[key]["cell"]["max_steps"] or 10**9):
+            chosen[key] = c
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, c in enumerate(list(chosen.values())[:max_cells]):
+        its = np.maximum(np.asarray(c["iterations_per_input"], dtype=float), 1)
+        x = np.arange(its.size) * c.get("iterations_stride", 1) + 1
+        w = max(1, min(100, its.size // 20))
+        ax.plot(x, its, ".", ms=1.5, alpha=0.25, color=f"C{k}")
+        if its.size >= w:
+            ax.plot(x[w - 1 :], np.convolve(its, np.ones(w) / w, mode="valid"), "-", color=f"C{k}",
+                    label=_cell_label(c["cell"]))
+    ax.set_yscale("log")
+    ax.set_xlabel("training input")
+    ax.set_ylabel("steps to settle (dots: per input, line: running mean)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _pareto_front(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    order = np.argsort(xs)
+    front, best = [], -np.inf
+    for i in order:
+        if ys[i] > best:
+            front.append(i)
+            best = ys[i]
+    return np.asarray(front, dtype=int)
+
+
+def plot_convergence_pareto(study: dict[str, Any]) -> Figure:
+    """Final test accuracy vs training cost (seconds, field evaluations), Pareto front drawn."""
+    cells = [c for c in study["cells"] if c["final"].get("test_accuracy") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    acc = np.asarray([100 * c["final"]["test_accuracy"] for c in cells])
+    for ax, key, label in ((axes[0], "train_seconds", "training time (s)"),
+                           (axes[1], "train_evals", "vector-field evaluations in training")):
+        xs = np.asarray([max(c["final"]["train_seconds"] if key == "train_seconds" else c["train_evals"], 1e-9)
+                         for c in cells], dtype=float)
+        for i, c in enumerate(cells):
+            marker = "s" if c["cell"].get("stream_every") else "o"
+            ax.scatter(xs[i], acc[i], marker=marker, color=f"C{i % 10}", s=30)
+            ax.annotate(_cell_label(c["cell"]), (xs[i], acc[i]), fontsize=5, alpha=0.8)
+        if len(cells):
+            front = _pareto_front(xs, acc)
+            ax.plot(xs[front], acc[front], "k-", lw=1, alpha=0.6, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("final test accuracy (%) (squares: streaming)")
     fig.tight_layout()
     return fig

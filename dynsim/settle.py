@@ -180,6 +180,7 @@ def settle(
     cap = stop.max_steps
     if cap == 0:
         active = active[:0]
+        status.fill_(Status.MAX_STEPS)
     while active.numel():
         u_next, f, state = solver.step(field, u, state, n)
         n_evals += solver.evals_per_step * active.numel()

@@ -27,7 +27,7 @@ from dynsim.errors import ConfigError, DivergenceError
 from dynsim.evaluation import READOUTS, Evaluator, linear_svc_accuracy
 from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
-from dynsim.solvers import make_solver, parse_schedule
+from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.stopping import Status, stop_rule
 from dynsim.systems import ACTIVATIONS, HebbianLayer
 
@@ -167,7 +167,7 @@ class DSSMConfig:
             parse_schedule(self.schedule)
         except ConfigError as exc:
             raise ConfigError(f"--schedule {self.schedule!r}: {exc}") from None
-        make_solver(self.solver, **self.solver_options())
+        solver_from_spec(self.solver, schedule=self.schedule)
         try:
             torch.device(self.device)
         except (RuntimeError, ValueError):
@@ -177,7 +177,9 @@ class DSSMConfig:
         return self
 
     def solver_options(self) -> dict[str, Any]:
-        return {"schedule": parse_schedule(self.schedule)} if self.solver == "euler" else {}
+        """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step
+        solvers get ``schedule`` unless the spec names one."""
+        return parse_solver_spec(self.solver, schedule=self.schedule)[1]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DSSMConfig:
@@ -262,7 +264,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     layer = build_layer(config, ds.image_shape).to(device)
 
     stop = stop_rule(config.threshold, config.max_steps, on=config.residual)
-    solver = make_solver(config.solver, **config.solver_options())
+    solver = solver_from_spec(config.solver, schedule=config.schedule)
     settler = DynamicsSettler(layer, solver, stop, stream_every=config.stream_every, on_divergence=config.on_divergence)
 
     ev_xtr, ev_ytr = _subset(x_train, y_train, config.eval_train_size, config.seed)

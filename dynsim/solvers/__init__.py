@@ -7,7 +7,11 @@ keyword options. Register a new method with :func:`register`.
 from __future__ import annotations
 
 from dynsim.errors import ConfigError
+from dynsim.solvers.adaptive import Dopri5
 from dynsim.solvers.base import Euler, FixedStepSolver, Solver
+from dynsim.solvers.external import TorchDiffEq, TorchODE
+from dynsim.solvers.fixed_point import Anderson
+from dynsim.solvers.rk import RK4, Heun
 from dynsim.solvers.schedules import (
     SEED_SCHEDULE,
     ConstantStep,
@@ -25,7 +29,8 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-register(Euler)
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, TorchDiffEq, TorchODE):
+    register(_cls)
 
 
 def make_solver(name: str, **options) -> Solver:
@@ -41,15 +46,25 @@ def make_solver(name: str, **options) -> Solver:
 
 
 __all__ = [
+    "RK4",
     "SEED_SCHEDULE",
     "SOLVERS",
+    "Anderson",
     "ConstantStep",
     "DecayingStep",
+    "Dopri5",
     "Euler",
     "FixedStepSolver",
+    "Heun",
     "Solver",
     "StepSchedule",
+    "TorchDiffEq",
+    "TorchODE",
     "make_solver",
     "parse_schedule",
     "register",
 ]
+
+from dynsim.solvers.spec import parse_solver_spec, solver_from_spec  # noqa: E402
+
+__all__ += ["parse_solver_spec", "solver_from_spec"]

@@ -1,0 +1,250 @@
+"""CLI of the solver studies: ``dynsim bench solvers``, ``dynsim study convergence``,
+``dynsim plot trajectories`` and ``dynsim sweep`` (registered by :func:`register`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def _default_out(kind: str, data: str) -> str:
+    return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _caps(text: str) -> list[int | None]:
+    return [None if v.lower() in ("none", "inf") else int(v) for v in text.split(",") if v]
+
+
+def _streams(text: str) -> list[int | None]:
+    return [None if v.lower() in ("off", "none", "0") else int(v) for v in text.split(",") if v]
+
+
+def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
+    from dynsim.data import DATASETS
+
+    p.add_argument(
+        "--data", default=default, choices=DATASETS, help="data set (default: %(default)s)"
+    )
+    p.add_argument("--data-dir", default=None, help="directory with the data files")
+    p.add_argument("--nps", type=int, default=4, help="neurons per site (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="result JSON path (default under runs/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+
+# --- bench solvers -------------------------------------------------------------------
+def cmd_bench_solvers(args: argparse.Namespace) -> int:
+    from dynsim.studies.bench import BenchConfig, format_table, run_bench
+
+    config = BenchConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        nps=args.nps,
+        seed=args.seed,
+        solvers=tuple(args.solvers) if args.solvers else BenchConfig.solvers,
+        threshold=args.threshold,
+        max_steps=args.max_steps,
+        n_inputs=args.n_inputs,
+        batch_size=args.batch_size,
+        train_images=args.train_images,
+        states=tuple(args.states.split(",")),
+        ref_tol=args.ref_tol,
+        accuracy_solvers=tuple(args.accuracy or ()),
+        accuracy_eval_train=args.accuracy_eval_train,
+        accuracy_eval_test=args.accuracy_eval_test,
+        repeats=args.repeats,
+        threads=args.threads,
+        out=args.out or _default_out("bench-solvers", args.data),
+        progress=not args.no_progress,
+    )
+    result = run_bench(config)
+    print(format_table(result))
+    for key, path in result.get("files", {}).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+# --- plot trajectories ---------------------------------------------------------------
+def cmd_plot_trajectories(args: argparse.Namespace) -> int:
+    from dynsim.studies.trajectories import TrajectoryConfig, run_trajectories
+
+    config = TrajectoryConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        nps=args.nps,
+        seed=args.seed,
+        solvers=tuple(args.solvers) if args.solvers else TrajectoryConfig.solvers,
+        inputs=tuple(int(v) for v in args.inputs.split(",")),
+        units=args.units,
+        threshold=args.threshold,
+        max_steps=args.max_steps,
+        train_images=args.train_images,
+        max_values=args.max_values,
+        out=args.out or _default_out("trajectories", args.data),
+        progress=not args.no_progress,
+    )
+    result = run_trajectories(config)
+    for key, path in result.get("files", {}).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+# --- study convergence ---------------------------------------------------------------
+def cmd_study_convergence(args: argparse.Namespace) -> int:
+    from dynsim.studies.convergence import ConvergenceConfig, run_convergence
+
+    base = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        base[key.replace("-", "_")] = value
+    config = ConvergenceConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        nps=args.nps,
+        seed=args.seed,
+        thresholds=_floats(args.thresholds),
+        caps=_caps(args.caps),
+        streams=_streams(args.streams),
+        solver=args.solver,
+        epochs=args.epochs,
+        images_per_epoch=args.images_per_epoch,
+        eval_every=args.eval_every,
+        eval_train_size=args.eval_train_size,
+        eval_test_size=args.eval_test_size,
+        readout=args.readout,
+        workers=args.workers,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        base=base,
+        out=args.out or _default_out("convergence", args.data),
+        progress=not args.no_progress,
+    )
+    result = run_convergence(config)
+    for cell in result["cells"]:
+        f = cell["final"]
+        acc = f.get("test_accuracy")
+        print(
+            f"T={cell['cell']['threshold']!s:<7} cap={cell['cell']['max_steps']!s:<5} "
+            f"stream={cell['cell']['stream_every']!s:<5} "
+            f"acc={'-' if acc is None else f'{100 * acc:.2f} %'} "
+            f"iters={f['mean_iterations']:.1f} train={f['train_seconds']:.1f}s "
+            f"evals={cell['train_evals']}"
+        )
+    for key, path in result.get("files", {}).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the commands of this module to the top-level subparsers ``sub``."""
+    from dynsim.cli import command_group
+
+    bench = command_group(sub, "bench", "measure solvers and code paths")
+    p = bench.add_parser(
+        "solvers", help="every solver on the same network and inputs: time, evals, accuracy"
+    )
+    _data_args(p)
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        default=None,
+        help="solver specs 'name,key=value,...' (default: a built-in list of 15 settings)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
+    )
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument(
+        "--n-inputs", type=int, default=100, help="test inputs settled (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="inputs settled together (default: 1, online)"
+    )
+    p.add_argument(
+        "--train-images", type=int, default=1000, help="images of the short training run"
+    )
+    p.add_argument(
+        "--states", default="init,trained", help="network states to measure (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ref-tol", type=float, default=1e-9, help="residual of the float64 reference fixed point"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="time each setting this many times, keep the best"
+    )
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--accuracy",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="also train a DSSM network with each of these solvers and report test accuracy",
+    )
+    p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
+    p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
+    p.set_defaults(func=cmd_bench_solvers)
+
+    plot = command_group(sub, "plot", "plots of settling dynamics")
+    p = plot.add_parser(
+        "trajectories", help="unit trajectories and residual vs step, solvers overlaid"
+    )
+    _data_args(p)
+    p.add_argument("--solvers", nargs="+", default=None, help="solver specs to overlay")
+    p.add_argument(
+        "--inputs", default="0,1", help="test-set indices of the inputs (default: %(default)s)"
+    )
+    p.add_argument("--units", type=int, default=4, help="units shown per input (largest |u*|)")
+    p.add_argument(
+        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
+    )
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=0,
+        help="train this many images first (default: at init)",
+    )
+    p.add_argument(
+        "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
+    )
+    p.set_defaults(func=cmd_plot_trajectories)
+
+    study = command_group(sub, "study", "studies over grids of settings")
+    p = study.add_parser(
+        "convergence", help="accuracy vs threshold T, step cap and streaming (DSSM)"
+    )
+    _data_args(p)
+    p.add_argument(
+        "--thresholds", default="1e-1,1e-2,1e-3,1e-4,1e-5", help="comma-separated T values"
+    )
+    p.add_argument(
+        "--caps", default="1,10,100,3000", help="comma-separated step caps ('none': no cap)"
+    )
+    p.add_argument(
+        "--streams", default="off,10", help="streaming: 'off' or steps per input k, comma-separated"
+    )
+    p.add_argument(
+        "--solver", default="euler", help="solver spec (default: %(default)s, seed schedule)"
+    )
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--images-per-epoch", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--eval-train-size", type=int, default=None)
+    p.add_argument("--eval-test-size", type=int, default=None)
+    p.add_argument("--readout", default="svc", choices=("svc", "probe"))
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any other DSSM setting for every cell"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: all cores)"
+    )
+    p.add_argument("--backend", default="local", choices=("local", "ray"))
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
+    )
+    p.set_defaults(func=cmd_study_convergence)

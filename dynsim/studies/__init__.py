@@ -1,0 +1,1 @@
+"""Studies: the solver benchmark, the convergence-vs-accuracy grid, settling trajectories."""

@@ -1,0 +1,179 @@
+"""``dynsim study convergence``: how long must the dynamics run for what accuracy?
+
+A grid over the threshold ``T`` (stop at ``‖du/ds‖/‖u‖ < T``), the step cap and streaming
+input (off, or the input switching every k steps without a state reset). Each cell
+trains a DSSM network from the same seed (:func:`dynsim.pipelines.dssm.run_dssm`) and
+records test accuracy per evaluation, training time, field evaluations and iterations
+per input. Cells run through :func:`dynsim.sweeps.run_grid` (local processes, or Ray),
+each cell's result saved as it finishes, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dynsim
+from dynsim.errors import ConfigError
+
+ITERATIONS_KEPT = 20_000  # iterations-per-input entries kept per cell in the study JSON
+
+
+@dataclass
+class ConvergenceConfig:
+    data: str = "digits"
+    data_dir: str | None = None
+    nps: int = 4
+    thresholds: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5])
+    caps: list[int | None] = field(default_factory=lambda: [1, 10, 100, 3000])
+    streams: list[int | None] = field(default_factory=lambda: [None, 10])
+    solver: str = "euler"
+    epochs: int = 3
+    images_per_epoch: int = 1000
+    eval_every: int = 1
+    eval_train_size: int | None = None
+    eval_test_size: int | None = None
+    readout: str = "svc"
+    base: dict[str, Any] = field(default_factory=dict)
+    workers: int | None = None
+    backend: str = "local"
+    ray_address: str | None = None
+    seed: int = 0
+    out: str | None = None
+    progress: bool = True
+
+    def cells(self) -> list[dict[str, Any]]:
+        """One dict of DSSM settings per grid cell (T × cap × streaming)."""
+        if not (self.thresholds and self.caps and self.streams):
+            raise ConfigError(
+                "the grid needs at least one threshold, one cap and one streaming setting"
+            )
+        base = {k: _parse_value(v) for k, v in self.base.items()}
+        common = {
+            "data": self.data,
+            "data_dir": self.data_dir,
+            "nps": self.nps,
+            "solver": self.solver,
+            "epochs": self.epochs,
+            "images_per_epoch": self.images_per_epoch,
+            "eval_every": self.eval_every,
+            "eval_train_size": self.eval_train_size,
+            "eval_test_size": self.eval_test_size,
+            "readout": self.readout,
+            "seed": self.seed,
+            **base,
+        }
+        return [
+            {**common, "threshold": t, "max_steps": cap, "stream_every": stream}
+            for t, cap, stream in itertools.product(self.thresholds, self.caps, self.streams)
+        ]
+
+
+def _parse_value(v: Any) -> Any:
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Train one DSSM cell (top-level and picklable for :func:`run_grid`)."""
+    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+
+    config = DSSMConfig.from_dict(
+        {
+            **cell,
+            "progress": False,
+            "out": None,
+            "threads": 1,
+            "on_divergence": cell.get("on_divergence", "skip"),
+        }
+    )
+    result = run_dssm(config)
+    its = result["iterations_per_input"]
+    stride = max(1, -(-len(its) // ITERATIONS_KEPT))
+    return {
+        "cell": cell,
+        "history": result["history"],
+        "final": result["final"],
+        "baseline": result["baseline"],
+        "train_evals": int(sum(h.get("n_evals", 0) for h in result["history"])),
+        "iterations_per_input": its[::stride],
+        "iterations_stride": stride,
+    }
+
+
+def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
+    """Run the grid; write the study JSON and plots if ``config.out``; return the result."""
+    from dynsim.sweeps import run_grid
+
+    cells = config.cells()
+    for cell in cells:  # fail fast on bad settings, before any worker starts
+        from dynsim.pipelines.dssm import DSSMConfig
+
+        DSSMConfig.from_dict({**cell, "progress": False}).validate()
+    out = Path(config.out) if config.out else None
+    results_dir = (
+        out.with_suffix("").with_name(out.stem + "_cells")
+        if out
+        else Path("runs") / "convergence_cells"
+    )
+    results = run_grid(
+        cells,
+        train_cell,
+        results_dir=results_dir,
+        workers=config.workers,
+        backend=config.backend,
+        ray_address=config.ray_address,
+        progress=config.progress,
+    )
+    study = {
+        "command": "study convergence",
+        "dynsim_version": dynsim.__version__,
+        "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform()},
+        "config": asdict(config),
+        "cells_dir": str(results_dir),
+        "cells": results,
+    }
+    if out:
+        study["files"] = write_convergence_outputs(study, out)
+    return study
+
+
+def write_convergence_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
+    import matplotlib.pyplot as plt
+
+    from dynsim.plots import (
+        plot_convergence_accuracy,
+        plot_convergence_iterations,
+        plot_convergence_pareto,
+    )
+    from dynsim.results import save_figure_atomic, write_json_atomic
+
+    stem = str(out.with_suffix(""))
+    files = {
+        "result": str(out),
+        "accuracy_plot": stem + "_accuracy.png",
+        "iterations_plot": stem + "_iterations.png",
+        "pareto_plot": stem + "_pareto.png",
+    }
+    study["files"] = files
+    write_json_atomic(out, study)
+    for key, plot in (
+        ("accuracy_plot", plot_convergence_accuracy),
+        ("iterations_plot", plot_convergence_iterations),
+        ("pareto_plot", plot_convergence_pareto),
+    ):
+        fig = plot(study)
+        save_figure_atomic(fig, files[key])
+        plt.close(fig)
+    return files

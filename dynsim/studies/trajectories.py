@@ -1,0 +1,137 @@
+"""``dynsim plot trajectories``: how the state settles, solver by solver, for chosen inputs.
+
+Each chosen test input settles alone (batch 1) with every solver setting, recorded by a
+:class:`~dynsim.monitors.TrajectoryMonitor`; the units shown are the ones with the
+largest ``|u*|`` at the reference fixed point. The step-0 state (``u = 0``) is recorded too.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dynsim
+from dynsim.monitors import TrajectoryMonitor
+from dynsim.settle import settle
+from dynsim.solvers import solver_from_spec
+from dynsim.stopping import MaxSteps, RelativeChange
+
+DEFAULT_TRAJECTORY_SOLVERS = (
+    "euler,schedule=seed",
+    "rk4,schedule=constant:1.0",
+    "dopri5,rtol=1e-5,atol=1e-7",
+    "anderson,beta=0.5,memory=5",
+)
+
+
+@dataclass
+class TrajectoryConfig:
+    data: str = "digits"
+    data_dir: str | None = None
+    nps: int = 4
+    solvers: tuple[str, ...] = DEFAULT_TRAJECTORY_SOLVERS
+    inputs: tuple[int, ...] = (0, 1)
+    units: int = 4
+    threshold: float = 1e-4
+    max_steps: int = 3000
+    train_images: int = 0
+    max_values: int = 1_000_000
+    seed: int = 0
+    out: str | None = None
+    progress: bool = True
+
+
+def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
+    """Record the trajectories; write JSON + PNG if ``config.out``; return the result."""
+    from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
+    from dynsim.studies.bench import BenchConfig, reference_fixed_points, train_layer
+
+    torch.set_num_threads(1)
+    for spec in config.solvers:
+        solver_from_spec(spec)
+    dcfg = DSSMConfig(data=config.data, data_dir=config.data_dir, nps=config.nps, seed=config.seed)
+    ds, x_train, x_test = prepare_data(dcfg)
+    layer = build_layer(dcfg, ds.image_shape)
+    training = None
+    if config.train_images:
+        bcfg = BenchConfig(
+            data=config.data,
+            train_images=config.train_images,
+            seed=config.seed,
+            progress=config.progress,
+        )
+        training = train_layer(bcfg, layer, torch.as_tensor(x_train))
+    stop = RelativeChange(config.threshold) | MaxSteps(config.max_steps)
+    inputs = []
+    with torch.no_grad():
+        for index in config.inputs:
+            x = torch.as_tensor(x_test[index : index + 1])
+            u_ref, _ = reference_fixed_points(layer, x, tol=1e-9)
+            units = torch.argsort(u_ref[0].abs(), descending=True)[: config.units].tolist()
+            runs = []
+            for spec in config.solvers:
+                monitor = TrajectoryMonitor(units, max_values=config.max_values)
+                monitor.start(1)
+                drive = layer.drive(x)
+                u0 = torch.zeros_like(drive)
+                # ‖du/ds‖/‖u‖ is undefined at u = 0: record NaN for step 0
+                monitor.on_step(None, 0, u0, torch.full((1,), float("nan")))
+                res = settle(
+                    layer,
+                    x,
+                    solver=solver_from_spec(spec),
+                    stop=stop,
+                    on_step=lambda n, u, r, m=monitor: m.on_step(None, n, u, r),
+                )
+                arr = monitor.as_arrays()
+                # the last step (settled state) is not passed to on_step once the sample stops
+                steps = arr["steps"].tolist() + [int(res.steps[0])]
+                traj_u = arr["u"][:, 0].tolist() + [res.u[0, units].tolist()]
+                resid = arr["residual"][:, 0].tolist() + [float(res.residual[0])]
+                runs.append(
+                    {
+                        "solver": spec,
+                        "steps": steps,
+                        "u": traj_u,
+                        "residual": resid,
+                        "status": int(res.status[0]),
+                        "n_evals": res.n_evals,
+                        "stride": monitor.stride,
+                    }
+                )
+            inputs.append(
+                {
+                    "index": int(index),
+                    "label": int(ds.y_test[index]),
+                    "units": units,
+                    "u_ref": u_ref[0, units].tolist(),
+                    "runs": runs,
+                }
+            )
+    result = {
+        "command": "plot trajectories",
+        "dynsim_version": dynsim.__version__,
+        "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform()},
+        "config": asdict(config),
+        "training": training,
+        "inputs": inputs,
+    }
+    if config.out:
+        from dynsim.plots import plot_trajectories
+        from dynsim.results import save_figure_atomic, write_json_atomic
+
+        out = Path(config.out)
+        files = {"result": str(out), "trajectories_plot": str(out.with_suffix("")) + ".png"}
+        result["files"] = files
+        write_json_atomic(out, result)
+        fig = plot_trajectories(result)
+        save_figure_atomic(fig, files["trajectories_plot"])
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return result

@@ -194,3 +194,11 @@ def test_cli_parser_and_validation(pairs):
         _config_from_args(args).validate()
     except DynsimError:
         pass
+
+
+def test_input_takes_the_systems_dtype():
+    layer = HebbianLayer((1, 4, 4), nps=2, stride=2, radius=2.0).double()
+    for x in (torch.randn(2, 16), np.ones((2, 16), dtype=np.int64), torch.randn(2, 16, dtype=torch.float64)):
+        assert settle(layer, x, solver=Euler(), stop=MaxSteps(3)).u.dtype == torch.float64
+    assert settle(LAYER, torch.randn(2, 16, dtype=torch.float64), solver=Euler(), stop=MaxSteps(3)).u.dtype \
+        == torch.float32

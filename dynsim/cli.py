@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from dynsim.config import add_config_argument, parse_args_with_config, reject_unknown
+from dynsim.config import add_config_argument, add_config_everywhere, parse_args_with_config, reject_unknown
 from dynsim.errors import ConfigError, DynsimError
 
 
@@ -162,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_sub = run.add_subparsers(dest="pipeline", required=True)
     dssm = run_sub.add_parser("dssm", help="similarity-matching network (Obeid et al. 2019)")
     add_dssm_arguments(dssm)
-    dssm.set_defaults(func=cmd_run_dssm)
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)))
     from dynsim import cli_studies
 
     cli_studies.register(sub)
+    add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser
 
 

@@ -87,6 +87,22 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
                         help="settings from a .toml file or an earlier run's .json result; flags override it")
 
 
+def _leaves(parser: argparse.ArgumentParser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            yield from _leaves(child)
+
+
+def add_config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every leaf command of ``parser`` a ``--config`` flag (if it has none yet)."""
+    for leaf in _leaves(parser):
+        if not any(a.dest == "config" for a in leaf._actions):
+            add_config_argument(leaf)
+
+
 def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The subparser that parsed ``args`` (walks the sub-commands chosen)."""
     for action in parser._actions:  # argparse has no public way to get the chosen subparser
@@ -100,6 +116,12 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 def _converted(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
     """A file value as the flag would parse it (strings go through the flag's type), checked
     against the flag's choices; :class:`ConfigError` naming the file, key and value otherwise."""
+    if isinstance(value, list) and action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        return [_converted_one(action, key, v, path) for v in (value if isinstance(value, list) else [value])]
+    return _converted_one(action, key, value, path)
+
+
+def _converted_one(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
     if isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)
@@ -117,8 +139,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
 
     Values from the file become the chosen subcommand's defaults, then ``argv`` is parsed
     again, so flags on the command line win. File keys that are not flags (e.g. ``tau``,
-    ``progress`` of a result's config) are returned in ``args.config_values`` for the
-    command to use or reject; ``args.config_values`` is ``{}`` without a file.
+    ``progress`` of a result's config) are returned in ``args.config_values`` when the
+    command lists them in its ``config_extra_keys`` default (``set_defaults``); any other
+    key is refused. ``args.config_values`` is ``{}`` without a file.
     """
     args = parser.parse_args(argv)
     args.config_values = {}
@@ -131,6 +154,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     leaf.set_defaults(**{k: _converted(actions[k], k, v, path) for k, v in values.items() if k in actions})
     args = parser.parse_args(argv)
     args.config_values = {k: v for k, v in values.items() if k not in actions}
+    extra_ok = leaf.get_default("config_extra_keys") or ()
+    reject_unknown({k: v for k, v in args.config_values.items() if k not in extra_ok},
+                   [*actions, *extra_ok], source=f"config file {path}")
     return args
 
 

@@ -63,8 +63,9 @@ def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(num == 0, torch.zeros_like(num), num / den.clamp_min(_TINY))
 
 
-def _as_float_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
-    """``v`` as a tensor of ``like``'s dtype and device; :class:`DataError` if it is not numeric."""
+def _as_float_tensor(v, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``v`` as a floating tensor (``like``'s dtype and device when given; else its own float
+    dtype, integers becoming the default float); :class:`DataError` if it is not real numbers."""
     if not isinstance(v, torch.Tensor):
         try:
             v = torch.as_tensor(np.asarray(v))
@@ -73,7 +74,18 @@ def _as_float_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
             raise DataError(f"{name} must be a numeric tensor or array, got {what}") from None
     if v.dtype.is_complex or v.dtype == torch.bool:
         raise DataError(f"{name} must hold real numbers, got dtype {v.dtype}")
-    return v.to(device=like.device, dtype=like.dtype)
+    if like is not None:
+        return v.to(device=like.device, dtype=like.dtype)
+    return v if v.dtype.is_floating_point else v.to(torch.get_default_dtype())
+
+
+def _float_tensor_of(system: System) -> torch.Tensor | None:
+    """The first floating parameter or buffer of ``system`` (its dtype and device), if any."""
+    tensors = []
+    for attr in ("parameters", "buffers"):
+        if callable(getattr(system, attr, None)):
+            tensors.extend(getattr(system, attr)())
+    return next((t for t in tensors if t.dtype.is_floating_point), None)
 
 
 def _reject_non_finite(v: torch.Tensor, name: str) -> None:
@@ -94,9 +106,7 @@ def _checked_input(system: System, x, solver, stop, max_state_norm) -> torch.Ten
     if (isinstance(max_state_norm, bool) or not isinstance(max_state_norm, (int, float))
             or not (math.isfinite(max_state_norm) and max_state_norm > 0)):
         raise ConfigError(f"max_state_norm must be a finite number > 0 (e.g. 1e6), got {max_state_norm!r}")
-    tensors = [*system.parameters(), *system.buffers()]
-    like = next((t for t in tensors if t.dtype.is_floating_point), torch.empty(0))
-    x = _as_float_tensor(x, "x", like)
+    x = _as_float_tensor(x, "x", _float_tensor_of(system))
     if x.ndim != 2:
         raise ConfigError(f"x must be a (batch, features) tensor, got shape {tuple(x.shape)}; "
                           "flatten images with x.reshape(len(x), -1)")

@@ -162,7 +162,7 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         from dynsim.engine import DynamicsSettler, Engine
         from dynsim.pipelines.dssm import build_layer, epoch_batches
         from dynsim.plasticity import DecayingRate, SimilarityMatchingRule
-        from dynsim.solvers import make_solver
+        from dynsim.solvers import solver_from_spec
         from dynsim.stopping import stop_rule
 
         X = validate_data(self, X, dtype=[np.float64, np.float32])
@@ -172,7 +172,7 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         cfg = self._config(X.shape[0], shape, seed)
         x = torch.as_tensor(self._prepare(X))
         layer = build_layer(cfg, shape)
-        solver = make_solver(cfg.solver, **cfg.solver_options())
+        solver = solver_from_spec(cfg.solver, schedule=cfg.schedule)
         stop = stop_rule(cfg.threshold, cfg.max_steps, on=cfg.residual)
         rule = SimilarityMatchingRule(layer, rate=DecayingRate(cfg.eta0, cfg.eta_decay, cfg.eta_min),
                                       batch_rule=cfg.batch_rule)

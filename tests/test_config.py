@@ -79,3 +79,26 @@ def test_bad_config_files(tmp_path, capsys, name, text, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file("/nonexistent/run.toml")
+
+
+def test_every_command_takes_config(tmp_path):
+    from dynsim.config import _leaves
+
+    parser = build_parser()
+    leaves = list(_leaves(parser))
+    assert len(leaves) >= 2
+    assert all(any(a.dest == "config" for a in leaf._actions) for leaf in leaves)
+
+
+def test_study_command_reads_config_with_lists(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('thresholds = "1e-2,1e-3"\n[convergence]\nepochs = 2\n')
+    argv = ["study", "convergence", "--config", str(path), "--epochs", "4"]
+    args = parse_args_with_config(build_parser(), argv)
+    assert args.thresholds == "1e-2,1e-3" and args.epochs == 4
+    path.write_text('solvers = ["euler", "rk4"]\n')
+    args = parse_args_with_config(build_parser(), ["bench", "solvers", "--config", str(path)])
+    assert args.solvers == ["euler", "rk4"]
+    path.write_text('tau = 2.0\n')  # not a flag of this command
+    with pytest.raises(ConfigError, match="unknown setting 'tau'"):
+        parse_args_with_config(build_parser(), ["study", "convergence", "--config", str(path)])

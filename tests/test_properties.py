@@ -63,6 +63,25 @@ def test_settle_works_or_raises_dynsim_error(x, threshold, cap, dt, bound):
     assert set(res.status.tolist()) <= {int(s) for s in Status}
 
 
+SPECS = ["euler", "heun", "rk4", "dopri5", "dopri5,rtol=1e-3,atol=1e-6", "dopri5,rtol=abc", "anderson",
+         "anderson,beta=2", "anderson,m=0", "heun,foo=1", "rk4,", ",", "torchdiffeq,rtol=1e-3", "nope"]
+
+
+@SETTINGS
+@given(spec=st.one_of(st.sampled_from(SPECS), st.text(max_size=8)), dt=numbers, cap=st.integers(-2, 80),
+       scale=st.floats(-1e6, 1e6))
+def test_every_solver_spec_works_or_raises_dynsim_error(spec, dt, cap, scale):
+    from dynsim.solvers import solver_from_spec
+
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * scale
+    try:
+        solver = solver_from_spec(spec, schedule=f"constant:{dt}")
+        res = settle(LAYER, x, solver=solver, stop=RelativeChange(1e-4) | MaxSteps(cap))
+    except DynsimError:
+        return
+    assert torch.isfinite(res.u).all() and res.steps.shape == (3,)
+
+
 @SETTINGS
 @given(data=st.lists(st.floats(-1e3, 1e3, width=32), min_size=48, max_size=48),
        bad_row=st.integers(0, 2), bad=st.sampled_from([math.nan, math.inf, -math.inf]))
@@ -129,7 +148,7 @@ PLAUSIBLE = {
 def test_valid_config_builds_a_layer_that_settles(values):
     """Whatever validate() accepts must build a network and settle a digit without crashing."""
     from dynsim.pipelines.dssm import build_layer
-    from dynsim.solvers import make_solver
+    from dynsim.solvers import solver_from_spec
 
     values = {k: v for k, v in values.items() if k not in ("data", "device")}
     try:
@@ -140,7 +159,7 @@ def test_valid_config_builds_a_layer_that_settles(values):
         layer = build_layer(cfg, (1, 8, 8))
     except DynsimError:
         return  # geometry refused with our error type
-    solver = make_solver(cfg.solver, **cfg.solver_options())
+    solver = solver_from_spec(cfg.solver, schedule=cfg.schedule)
     stop = stop_rule(cfg.threshold, min(cfg.max_steps or 50, 50))
     res = settle(layer, torch.randn(2, 64), solver=solver, stop=stop)
     assert res.u.shape == (2, layer.state_size)
@@ -175,3 +194,11 @@ def test_cli_parser_and_validation(pairs):
         _config_from_args(args).validate()
     except DynsimError:
         pass
+
+
+def test_input_takes_the_systems_dtype():
+    layer = HebbianLayer((1, 4, 4), nps=2, stride=2, radius=2.0).double()
+    for x in (torch.randn(2, 16), np.ones((2, 16), dtype=np.int64), torch.randn(2, 16, dtype=torch.float64)):
+        assert settle(layer, x, solver=Euler(), stop=MaxSteps(3)).u.dtype == torch.float64
+    assert settle(LAYER, torch.randn(2, 16, dtype=torch.float64), solver=Euler(), stop=MaxSteps(3)).u.dtype \
+        == torch.float32

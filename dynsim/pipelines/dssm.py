@@ -231,12 +231,17 @@ class DSSMConfig:
         return cls(**values)
 
 
-# settings that decide the training trajectory: a checkpoint must match them to be resumed
-TRAINING_KEYS = (
-    "data", "data_dir", "nps", "stride", "radius", "lateral_distance", "lateral_sign", "activation", "tau",
-    "solver", "schedule", "threshold", "max_steps", "residual", "stream_every", "images_per_epoch",
-    "batch_size", "batch_rule", "eta0", "eta_decay", "eta_min", "seed", "extra",
+# settings that may change when a run is resumed (they do not shape the training trajectory);
+# every other DSSMConfig field, including ones added later, must match the checkpoint
+RESUME_MAY_CHANGE = (
+    "epochs", "eval_every", "readout", "eval_batch_size", "eval_train_size", "eval_test_size", "device",
+    "threads", "on_divergence", "checkpoint_every", "out", "progress",
 )
+
+
+def training_settings(config: DSSMConfig) -> dict[str, Any]:
+    """The settings a checkpoint must match to be resumed."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUME_MAY_CHANGE}
 
 
 def prepare_data(config: DSSMConfig):
@@ -392,7 +397,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         callbacks.insert(0, SwitchMonitor(settler))
     ckpt = None
     if config.out and (config.checkpoint_every or resume):
-        meta = {k: getattr(config, k) for k in TRAINING_KEYS}
+        meta = training_settings(config)
         ckpt = Checkpoint(checkpoint_path(config.out), every=config.checkpoint_every, modules={"system": layer},
                           meta=meta)
         callbacks.append(ckpt)

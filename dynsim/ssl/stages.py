@@ -33,7 +33,13 @@ ARCHS: dict[str, str] = {
 net (six 3x3 conv layers; pool positions are our choice, 64x64 -> 2x2); ``small`` the
 default for 28x28 grey images; ``tiny`` the default for 8x8 digits."""
 
-ACTIVATIONS = {"relu": F.relu, "hardtanh": F.hardtanh}
+
+def _identity(a: torch.Tensor) -> torch.Tensor:
+    return a
+
+
+ACTIVATIONS = {"relu": F.relu, "hardtanh": F.hardtanh, "linear": _identity}
+"""Stage nonlinearities; ``linear`` (identity) is for tests and analysis."""
 
 
 class _FeedbackConv2d(torch.autograd.Function):

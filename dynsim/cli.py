@@ -155,6 +155,38 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argp
     return sub.choices[name].get_default("_commands")
 
 
+def cmd_run_ssl(args: argparse.Namespace) -> int:
+    from dynsim.pipelines.ssl import run_from_args
+
+    result = run_from_args(args)
+    f = result["final"]
+    print(f"test accuracy {100 * f['test_accuracy']:.2f} % (linear probe on the frozen encoder), "
+          f"train {f['train_seconds']:.1f} s, eval {f['eval_seconds']:.1f} s")
+    if result.get("config", {}).get("out"):
+        print(f"result: {result['config']['out']}")
+    return 0
+
+
+def cmd_study_ssl(args: argparse.Namespace) -> int:
+    from dynsim.pipelines.ssl import study_from_args
+
+    print(study_from_args(args)["table"])
+    return 0
+
+
+def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersAction) -> None:
+    """``dynsim run ssl`` and ``dynsim study ssl`` (Tang, Yang & Amit 2022; see dynsim/pipelines/ssl.py)."""
+    from dynsim.pipelines import ssl
+
+    run = run_sub.add_parser("ssl", help="self-supervised encoder with local learning rules (Tang et al. 2022)")
+    ssl.add_run_arguments(run)
+    run.set_defaults(func=cmd_run_ssl)
+    study = command_group(sub, "study", help="parameter studies").add_parser(
+        "ssl", help="the learning-schedule x update-rule grid of Tang et al. Table 1")
+    ssl.add_study_arguments(study)
+    study.set_defaults(func=cmd_study_ssl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynsim", description="Continuous-time Hebbian network simulator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dynsim import cli_studies
 
     cli_studies.register(sub)
+    register_ssl(sub, run_sub)
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser
 

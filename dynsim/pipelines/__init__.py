@@ -1,1 +1,1 @@
-"""Assembled experiments: the similarity-matching network (``dssm``) and others."""
+"""Assembled experiments: the similarity-matching network (``dssm``) and the self-supervised pipelines (``ssl``)."""

@@ -1,0 +1,613 @@
+"""The self-supervised pipeline: train an encoder with the contrastive hinge loss under a
+learning schedule (E2E / GLL / RLL) and an update rule (BP / RF / URF / DTP), then
+evaluate it with a linear probe on its frozen representation.
+
+``run_ssl(config)`` runs one cell and returns the result dict of DESIGN §4 (config,
+version, per-epoch history, ``final`` block); ``run_study(...)`` runs the grid of
+Tang, Yang & Amit (2022) Table 1 and writes a Markdown table, a JSON file and a bar plot.
+``add_run_arguments``/``run_from_args`` and ``add_study_arguments``/``study_from_args``
+are the CLI glue for ``dynsim run ssl`` and ``dynsim study ssl``.
+
+Example
+-------
+>>> from dynsim.pipelines.ssl import SSLConfig, run_ssl
+>>> result = run_ssl(SSLConfig(data="digits", epochs=2, n_train=500))  # doctest: +SKIP
+>>> result["final"]["test_accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dynsim
+from dynsim.callbacks import Callback
+from dynsim.errors import ConfigError
+from dynsim.probe import fit_linear_probe
+from dynsim.ssl.augment import Deform
+from dynsim.ssl.loss import check_hinge_settings
+from dynsim.ssl.rules import RULES, build_inverses, make_rules
+from dynsim.ssl.schedules import SCHEDULES, make_schedule
+from dynsim.ssl.settler import ContrastiveSettler
+from dynsim.ssl.stages import ACTIVATIONS, build_encoder
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10")
+DEFAULT_ARCH = {
+    "digits": "tiny",
+    "mnist": "small",
+    "fashion-mnist": "small",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "stl10": "vgg6",
+}
+FLIP_DEFAULT = {"digits": False, "mnist": False}  # flips make no sense for digits
+
+# Tang, Yang & Amit (2022) Table 1: SSL on CIFAR-100, linear probe on CIFAR-10 (%):
+# (all negatives, gradient block + 5 negatives)
+PUBLISHED_CIFAR = {
+    ("e2e", "bp"): (71.44, 70.35),
+    ("e2e", "dtp"): (71.29, 67.74),
+    ("e2e", "rf"): (61.70, 63.61),
+    ("gll", "bp"): (72.76, 71.14),
+    ("gll", "urf"): (72.76, 71.14),
+    ("gll", "rf"): (67.83, 66.52),
+    ("rll", "bp"): (71.35, 71.17),
+    ("rll", "urf"): (71.35, 71.17),
+    ("rll", "rf"): (65.94, 65.49),
+    ("random", "-"): (61.23, None),
+}
+STUDY_GRID: tuple[tuple[str, str], ...] = (
+    ("e2e", "bp"),
+    ("e2e", "rf"),
+    ("e2e", "urf"),
+    ("e2e", "dtp"),
+    ("gll", "bp"),
+    ("gll", "urf"),
+    ("gll", "rf"),
+    ("rll", "bp"),
+    ("rll", "urf"),
+    ("rll", "rf"),
+    ("random", "-"),
+)
+
+
+@dataclass
+class SSLConfig:
+    """Settings of one SSL run (all keyword, all typed; see ``dynsim run ssl --help``).
+
+    ``epochs = 0`` gives the random-encoder baseline (no training). For GLL the epochs are
+    shared equally among the stages. The hinge loss is summed over pairs (SSL.md); the
+    history reports it per image. ``lr`` applies to every rule.
+    """
+
+    data: str = "digits"
+    data_dir: str | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    schedule: str = "e2e"
+    rule: str = "bp"
+    arch: str | None = None
+    act: str = "relu"
+    negatives: int | None = None
+    grad_block: bool = False
+    tau: float = 6.0
+    delta: float = 3.0
+    head_dim: int = 64
+    head_pool: int = 2
+    epochs: int = 10
+    batch_size: int = 250
+    lr: float = 1e-3
+    dtp_step: float = 0.1
+    dtp_noise: float = 0.1
+    flip: bool | None = None
+    probe_epochs: int = 30
+    probe_batch_size: int = 256
+    random_baseline: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    out: str | None = None
+
+    def validate(self) -> SSLConfig:
+        """Raise :class:`ConfigError` naming the first bad value; return ``self``."""
+        if self.data not in DATASETS:
+            raise ConfigError(f"data {self.data!r} is unknown; use one of {', '.join(DATASETS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule {self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}"
+            )
+        if self.rule not in RULES:
+            raise ConfigError(f"rule {self.rule!r} is unknown; use one of {', '.join(RULES)}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"act {self.act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+        check_hinge_settings(self.tau, self.delta, self.negatives)
+        if self.negatives is not None and self.negatives > self.batch_size:
+            raise ConfigError(
+                f"negatives = {self.negatives} exceeds batch_size = {self.batch_size}"
+            )
+        for name in ("epochs",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be >= 0")
+        for name in ("batch_size", "head_dim", "head_pool", "probe_epochs", "probe_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size = {self.batch_size} must be >= 2 (need negatives)")
+        for name in ("lr", "dtp_step"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be > 0")
+        if not self.dtp_noise >= 0:
+            raise ConfigError(f"dtp_noise = {self.dtp_noise} must be >= 0")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} = {v} must be >= 1 or None (all)")
+        return self
+
+
+class _History(Callback):
+    """Per-epoch loss (per image), images seen and wall seconds."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.diverged = False
+
+    def on_epoch_start(self, engine, epoch):  # noqa: D102
+        self._t0, self._losses, self._n = time.perf_counter(), [], 0
+
+    def on_batch_end(self, engine, batch, result):  # noqa: D102
+        loss = float(result.loss)
+        if not math.isfinite(loss):
+            self.diverged = engine.should_stop = True
+        self._losses.append(loss / batch.x.shape[0])
+
+    def on_epoch_end(self, engine, epoch):  # noqa: D102
+        self.rows.append(
+            {
+                "epoch": epoch,
+                "images_seen": engine.images_seen,
+                "batches": len(self._losses),
+                "loss": sum(self._losses) / max(len(self._losses), 1),
+                "wall_seconds": time.perf_counter() - self._t0,
+            }
+        )
+
+
+def _load(config: SSLConfig, dataset: Any | None):
+    if dataset is None:
+        from dynsim.data import load_dataset
+
+        dataset = load_dataset(config.data, config.data_dir)
+    if config.n_train is not None or config.n_test is not None:
+        dataset = dataset.subset(n_train=config.n_train, n_test=config.n_test, seed=config.seed)
+    return dataset
+
+
+def _probe(encoder, x_train, y_train, x_test, y_test, config: SSLConfig) -> dict:
+    f_train, f_test = encoder.embed(x_train), encoder.embed(x_test)
+    if not (torch.isfinite(f_train).all() and torch.isfinite(f_test).all()):
+        return {"test_accuracy": None, "train_accuracy": None, "note": "non-finite features"}
+    return fit_linear_probe(
+        f_train,
+        y_train,
+        f_test,
+        y_test,
+        epochs=config.probe_epochs,
+        batch_size=config.probe_batch_size,
+        seed=config.seed,
+        device=config.device,
+    )
+
+
+def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = True) -> dict:
+    """Train one encoder and evaluate it; return (and write to ``config.out``) the result.
+
+    Parameters
+    ----------
+    config : the run's settings.
+    dataset : optional already-loaded dataset (fields of :func:`dynsim.data.load_dataset`);
+        by default loaded from ``config.data``/``config.data_dir``.
+    progress : show tqdm progress bars.
+
+    Returns
+    -------
+    dict with ``config``, ``dynsim_version``, ``dataset``, ``encoder``, ``history`` (one row
+    per epoch: epoch, images_seen, batches, loss per image, wall_seconds) and ``final``
+    (test_accuracy, train_accuracy, random_encoder_accuracy, train_seconds, eval_seconds,
+    diverged).
+    """
+    from dynsim.engine import Batch, Engine
+
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    ds = _load(config, dataset)
+    device = torch.device(config.device)
+    shape = tuple(int(s) for s in ds.image_shape)
+    x_train = torch.as_tensor(ds.x_train, dtype=torch.float32).view(-1, *shape).to(device)
+    x_test = torch.as_tensor(ds.x_test, dtype=torch.float32).view(-1, *shape).to(device)
+    y_train = torch.as_tensor(ds.y_train, dtype=torch.long)
+    y_test = torch.as_tensor(ds.y_test, dtype=torch.long)
+    n = len(x_train)
+    if n < config.batch_size:
+        raise ConfigError(f"batch_size = {config.batch_size} exceeds the {n} training images")
+    arch = config.arch or DEFAULT_ARCH[config.data]
+    gen = torch.Generator().manual_seed(config.seed)
+    encoder = build_encoder(
+        arch,
+        shape,
+        act=config.act,
+        head_dim=config.head_dim,
+        head_pool=config.head_pool,
+        generator=gen,
+    ).to(device)
+    result: dict[str, Any] = {
+        "pipeline": "ssl",
+        "config": dataclasses.asdict(config),
+        "dynsim_version": dynsim.__version__,
+        "dataset": {"name": ds.name, "n_train": n, "n_test": len(x_test), "image_shape": shape},
+        "encoder": {
+            "spec": encoder.spec,
+            "n_features": int(encoder.embed(x_train[:1]).shape[1]),
+            "n_params": sum(p.numel() for p in encoder.parameters()),
+        },
+        "history": [],
+    }
+    history = _History()
+    engine = None
+    if config.epochs > 0:  # build everything first, so bad settings fail before any work
+        deform = Deform(
+            flip=FLIP_DEFAULT.get(config.data, True) if config.flip is None else config.flip
+        )
+        inverses = None
+        if config.rule == "dtp":
+            inverses = build_inverses(encoder, shape, gen)
+            for g in inverses.values():
+                g.to(device)
+        rules = make_rules(
+            config.rule,
+            encoder,
+            lr=config.lr,
+            generator=gen,
+            inverses=inverses,
+            dtp_noise=config.dtp_noise,
+        )
+        settler = ContrastiveSettler(
+            encoder,
+            shape,
+            deform,
+            tau=config.tau,
+            delta=config.delta,
+            negatives=config.negatives,
+            grad_block=config.grad_block,
+            propagation="target" if config.rule == "dtp" else "error",
+            inverses=inverses,
+            target_step=config.dtp_step,
+            generator=gen,
+        )
+        per_epoch = n // config.batch_size
+        schedule = make_schedule(
+            config.schedule,
+            settler,
+            rules,
+            epochs=config.epochs,
+            batches_per_epoch=per_epoch,
+            generator=gen,
+        )
+        order_gen = torch.Generator().manual_seed(config.seed + 1)
+
+        def batches(epoch: int):
+            perm = torch.randperm(n, generator=order_gen)[: per_epoch * config.batch_size]
+            for k, idx in enumerate(perm.split(config.batch_size)):
+                yield Batch(
+                    x=x_train[idx].flatten(1), y=y_train[idx], index=idx, epoch=epoch, number=k
+                )
+
+        desc = f"ssl {config.schedule}/{config.rule}"
+        engine = Engine(settler, [schedule, *rules, history], progress=progress, desc=desc)
+    t_eval = 0.0
+    random_acc = None
+    if config.random_baseline or config.epochs == 0:
+        t0 = time.perf_counter()
+        random_acc = _probe(encoder, x_train, y_train, x_test, y_test, config)["test_accuracy"]
+        t_eval += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if engine is not None:
+        engine.fit(batches, config.epochs)
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if config.epochs == 0:
+        probe = {"test_accuracy": random_acc, "train_accuracy": None}
+    else:
+        probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
+    t_eval += time.perf_counter() - t0
+    result["history"] = history.rows
+    result["final"] = {
+        "test_accuracy": probe["test_accuracy"],
+        "train_accuracy": probe.get("train_accuracy"),
+        "random_encoder_accuracy": random_acc,
+        "train_seconds": train_seconds,
+        "eval_seconds": t_eval,
+        "images_seen": sum(r["batches"] for r in history.rows) * config.batch_size,
+        "diverged": history.diverged,
+    }
+    if config.out:
+        _write_json(Path(config.out), result)
+    return result
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    try:
+        from dynsim.results import write_json_atomic
+    except ImportError:  # TODO: drop once dynsim.results (write_json_atomic) is on main
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+        return path
+    return write_json_atomic(path, data)
+
+
+# ---------------------------------------------------------------- CLI: dynsim run ssl
+
+
+def _negatives(text: str) -> int | None:
+    return None if text in ("all", "none", "None") else int(text)
+
+
+def _add_common_arguments(p: argparse.ArgumentParser) -> None:
+    d = SSLConfig()
+    p.add_argument("--data", choices=DATASETS, default=d.data)
+    p.add_argument("--data-dir", default=None, help="folder of the dataset files")
+    p.add_argument("--n-train", type=int, default=None, help="training subset size")
+    p.add_argument("--n-test", type=int, default=None, help="test subset size")
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="encoder spec (e.g. c32-p-c64-p) or name: cifar, vgg6, small, tiny",
+    )
+    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act)
+    p.add_argument(
+        "--negatives",
+        type=_negatives,
+        default=None,
+        metavar="K",
+        help="use pairs (i, i+k), k < K, negatives weighted 1/K (default: all)",
+    )
+    p.add_argument("--grad-block", action="store_true", help="no error into the deformed branch")
+    p.add_argument("--tau", type=float, default=d.tau)
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--dtp-step", type=float, default=d.dtp_step, help="DTP top-target step η")
+    p.add_argument("--dtp-noise", type=float, default=d.dtp_noise, help="DTP inverse noise σ")
+    p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``dynsim run ssl`` flags to ``parser``."""
+    _add_common_arguments(parser)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="e2e")
+    parser.add_argument("--rule", choices=RULES, default="bp")
+    parser.add_argument("--out", default=None, help="result JSON (default runs/ssl-...json)")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, **override: Any) -> SSLConfig:
+    fields = {f.name for f in dataclasses.fields(SSLConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(override)
+    return SSLConfig(**values)
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Run ``dynsim run ssl`` from parsed arguments; writes the JSON and returns it."""
+    config = _config_from_args(args)
+    if config.out is None:
+        config.out = str(
+            Path("runs") / f"ssl-{config.data}-{config.schedule}-{config.rule}-s{config.seed}.json"
+        )
+    return run_ssl(config)
+
+
+# -------------------------------------------------------------- CLI: dynsim study ssl
+
+
+def study_cells(base: SSLConfig) -> list[dict]:
+    """One cell (config dict plus ``name``) per row of :data:`STUDY_GRID`."""
+    cells = []
+    for schedule, rule in STUDY_GRID:
+        cfg = dataclasses.asdict(base)
+        cfg.update(random_baseline=False, out=None)
+        if schedule == "random":
+            cfg.update(schedule="e2e", rule="bp", epochs=0)
+        else:
+            cfg.update(schedule=schedule, rule=rule)
+        cells.append({"name": f"{schedule}-{rule}".replace("--", ""), **cfg})
+    return cells
+
+
+def run_study_cell(cell: dict) -> dict:
+    """Run one study cell (top-level, so worker processes can pickle it)."""
+    cfg = {k: v for k, v in cell.items() if k != "name"}
+    result = run_ssl(SSLConfig(**cfg), progress=False)
+    result["name"] = cell["name"]
+    return result
+
+
+def _run_grid(
+    cells: list[dict],
+    fn: Callable[[dict], dict],
+    *,
+    results_dir: Path,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    try:
+        from dynsim.sweeps import run_grid
+    except ImportError:  # TODO: drop once dynsim.sweeps.run_grid is on main
+        out = []
+        for cell in cells:
+            path = results_dir / f"{cell['name']}.json"
+            if path.exists():
+                out.append(json.loads(path.read_text()))
+                continue
+            if progress:
+                print(f"[study] {cell['name']} ...", flush=True)
+            out.append(fn(cell))
+            _write_json(path, out[-1])
+        return out
+    return run_grid(cells, fn, results_dir=results_dir, workers=workers, progress=progress)
+
+
+def study_rows(results: list[dict]) -> list[dict]:
+    """Table rows (learning, update, accuracy %, published CIFAR %, seconds) from results."""
+    rows = []
+    for r in results:
+        cfg = r["config"]
+        key = ("random", "-") if cfg["epochs"] == 0 else (cfg["schedule"], cfg["rule"])
+        acc = r["final"]["test_accuracy"]
+        pub = PUBLISHED_CIFAR.get(key, (None, None))
+        rows.append(
+            {
+                "learning": "random encoder" if key[0] == "random" else key[0].upper(),
+                "update": key[1].upper() if key[1] != "-" else "",
+                "accuracy": None if acc is None else 100 * acc,
+                "published": pub[0],
+                "published_block5": pub[1],
+                "train_seconds": r["final"]["train_seconds"],
+                "final_loss": r["history"][-1]["loss"] if r["history"] else None,
+            }
+        )
+    return rows
+
+
+def study_table(rows: list[dict], header: str = "") -> str:
+    """Markdown table of :func:`study_rows`."""
+
+    def fmt(v, spec=".2f"):
+        return "–" if v is None else format(v, spec)
+
+    lines = [header] if header else []
+    lines += [
+        "| learning | update | ours: probe acc. (%) | final loss / image | train s "
+        "| published CIFAR (%) | published +block, 5 neg. (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['learning']} | {r['update']} | {fmt(r['accuracy'])} | {fmt(r['final_loss'])} "
+            f"| {fmt(r['train_seconds'], '.0f')} | {fmt(r['published'])} "
+            f"| {fmt(r['published_block5'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(rows: list[dict], ours: str = "ours"):
+    """Bar plot of ours vs published CIFAR accuracy per row (from :func:`study_rows`).
+
+    Takes data only and returns the matplotlib Figure; ``ours`` labels our bars.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['learning']} {r['update']}".strip() for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar([i - 0.2 for i in x], [r["accuracy"] or 0 for r in rows], 0.4, label=ours)
+    ax.bar(
+        [i + 0.2 for i in x], [r["published"] or 0 for r in rows], 0.4, label="published (CIFAR)"
+    )
+    ax.set_xticks(list(x), labels, rotation=30, ha="right")
+    ax.set_ylabel("linear-probe test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left", ncol=2, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers)."""
+    _add_common_arguments(parser)
+    parser.add_argument("--workers", type=int, default=1, help="parallel cells (default 1)")
+    parser.add_argument("--out", default=None, help="study folder (default runs/ssl-study-<data>)")
+    return parser
+
+
+def run_study(
+    base: SSLConfig, out_dir: Path, *, workers: int | None = 1, progress: bool = True
+) -> dict:
+    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    cells = study_cells(base)
+    results = _run_grid(
+        cells, run_study_cell, results_dir=out_dir / "cells", workers=workers, progress=progress
+    )
+    order = {c["name"]: i for i, c in enumerate(cells)}
+    results = sorted(results, key=lambda r: order.get(r.get("name"), 0))
+    rows = study_rows(results)
+    ds = results[0]["dataset"]
+    neg = "all" if base.negatives is None else base.negatives
+    header = (
+        f"SSL study on {ds['name']}: {ds['n_train']} train / {ds['n_test']} test images, "
+        f"encoder {results[0]['encoder']['spec']}, {base.epochs} epochs (GLL: shared equally "
+        f"among stages), batch {base.batch_size}, Adam lr {base.lr}, tau {base.tau}, "
+        f"delta {base.delta}, negatives {neg}, grad block {base.grad_block}, "
+        f"probe {base.probe_epochs} epochs, seed {base.seed}.\n"
+    )
+    table = study_table(rows, header)
+    (out_dir / "ssl_study.md").write_text(table)
+    summary = {
+        "config": dataclasses.asdict(base),
+        "dynsim_version": dynsim.__version__,
+        "dataset": ds,
+        "rows": rows,
+    }
+    _write_json(out_dir / "ssl_study.json", summary)
+    fig = plot_study(rows, ours=f"ours ({ds['name']})")
+    fig.savefig(out_dir / "ssl_study.png", dpi=120)
+    summary["table"] = table
+    return summary
+
+
+def study_from_args(args: argparse.Namespace) -> dict:
+    """Run ``dynsim study ssl`` from parsed arguments."""
+    base = _config_from_args(args, out=None)
+    out_dir = Path(args.out or f"runs/ssl-study-{base.data}")
+    return run_study(base, out_dir, workers=args.workers)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m dynsim.pipelines.ssl {run,study} ...`` until ``dynsim run/study ssl`` exist."""
+    parser = argparse.ArgumentParser(prog="python -m dynsim.pipelines.ssl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="train and evaluate one encoder"))
+    add_study_arguments(sub.add_parser("study", help="the Table-1 grid"))
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        result = run_from_args(args)
+        print(json.dumps(result["final"], indent=2))
+        return result
+    summary = study_from_args(args)
+    print(summary["table"])
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

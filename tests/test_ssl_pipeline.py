@@ -1,0 +1,235 @@
+"""Schedules (GLL freezes, RLL balances), the SSL pipeline, its study and its settings."""
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from dynsim.callbacks import Callback
+from dynsim.errors import ConfigError
+from dynsim.pipelines.ssl import (
+    STUDY_GRID,
+    SSLConfig,
+    add_run_arguments,
+    add_study_arguments,
+    run_from_args,
+    run_ssl,
+    run_study,
+)
+from dynsim.probe import fit_linear_probe
+from dynsim.ssl.augment import Deform
+from dynsim.ssl.rules import make_rules
+from dynsim.ssl.schedules import Greedy, RandomLayerwise, make_schedule
+from dynsim.ssl.settler import ContrastiveSettler
+from dynsim.ssl.stages import build_encoder
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machines are shared: one torch thread, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _digits(n_train=400, n_test=200):
+    d = load_digits()
+    x, y = (d.data / 16).astype(np.float32), d.target.astype(np.int64)
+    ds = SimpleNamespace(
+        name="digits",
+        x_train=x[:n_train],
+        y_train=y[:n_train],
+        x_test=x[-n_test:],
+        y_test=y[-n_test:],
+        image_shape=SHAPE,
+        n_classes=10,
+    )
+    ds.subset = lambda n_train=None, n_test=None, seed=0: _digits(n_train or 400, n_test or 200)
+    return ds
+
+
+def _engine_parts(schedule, *, epochs, batches_per_epoch, rule="bp"):
+    from dynsim.engine import Batch, Engine
+
+    enc = build_encoder("tiny", SHAPE, generator=torch.Generator().manual_seed(0))
+    rules = make_rules(rule, enc, lr=1e-2, generator=torch.Generator().manual_seed(1))
+    settler = ContrastiveSettler(
+        enc,
+        SHAPE,
+        Deform(flip=False),
+        tau=6.0,
+        delta=3.0,
+        negatives=5,
+        grad_block=False,
+        generator=torch.Generator().manual_seed(2),
+    )
+    sched = make_schedule(
+        schedule,
+        settler,
+        rules,
+        epochs=epochs,
+        batches_per_epoch=batches_per_epoch,
+        generator=torch.Generator().manual_seed(3),
+    )
+    x = torch.as_tensor(_digits().x_train[: 20 * batches_per_epoch])
+
+    def batches(epoch):
+        for k, idx in enumerate(torch.arange(len(x)).split(20)):
+            yield Batch(x=x[idx], y=None, index=idx, epoch=epoch, number=k)
+
+    return enc, sched, rules, batches, Engine
+
+
+class _Snapshots(Callback):
+    def __init__(self, enc):
+        self.enc, self.epochs = enc, []
+
+    def on_fit_start(self, engine):
+        self.epochs.append({k: u.weight.detach().clone() for k, u in self.enc.units().items()})
+
+    def on_epoch_end(self, engine, epoch):
+        self.on_fit_start(engine)
+
+
+def test_gll_trains_one_stage_at_a_time_and_freezes_the_others():
+    enc, sched, rules, batches, Engine = _engine_parts("gll", epochs=6, batches_per_epoch=3)
+    assert isinstance(sched, Greedy) and len(enc.stages) == 3
+    snap = _Snapshots(enc)
+    Engine(sched.settler, [sched, *rules, snap], progress=False).fit(batches, 6)
+    for epoch in range(6):
+        stage = epoch // 2
+        before, after = snap.epochs[epoch], snap.epochs[epoch + 1]
+        for k in before:
+            changed = not torch.equal(before[k], after[k])
+            assert changed == (k in (f"s{stage}", f"h{stage}")), (epoch, k)
+    assert sched.history == [0] * 6 + [1] * 6 + [2] * 6
+
+
+def test_rll_picks_each_stage_equally_often_per_epoch():
+    enc, sched, rules, batches, Engine = _engine_parts("rll", epochs=3, batches_per_epoch=6)
+    assert isinstance(sched, RandomLayerwise)
+    snap = _Snapshots(enc)
+    Engine(sched.settler, [sched, *rules, snap], progress=False).fit(batches, 3)
+    assert sched.counts == [[2, 2, 2]] * 3
+    for e in range(3):
+        assert sorted(sched.history[6 * e : 6 * e + 6]) == [0, 0, 1, 1, 2, 2]
+    assert sched.history[:6] != sched.history[6:12] or sched.history[6:12] != sched.history[12:]
+
+
+def test_rll_counts_differ_by_at_most_one_when_uneven():
+    enc, sched, rules, batches, Engine = _engine_parts("rll", epochs=2, batches_per_epoch=5)
+    Engine(sched.settler, [sched, *rules], progress=False).fit(batches, 2)
+    for counts in sched.counts:
+        assert sum(counts) == 5 and max(counts) - min(counts) <= 1
+
+
+def test_run_ssl_result_follows_the_json_contract(tmp_path):
+    out = tmp_path / "r.json"
+    cfg = SSLConfig(data="digits", epochs=2, batch_size=50, probe_epochs=5, out=str(out))
+    r = run_ssl(cfg, dataset=_digits(), progress=False)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["final"] == r["final"]
+    assert r["config"]["rule"] == "bp" and r["dynsim_version"]
+    assert [h["epoch"] for h in r["history"]] == [0, 1]
+    assert r["history"][-1]["images_seen"] == 2 * 400
+    assert all(h["wall_seconds"] > 0 and np.isfinite(h["loss"]) for h in r["history"])
+    f = r["final"]
+    assert 0.1 < f["test_accuracy"] <= 1 and 0.1 < f["random_encoder_accuracy"] <= 1
+    assert f["train_seconds"] > 0 and f["eval_seconds"] > 0 and not f["diverged"]
+    again = run_ssl(SSLConfig(**{**cfg.__dict__, "out": None}), dataset=_digits(), progress=False)
+    assert again["final"]["test_accuracy"] == f["test_accuracy"]  # same seed, same numbers
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rule="hebb"), "rule 'hebb'"),
+        (dict(schedule="cyclic"), "schedule 'cyclic'"),
+        (dict(negatives=0), "negatives"),
+        (dict(negatives=300, batch_size=50), "negatives"),
+        (dict(tau=3.0, delta=3.0), "tau"),
+        (dict(batch_size=1), "batch_size"),
+        (dict(lr=-1.0), "lr"),
+        (dict(epochs=-1), "epochs"),
+        (dict(data="imagenet"), "data"),
+        (dict(arch="c8-x4"), "x4"),
+        (dict(schedule="gll", epochs=2), "GLL"),
+        (dict(batch_size=1000), "batch_size"),
+    ],
+)
+def test_bad_settings_raise_config_error(kwargs, match):
+    cfg = SSLConfig(**{"data": "digits", "epochs": 1, "batch_size": 50, **kwargs})
+    with pytest.raises(ConfigError, match=match):
+        run_ssl(cfg, dataset=_digits(), progress=False)
+
+
+def test_cli_arguments_round_trip(tmp_path):
+    parser = add_run_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            "--data",
+            "digits",
+            "--schedule",
+            "rll",
+            "--rule",
+            "urf",
+            "--negatives",
+            "5",
+            "--grad-block",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "50",
+            "--n-train",
+            "100",
+            "--probe-epochs",
+            "2",
+            "--out",
+            str(tmp_path / "x.json"),
+        ]
+    )
+    r = run_from_args(args)
+    cfg = r["config"]
+    assert (cfg["schedule"], cfg["rule"], cfg["negatives"], cfg["grad_block"]) == (
+        "rll",
+        "urf",
+        5,
+        True,
+    )
+    assert (tmp_path / "x.json").exists()
+    study = add_study_arguments(argparse.ArgumentParser()).parse_args(["--workers", "2"])
+    assert study.workers == 2 and not hasattr(study, "rule")
+
+
+def test_study_grid_runs_on_digits_and_writes_the_table(tmp_path):
+    base = SSLConfig(
+        data="digits", n_train=300, n_test=150, epochs=3, batch_size=50, probe_epochs=5, threads=1
+    )
+    summary = run_study(base, tmp_path, workers=1, progress=False)
+    table = (tmp_path / "ssl_study.md").read_text()
+    assert len(summary["rows"]) == len(STUDY_GRID) == 11
+    for label in ("E2E | BP", "E2E | DTP", "GLL | URF", "RLL | RF", "random encoder"):
+        assert label in table
+    assert "71.44" in table and "61.23" in table  # published numbers beside ours
+    assert all(r["accuracy"] is not None and r["accuracy"] > 10 for r in summary["rows"])
+    assert json.loads((tmp_path / "ssl_study.json").read_text())["rows"] == summary["rows"]
+    assert (tmp_path / "ssl_study.png").stat().st_size > 1000
+    for r in summary["rows"]:  # "a few seconds per cell"
+        assert r["train_seconds"] < 10
+
+
+def test_linear_probe_separates_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    f = torch.randn(200, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()
+    r = fit_linear_probe(f[:150], y[:150], f[150:], y[150:], epochs=20, batch_size=32, seed=0)
+    assert r["test_accuracy"] == 1.0 and r["n_features"] == 8
+    with pytest.raises(ConfigError):
+        fit_linear_probe(f, y, f, y, epochs=0, batch_size=32, seed=0)

@@ -123,6 +123,17 @@ def test_rll_picks_each_stage_equally_often_per_epoch():
     assert sched.history[:6] != sched.history[6:12] or sched.history[6:12] != sched.history[12:]
 
 
+def test_rll_state_dict_round_trip_repeats_the_order():
+    enc, sched, rules, batches, Engine = _engine_parts("rll", epochs=1, batches_per_epoch=6)
+    sched.on_epoch_start(None, 0)
+    state = sched.state_dict()
+    sched.on_epoch_start(None, 1)
+    nxt = sched.order.clone()
+    sched.load_state_dict(state)
+    sched.on_epoch_start(None, 1)
+    assert torch.equal(sched.order, nxt) and sched.counts[-1] == [2, 2, 2]
+
+
 def test_rll_counts_differ_by_at_most_one_when_uneven():
     enc, sched, rules, batches, Engine = _engine_parts("rll", epochs=2, batches_per_epoch=5)
     Engine(sched.settler, [sched, *rules], progress=False).fit(batches, 2)

@@ -162,7 +162,7 @@ class _History(Callback):
         self.diverged = False
 
     def on_epoch_start(self, engine, epoch):  # noqa: D102
-        self._t0, self._losses, self._n = time.perf_counter(), [], 0
+        self._t0, self._losses = time.perf_counter(), []
 
     def on_batch_end(self, engine, batch, result):  # noqa: D102
         loss = float(result.loss)

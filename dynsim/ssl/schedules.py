@@ -111,6 +111,20 @@ class RandomLayerwise(Schedule):
         s = int(self.order[batch.number % max(len(self.order), 1)])
         return Plan(s, s)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state, this epoch's order and the counts so far (for checkpoints)."""
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+            "counts": [list(c) for c in self.counts],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.counts = [list(c) for c in state["counts"]]
+
 
 def make_schedule(
     name: str,

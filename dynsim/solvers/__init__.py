@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import Euler, FixedStepSolver, Solver
+from dynsim.solvers.newton import SiteNewton
 from dynsim.solvers.schedules import (
     SEED_SCHEDULE,
     ConstantStep,
@@ -26,6 +27,7 @@ def register(cls: type[Solver]) -> type[Solver]:
 
 
 register(Euler)
+register(SiteNewton)
 
 
 def make_solver(name: str, **options) -> Solver:
@@ -47,6 +49,7 @@ __all__ = [
     "DecayingStep",
     "Euler",
     "FixedStepSolver",
+    "SiteNewton",
     "Solver",
     "StepSchedule",
     "make_solver",

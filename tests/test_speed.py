@@ -185,3 +185,16 @@ def test_probe_solves_linearsvc_objective():
     xb = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1)
     agree = ((xb @ w).argmax(1) == (xb @ ref).argmax(1)).double().mean()
     assert float(agree) >= 0.99
+
+
+def test_newton_chunks_large_batches(monkeypatch):
+    import dynsim.systems.hebbian as hebbian
+
+    layer = trained_layer()
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(7))
+    stop = RelativeChange(1e-5) | MaxSteps(50)
+    whole = settle(layer, x, solver=SiteNewton(), stop=stop)
+    monkeypatch.setattr(hebbian, "_JACOBIAN_BUDGET", 2 * layer.n_sites * layer.nps**2)
+    chunked = settle(layer, x, solver=SiteNewton(), stop=stop)
+    assert torch.equal(whole.steps, chunked.steps)
+    torch.testing.assert_close(whole.u, chunked.u, atol=1e-6, rtol=0)

@@ -37,6 +37,7 @@ def _relu_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.relu(u), (u > 0).to(u.dtype)
 
 
+_JACOBIAN_BUDGET = 1 << 25  # entries (128 MiB in float32) of per-site Jacobians built at once
 _DERIVATIVES = {"tanh": _tanh_and_slope, "linear": _linear_and_slope, "relu": _relu_and_slope}
 
 
@@ -195,6 +196,11 @@ class HebbianLayer(System):
                 "use --solver euler for this layer"
             )
         b = u.shape[0]
+        per_sample = self.n_sites * self.nps * self.nps  # Jacobian entries per sample
+        if b > 1 and b * per_sample > _JACOBIAN_BUDGET:  # large NpS: bound the memory
+            chunk = max(1, _JACOBIAN_BUDGET // per_sample)
+            parts = [self.newton_step(u[i : i + chunk], drive[i : i + chunk]) for i in range(0, b, chunk)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         a, eye = self._lateral_blocks()
         us = self.sites(u)
         r, fp = _DERIVATIVES[self.activation](us)  # (B, S, M) each

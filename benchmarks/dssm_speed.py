@@ -102,12 +102,13 @@ def main(argv=None):
     wd, ld = layer.dense_weights()
     dw = float((wd - W).norm() / W.norm())
     dl = float((ld - L).norm() / L.norm())
+    print(f"(b) reference {t_ref2:.1f} s, dynsim {t_dyn2:.1f} s", flush=True)
     out["sections"]["b_two_epochs"] = {
         "images_per_epoch": args.train_images, "reference_seconds": t_ref2, "dynsim_seconds": t_dyn2,
         "ratio": t_ref2 / t_dyn2, "reference_history": ref_hist, "dynsim_history": dyn_hist,
         "relative_weight_difference": {"W": dw, "L": dl},
     }
-    rows.append(("(b) 2 epochs × %d img, batch 1" % args.train_images, t_ref2, t_dyn2))
+    rows.append((f"(b) 2 epochs × {args.train_images} img, batch 1", t_ref2, t_dyn2))
 
     # (a) settle fixed inputs on the trained weights (after 2 epochs), threads 1 and 2
     xs = torch.as_tensor(xte[: args.settle_inputs])
@@ -134,6 +135,7 @@ def main(argv=None):
             "max_relative_rate_difference_newton_vs_reference": float(
                 ((r_new - r_ref).norm(dim=1) / r_ref.norm(dim=1)).max()),
         }
+        print(f"(a) threads {threads}: ref {t_ref:.2f} s, euler {t_eul:.2f} s, newton {t_new:.2f} s", flush=True)
         rows.append((f"(a) settle/input, Euler, {threads} thr", t_ref / len(xs), t_eul / len(xs)))
         rows.append((f"(a) settle/input, Newton, {threads} thr", t_ref / len(xs), t_new / len(xs)))
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import torch
 
 from dynsim.errors import ConfigError, DataError
 from dynsim.solvers.base import Solver
-from dynsim.stopping import Status, StopRule
+from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, StopRule
 from dynsim.systems.base import System
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -56,11 +56,42 @@ class SettleResult:
         return self.status == Status.DIVERGED
 
 
+class BoundField:
+    """The vector field ``v -> system.field(v, drive)`` of the running samples.
+
+    Solvers call it like a function; fixed-point solvers that need more than the field
+    (e.g. :class:`~dynsim.solvers.SiteNewton`) read ``.system`` and ``.drive``.
+    """
+
+    __slots__ = ("system", "drive")
+
+    def __init__(self, system: System, drive: torch.Tensor):
+        self.system, self.drive = system, drive
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.system.field(v, self.drive)
+
+
+def _simple_limits(stop: StopRule) -> tuple[float | None, int | None] | None:
+    """``(tol, cap)`` such that a sample of the built-in rules runs iff ``residual >= tol``
+    and ``steps < cap`` (``None``: that part absent); ``None`` for other rule types."""
+    rules = stop.rules if type(stop) is AnyOf else (stop,)
+    tols, caps = [], []
+    for rule in rules:
+        if type(rule) is RelativeChange:
+            tols.append(rule.tol)
+        elif type(rule) is MaxSteps:
+            caps.append(rule.n)
+        else:
+            return None
+    return (max(tols) if tols else None, min(caps) if caps else None)
+
+
 def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``‖f‖ / ‖u‖`` (infinite where ``u = 0`` and ``f ≠ 0``, 0 where both are 0)."""
+    """Per-sample ``‖f‖ / ‖u‖`` (``‖f‖ / 1e-12`` where ``u = 0``, 0 where ``f = 0``)."""
     num = torch.linalg.vector_norm(f, dim=1)
     den = torch.linalg.vector_norm(u, dim=1)
-    return torch.where(num == 0, torch.zeros_like(num), num / den.clamp_min(_TINY))
+    return num / den.clamp_min(_TINY)  # 0 where f = 0; large where u = 0 only
 
 
 def _as_float_tensor(v, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,8 +211,7 @@ def settle(
     active = torch.arange(b, device=x.device)
     u, drive = u_all, drive_all
 
-    def field(v: torch.Tensor) -> torch.Tensor:
-        return system.field(v, drive)
+    field = BoundField(system, drive)
 
     state = solver.init(field, u)
     n = 0
@@ -189,6 +219,10 @@ def settle(
     if cap == 0:
         active = active[:0]
         status.fill_(Status.MAX_STEPS)
+    # Cheap per-step test for the built-in stop rules (exactly "some sample's code is not
+    # RUNNING"); the full status codes are computed only on steps where something stops.
+    limits = _simple_limits(stop)
+    residual_all = torch.zeros(b, dtype=drive_all.dtype, device=x.device) if on == "field" else None
     while active.numel():
         u_next, f, state = solver.step(field, u, state, n)
         n_evals += solver.evals_per_step * active.numel()
@@ -198,26 +232,39 @@ def settle(
         else:
             residual = relative_norm(u_next - u, u)
             candidate, cand_steps = u_next, n + 1
-        code = stop.status(residual, cand_steps)
-        bad = ~torch.isfinite(residual) | ~torch.isfinite(u_next).all(dim=1)
-        bad |= torch.linalg.vector_norm(u_next, dim=1) > bound
-        code = torch.where(bad & (code == Status.RUNNING), int(Status.DIVERGED), code).to(torch.int8)
-        done = code != Status.RUNNING
-        if bool(done.any()):
-            ids = active[done]
-            final = torch.where((code[done] == Status.DIVERGED)[:, None], u[done], candidate[done])
-            u_all[ids] = final
-            status[ids] = code[done]
-            steps[ids] = torch.where(code[done] == Status.DIVERGED, n, cand_steps)
-            keep = ~done
-            active, u_next, drive = active[keep], u_next[keep], drive[keep]
-            state = solver.select(state, keep)
+        state_norm = torch.linalg.vector_norm(u_next, dim=1)
+        if limits is not None:
+            tol, cap_ = limits
+            ok = state_norm <= bound  # False for inf and NaN states
+            if tol is not None:
+                ok &= residual >= tol  # False for NaN residuals
+            event = (cap_ is not None and cand_steps >= cap_) or not bool(ok.all())
+        else:
+            event = True
+        if event:
+            code = stop.status(residual, cand_steps)
+            bad = ~torch.isfinite(residual) | ~torch.isfinite(u_next).all(dim=1)
+            bad |= state_norm > bound
+            code = torch.where(bad & (code == Status.RUNNING), int(Status.DIVERGED), code).to(torch.int8)
+            done = code != Status.RUNNING
+            if bool(done.any()):
+                ids = active[done]
+                final = torch.where((code[done] == Status.DIVERGED)[:, None], u[done], candidate[done])
+                u_all[ids] = final
+                status[ids] = code[done]
+                steps[ids] = torch.where(code[done] == Status.DIVERGED, n, cand_steps)
+                if residual_all is not None:  # on="field": the residual of the returned state
+                    residual_all[ids] = residual[done]
+                keep = ~done
+                active, u_next, drive = active[keep], u_next[keep], drive[keep]
+                field.drive = drive
+                state = solver.select(state, keep)
         u = u_next
         n += 1
         if on_step is not None and active.numel():
             on_step(n, u, relative_norm(field(u), u))
-    final_field = system.field(u_all, drive_all)
-    residual_all = relative_norm(final_field, u_all)
+    if residual_all is None or cap == 0:
+        residual_all = relative_norm(system.field(u_all, drive_all), u_all)
     return SettleResult(
         u=u_all,
         r=system.rates(u_all),

@@ -36,14 +36,22 @@ def hebbian_update(
     b = x.shape[0]
     scale = float(b) if batch_rule == "sum" else 1.0
     rs = layer.sites(r)  # (B, S, M)
+    # Padded (absent) connections read zeros and hold zero weights, so their correlation
+    # and their update are exactly zero: no mask multiply is needed; W += a·(C − W) is lerp.
     # feed-forward: pre = pixels in each site's receptive field
     pre = layer.ff.gather(layer.input_groups(x))  # (B, S, K·C)
-    corr = torch.einsum("bsm,bsk->smk", rs, pre) / b
-    layer.ff.weight.add_(eta * scale * (corr - layer.ff.weight) * layer.ff.mask)
+    layer.ff.weight.lerp_(_site_correlation(rs, pre), eta * scale)
     # lateral: pre = rates of the neighbouring sites' neurons
     pre_l = layer.lateral.gather(rs)  # (B, S, K·M)
-    corr_l = torch.einsum("bsm,bsk->smk", rs, pre_l) / b
-    layer.lateral.weight.add_(lateral_factor * eta * scale * (corr_l - layer.lateral.weight) * layer.lateral.mask)
+    layer.lateral.weight.lerp_(_site_correlation(rs, pre_l), lateral_factor * eta * scale)
+
+
+def _site_correlation(post: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Batch mean of per-site outer products: (B, S, M), (B, S, K) -> (S, M, K)."""
+    b = post.shape[0]
+    if b == 1:
+        return post[0].unsqueeze(-1) * pre[0].unsqueeze(-2)
+    return torch.bmm(post.transpose(0, 1).transpose(1, 2), pre.transpose(0, 1)) / b
 
 
 class SimilarityMatchingRule(Callback):

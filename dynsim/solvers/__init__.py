@@ -11,6 +11,7 @@ from dynsim.solvers.adaptive import Dopri5
 from dynsim.solvers.base import Euler, FixedStepSolver, Solver
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
+from dynsim.solvers.newton import SiteNewton
 from dynsim.solvers.rk import RK4, Heun
 from dynsim.solvers.schedules import (
     SEED_SCHEDULE,
@@ -29,7 +30,7 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, TorchDiffEq, TorchODE):
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, TorchDiffEq, TorchODE):
     register(_cls)
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "Euler",
     "FixedStepSolver",
     "Heun",
+    "SiteNewton",
     "Solver",
     "StepSchedule",
     "TorchDiffEq",

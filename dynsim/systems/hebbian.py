@@ -24,6 +24,23 @@ from dynsim.systems.base import System, activation_fn
 from dynsim.systems.structure import SiteLinear, lateral_neighbours, receptive_fields, site_grid
 
 
+def _tanh_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.tanh(u)
+    return r, 1.0 - r * r
+
+
+def _linear_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return u, torch.ones_like(u)
+
+
+def _relu_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.relu(u), (u > 0).to(u.dtype)
+
+
+_JACOBIAN_BUDGET = 1 << 25  # entries (128 MiB in float32) of per-site Jacobians built at once
+_DERIVATIVES = {"tanh": _tanh_and_slope, "linear": _linear_and_slope, "relu": _relu_and_slope}
+
+
 class HebbianLayer(System):
     """A structured Hebbian layer.
 
@@ -144,6 +161,56 @@ class HebbianLayer(System):
         """``du/ds = (−u + W x + s·(L − I) f(u)) / τ``."""
         du = drive - u + self.lateral_sign * self.lateral_input(self._f(u))
         return du if self.tau == 1.0 else du / self.tau
+
+    # --- per-site Newton (lateral distance 0) ----------------------------------------
+    @property
+    def site_separable(self) -> bool:
+        """True when ``L`` only joins neurons of the same site (block-diagonal lateral map).
+
+        The fixed-point equation then splits into ``S`` independent ``nps``-dimensional
+        problems, which :meth:`newton_step` solves site by site.
+        """
+        return self.lateral.is_identity_gather and self.activation in _DERIVATIVES
+
+    def _lateral_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s·(L_k − I)`` (S, M, M) and ``I`` (M, M), cached until ``L`` changes in place."""
+        w = self.lateral.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_blocks_key", None) != key:
+            eye = torch.eye(self.nps, dtype=w.dtype, device=w.device)
+            self._blocks = (self.lateral_sign * (w - eye), eye)
+            self._blocks_key = key
+        return self._blocks
+
+    def newton_step(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Newton step on ``F(u) = 0`` per site; returns ``(u_next, F(u))``.
+
+        ``F(u) = (−u + d + s·A f(u))/τ`` with ``A`` the per-site blocks of ``L − I``; the
+        Jacobian of site ``k`` is ``J_k = (−I + s·A_k diag f'(u_k))/τ`` (nps × nps), so
+        ``u_next = u − J⁻¹ F(u)`` costs one batched nps × nps solve per site.
+        Shapes: u, drive (B, N) -> (B, N), (B, N). Requires :attr:`site_separable`.
+        """
+        if not self.site_separable:
+            raise ConfigError(
+                "the per-site Newton solver needs lateral_distance 0 and a tanh/linear/relu rate; "
+                "use --solver euler for this layer"
+            )
+        b = u.shape[0]
+        per_sample = self.n_sites * self.nps * self.nps  # Jacobian entries per sample
+        if b > 1 and b * per_sample > _JACOBIAN_BUDGET:  # large NpS: bound the memory
+            chunk = max(1, _JACOBIAN_BUDGET // per_sample)
+            parts = [self.newton_step(u[i : i + chunk], drive[i : i + chunk]) for i in range(0, b, chunk)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        a, eye = self._lateral_blocks()
+        us = self.sites(u)
+        r, fp = _DERIVATIVES[self.activation](us)  # (B, S, M) each
+        lat = torch.matmul(a, r.unsqueeze(-1)).squeeze(-1)  # (B, S, M)
+        f = self.sites(drive) - us + lat
+        jac = a * fp.unsqueeze(-2) - eye  # (B, S, M, M): −I + s·A diag f'
+        step = torch.linalg.solve_ex(jac, f)[0]  # J⁻¹ (τ F) with τ cancelling
+        if self.tau != 1.0:
+            f = f / self.tau
+        return (us - step).reshape(b, -1), f.reshape(b, -1)
 
     # --- dense views (tests, references; small sizes only) --------------------------
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,12 +149,14 @@ class SiteLinear(nn.Module):
         b = x.shape[0]
         if self.is_identity_gather:
             return x
-        padded = torch.cat([x, x.new_zeros(b, 1, x.shape[2])], dim=1)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, 1))  # one all-zero group at the end
         return padded[:, self.index].reshape(b, self.n_sites, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y[b, s, m] = Σ_j weight[s, m, j] · gather(x)[b, s, j]``; shape (B, S, M)."""
         xg = self.gather(x)
+        if xg.shape[0] == 1:  # batch 1 (online learning): one bmm, no transposes
+            return torch.bmm(self.weight, xg[0].unsqueeze(-1)).reshape(1, self.n_sites, -1)
         return torch.bmm(xg.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
 
     def to_dense(self, n_in_groups: int) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""Fast paths (issue 5) agree with the plain computations they replace."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynsim import settle
+from dynsim.errors import ConfigError
+from dynsim.evaluation import fit_squared_hinge, linear_probe_accuracy
+from dynsim.plasticity import hebbian_update
+from dynsim.settle import relative_norm
+from dynsim.solvers import Euler, SiteNewton, make_solver
+from dynsim.stopping import MaxSteps, RelativeChange, Status
+from dynsim.systems import HebbianLayer
+
+torch.set_grad_enabled(False)
+
+
+def trained_layer(seed=0, lateral_distance=0.0):
+    """An 8x8 layer whose L has moved away from I (so settling is not trivial)."""
+    layer = HebbianLayer((1, 8, 8), nps=4, stride=2, radius=3.0, lateral_distance=lateral_distance, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        x = torch.randn(1, 64, generator=g)
+        res = settle(layer, x, solver=Euler(), stop=RelativeChange(1e-3) | MaxSteps(500))
+        hebbian_update(layer, x, res.r, 2e-2)
+    return layer
+
+
+def plain_settle(system, x, solver, stop, u0=None, max_state_norm=1e6):
+    """The generic loop as first written: status codes computed on every step."""
+    import math
+
+    drive_all = system.drive(x)
+    u_all = torch.zeros_like(drive_all) if u0 is None else u0.clone()
+    b = x.shape[0]
+    steps = torch.zeros(b, dtype=torch.long)
+    status = torch.zeros(b, dtype=torch.int8)
+    on = stop.on or "field"
+    bound = max_state_norm * math.sqrt(drive_all.shape[1])
+    active, u, drive, n = torch.arange(b), u_all, drive_all, 0
+    while active.numel():
+        f = system.field(u, drive)
+        u_next = u + solver.schedule(n) * f
+        if on == "field":
+            num, den = f.norm(dim=1), u.norm(dim=1)
+            candidate, cand = u, n
+        else:
+            num, den = (u_next - u).norm(dim=1), u.norm(dim=1)
+            candidate, cand = u_next, n + 1
+        residual = torch.where(num == 0, torch.zeros_like(num), num / den.clamp_min(1e-12))
+        code = stop.status(residual, cand)
+        bad = ~torch.isfinite(residual) | ~torch.isfinite(u_next).all(dim=1) | (u_next.norm(dim=1) > bound)
+        code = torch.where(bad & (code == 0), 3, code).to(torch.int8)
+        done = code != 0
+        if bool(done.any()):
+            ids = active[done]
+            u_all[ids] = torch.where((code[done] == 3)[:, None], u[done], candidate[done])
+            status[ids] = code[done]
+            steps[ids] = torch.where(code[done] == 3, n, cand)
+            keep = ~done
+            active, u_next, drive = active[keep], u_next[keep], drive[keep]
+        u, n = u_next, n + 1
+    return u_all, steps, status
+
+
+@pytest.mark.parametrize("on", ["field", "increment"])
+@pytest.mark.parametrize("cap", [3000, 40])
+def test_lean_settle_loop_equals_plain_loop(on, cap):
+    layer = trained_layer()
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(1))
+    stop = RelativeChange(1e-4, on=on) | MaxSteps(cap)
+    res = settle(layer, x, solver=Euler(), stop=stop)
+    u, steps, status = plain_settle(layer, x, Euler(), stop)
+    assert torch.equal(res.steps, steps)
+    assert torch.equal(res.status, status)
+    torch.testing.assert_close(res.u, u, atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.residual, relative_norm(layer.field(res.u, layer.drive(x)), res.u), rtol=1e-4,
+                               atol=1e-9)
+    if cap == 40:
+        assert (res.status == Status.MAX_STEPS).any()
+
+
+def test_batch_one_equals_batched_rows():
+    layer = trained_layer()
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    stop = RelativeChange(1e-4) | MaxSteps(3000)
+    batched = settle(layer, x, solver=Euler(), stop=stop)
+    for i in range(5):
+        one = settle(layer, x[i : i + 1], solver=Euler(), stop=stop)
+        assert int(one.steps) == int(batched.steps[i])
+        torch.testing.assert_close(one.u[0], batched.u[i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.drive(x[i : i + 1])[0], layer.drive(x)[i], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_newton_reaches_the_euler_fixed_point(tau):
+    layer = trained_layer()
+    layer.tau = tau
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    stop = RelativeChange(1e-6) | MaxSteps(20000)
+    euler = settle(layer, x, solver=Euler(), stop=stop)
+    newton = settle(layer, x, solver=make_solver("newton"), stop=stop)
+    assert bool(newton.converged.all()) and bool(euler.converged.all())
+    assert int(newton.steps.max()) <= 10 < int(euler.steps.min())
+    assert float(newton.residual.max()) < 1e-6
+    torch.testing.assert_close(newton.u, euler.u, atol=1e-4, rtol=1e-4)
+
+
+def test_newton_step_is_exact_for_a_linear_layer():
+    layer = trained_layer()
+    layer.activation, layer._f = "linear", (lambda u: u)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    res = settle(layer, x, solver=SiteNewton(), stop=RelativeChange(1e-6) | MaxSteps(10))
+    assert res.steps.tolist() == [1, 1, 1]  # one Newton step solves a linear system
+
+
+def test_newton_refuses_lateral_links_between_sites():
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0, lateral_distance=1.0)
+    with pytest.raises(ConfigError, match="euler"):
+        settle(layer, torch.randn(1, 64), solver=SiteNewton(), stop=RelativeChange(1e-4) | MaxSteps(10))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_hebbian_update_matches_dense_formula(b):
+    layer = trained_layer(lateral_distance=0.0)
+    w0, l0 = layer.dense_weights()
+    mask_w, mask_l = (w0 != 0).float(), (l0 != 0).float()
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(b, 64, generator=g), torch.tanh(torch.randn(b, layer.state_size, generator=g))
+    hebbian_update(layer, x, r, 0.01, batch_rule="sum")
+    w1, l1 = layer.dense_weights()
+    torch.testing.assert_close(w1, w0 + 0.01 * b * (r.T @ x / b - w0) * mask_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(l1, l0 + 0.005 * b * (r.T @ r / b - l0) * mask_l, atol=1e-6, rtol=0)
+
+
+def test_reference_loop_matches_dynsim_euler():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_loop import reference_settle
+
+    layer = trained_layer()
+    w, lat = layer.dense_weights()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    res = settle(layer, x, solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    for i in range(4):
+        u, n, status, _ = reference_settle(w, lat, x[i])
+        assert (n, status) == (int(res.steps[i]), int(res.status[i]))
+        torch.testing.assert_close(u, res.u[i], atol=1e-5, rtol=0)
+
+
+def test_probe_separates_a_separable_problem():
+    g = np.random.default_rng(0)
+    centres = g.normal(size=(3, 20)) * 4
+    y = g.integers(0, 3, size=600)
+    x = centres[y] + g.normal(size=(600, 20))
+    out = linear_probe_accuracy(x[:400], y[:400], x[400:], y[400:])
+    assert out["accuracy"] == 1.0 and out["train_accuracy"] == 1.0
+
+
+def test_probe_solves_linearsvc_objective():
+    from sklearn.svm import LinearSVC
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (500,), generator=g)
+    x[torch.arange(500), y] += 1.5
+    w = fit_squared_hinge(x, y, max_iter=500, tol=1e-8)
+    svc = LinearSVC(C=1.0, class_weight="balanced", dual=False, tol=1e-10, max_iter=100000).fit(x.numpy(), y.numpy())
+    ref = torch.as_tensor(np.vstack([svc.coef_.T, svc.intercept_[None]]))
+
+    def objective(v):  # LinearSVC's primal: ½‖w‖² + C Σ q_i max(0, 1 − t w·[x, 1])²
+        xb = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1)
+        t = -torch.ones(500, 4, dtype=x.dtype)
+        t[torch.arange(500), y] = 1
+        q = (500 / (4 * torch.bincount(y).double()))[y]
+        m = (1 - t * (xb @ v)).clamp_min(0)
+        return float(0.5 * (v * v).sum() + (q[:, None] * m * m).sum())
+
+    assert objective(w) <= objective(ref) * (1 + 1e-6)  # at least as good a minimiser as liblinear
+    xb = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1)
+    agree = ((xb @ w).argmax(1) == (xb @ ref).argmax(1)).double().mean()
+    assert float(agree) >= 0.99
+
+
+def test_newton_chunks_large_batches(monkeypatch):
+    import dynsim.systems.hebbian as hebbian
+
+    layer = trained_layer()
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(7))
+    stop = RelativeChange(1e-5) | MaxSteps(50)
+    whole = settle(layer, x, solver=SiteNewton(), stop=stop)
+    monkeypatch.setattr(hebbian, "_JACOBIAN_BUDGET", 2 * layer.n_sites * layer.nps**2)
+    chunked = settle(layer, x, solver=SiteNewton(), stop=stop)
+    assert torch.equal(whole.steps, chunked.steps)
+    torch.testing.assert_close(whole.u, chunked.u, atol=1e-6, rtol=0)

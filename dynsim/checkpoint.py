@@ -93,6 +93,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+class GeneratorStates(Callback):
+    """Carries private ``torch.Generator`` states through checkpoints.
+
+    Pipelines that draw from their own generators (sample order, augmentations, negatives)
+    add this callback, before the :class:`Checkpoint`, so a resumed run continues their
+    streams exactly: ``GeneratorStates(order=order_gen, aug=gen)``.
+    """
+
+    def __init__(self, **generators: torch.Generator):
+        self.generators = generators
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.generators) - set(state))
+        if missing:
+            raise ConfigError(f"checkpoint has no state for generator(s) {', '.join(missing)}")
+        for name, g in self.generators.items():
+            g.set_state(state[name])
+
+
 class Checkpoint(Callback):
     """Write a checkpoint every ``every`` epochs and when training ends.
 

@@ -229,3 +229,29 @@ def test_numpy_values_in_history_survive_a_checkpoint(tmp_path):
         engine.fit(batches, 1)
     history = load_checkpoint(tmp_path / "n.pt")["engine"]["history"]
     assert history[0]["score"] == 0.5 and history[0]["counts"].tolist() == [0, 1, 2]
+
+
+def test_generator_states_resume_private_streams(tmp_path):
+    """A pipeline that reshuffles with its own generator each epoch resumes the same stream."""
+    from dynsim.checkpoint import GeneratorStates
+    from dynsim.engine import Batch, Engine
+
+    def run(epochs, resume):
+        gen = torch.Generator().manual_seed(3)
+        seen = []
+
+        def batches(epoch):
+            idx = torch.randperm(10, generator=gen)[:4]
+            seen.append(idx.tolist())
+            yield Batch(x=torch.zeros(4, 1), y=None, index=idx, epoch=epoch, number=0)
+
+        engine = Engine(lambda b, h: None, [GeneratorStates(order=gen), Checkpoint(tmp_path / "g.pt")],
+                        progress=False)
+        engine.fit(batches, epochs, resume=resume)
+        return seen
+
+    straight = run(4, resume=False)
+    (tmp_path / "g.pt").unlink()
+    first = run(2, resume=False)
+    rest = run(4, resume=True)
+    assert first + rest == straight

@@ -103,8 +103,10 @@ def test_dynamics_either_settle_stop_or_diverge_marked(dt, scale, gain):
     assert ((res.status == Status.DIVERGED) | (res.status == Status.SETTLED) | (res.status == Status.MAX_STEPS)).all()
 
 
+per_layer = st.one_of(maybe_numbers, st.lists(maybe_numbers, max_size=3))  # deep: one value per layer
 CONFIG_VALUES = {
-    "nps": maybe_numbers, "stride": maybe_numbers, "radius": maybe_numbers, "lateral_distance": maybe_numbers,
+    "nps": per_layer, "stride": per_layer, "radius": per_layer, "lateral_distance": per_layer,
+    "layers": maybe_numbers,
     "lateral_sign": maybe_numbers, "tau": maybe_numbers, "threshold": maybe_numbers, "max_steps": maybe_numbers,
     "stream_every": maybe_numbers, "epochs": maybe_numbers, "images_per_epoch": maybe_numbers,
     "batch_size": maybe_numbers, "eta0": maybe_numbers, "eta_decay": maybe_numbers, "eta_min": maybe_numbers,

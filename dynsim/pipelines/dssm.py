@@ -126,8 +126,6 @@ class DSSMConfig:
         if self.threshold is not None and (isinstance(self.threshold, bool)
                                            or not isinstance(self.threshold, (int, float))):
             raise ConfigError(f"--threshold must be a number (e.g. 1e-4) or 'none', got {self.threshold!r}")
-        if self.radius is not None and (isinstance(self.radius, bool) or not isinstance(self.radius, (int, float))):
-            raise ConfigError(f"--radius must be a number of pixels, got {self.radius!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a table/dict, got {self.extra!r}")
         if self.out is not None:

@@ -6,6 +6,9 @@ with replacement, every image settles (Euler with the seed's step schedule by de
 stopping per sample at ``‖du/ds‖/‖u‖ < T`` or the cap), then the Hebbian/anti-Hebbian
 rule updates ``W`` and ``L``. Every ``eval_every`` epochs the representations of all train
 and test images are read out linearly. The result dict follows DESIGN §4.
+With ``layers > 1`` the system is a :class:`~dynsim.systems.deep.DeepHebbianNet` (per-layer
+structure lists, feedback ``gamma``) and each layer's representation is read out
+separately (``final.layer_test_accuracy``); see ``docs/deep.md``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,13 @@ from dynsim.solvers import Euler, SiteNewton, make_solver
 from dynsim.stopping import MaxSteps, RelativeChange, Status
 from dynsim.systems import HebbianLayer
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests run without autograd, like training does; scoped to this module so the
+    global grad mode is restored for the other test files."""
+    with torch.no_grad():
+        yield
 
 
 def trained_layer(seed=0, lateral_distance=0.0):

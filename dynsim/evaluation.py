@@ -140,8 +140,9 @@ def _lbfgs(fg, w: torch.Tensor, *, max_iter: int, tol: float, history: int = 20)
     """
     loss, g = fg(w)
     pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-    it = 0
-    for it in range(1, max_iter + 1):
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         if float(g.abs().max()) <= tol:
             break
         q = g.clone()
@@ -155,7 +156,7 @@ def _lbfgs(fg, w: torch.Tensor, *, max_iter: int, tol: float, history: int = 20)
             q.mul_(float((s_ * y_).sum() / (y_ * y_).sum()))
         else:
             q.mul_(min(1.0, 1.0 / float(g.abs().sum())))
-        for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+        for (s_, y_, rho), a in zip(pairs, reversed(alphas), strict=True):
             q.add_(s_, alpha=a - rho * float((y_ * q).sum()))
         slope = -float((g * q).sum())
         if slope >= 0:  # not a descent direction: restart from the gradient
@@ -178,7 +179,7 @@ def _lbfgs(fg, w: torch.Tensor, *, max_iter: int, tol: float, history: int = 20)
         w, loss, g = w_new, loss_new, g_new
         if change <= 1e-9 * max(1.0, abs(loss)):
             break
-    return w, it
+    return w, iterations
 
 
 def linear_probe_accuracy(

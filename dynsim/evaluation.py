@@ -141,8 +141,9 @@ def _lbfgs(fg, w: torch.Tensor, *, max_iter: int, tol: float, history: int = 20)
     """
     loss, g = fg(w)
     pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         if float(g.abs().max()) <= tol:
             break
         q = g.clone()
@@ -179,7 +180,7 @@ def _lbfgs(fg, w: torch.Tensor, *, max_iter: int, tol: float, history: int = 20)
         w, loss, g = w_new, loss_new, g_new
         if change <= 1e-9 * max(1.0, abs(loss)):
             break
-    return w, it
+    return w, iterations
 
 
 def linear_probe_accuracy(

@@ -204,3 +204,17 @@ def test_newton_chunks_large_batches(monkeypatch):
     chunked = settle(layer, x, solver=SiteNewton(), stop=stop)
     assert torch.equal(whole.steps, chunked.steps)
     torch.testing.assert_close(whole.u, chunked.u, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("first_cap", [False, True])
+def test_simultaneous_settling_shortcut_matches_plain_loop(first_cap):
+    layer = trained_layer()
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8)).repeat(4, 1)  # all settle together
+    plain_steps = plain_settle(layer, x[:1], Euler(), RelativeChange(1e-4) | MaxSteps(3000))[1]
+    cap = int(plain_steps[0])  # the cap fires on the very step the tolerance is met
+    stop = (MaxSteps(cap) | RelativeChange(1e-4)) if first_cap else (RelativeChange(1e-4) | MaxSteps(cap))
+    res = settle(layer, x, solver=Euler(), stop=stop)
+    u, steps, status = plain_settle(layer, x, Euler(), stop)
+    assert torch.equal(res.steps, steps) and torch.equal(res.status, status)
+    assert int(status[0]) == (Status.MAX_STEPS if first_cap else Status.SETTLED)
+    torch.testing.assert_close(res.u, u, atol=1e-6, rtol=0)

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from dynsim.callbacks import Callback
 from dynsim.errors import ConfigError
 from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
-from dynsim.plasticity.similarity_matching import BATCH_RULES
+from dynsim.plasticity.similarity_matching import BATCH_RULES, SimilarityMatchingRule
 from dynsim.systems.deep import DeepHebbianNet
 from dynsim.systems.structure import SiteLinear
 
@@ -75,12 +74,12 @@ def deep_hebbian_update(
         pre = post
 
 
-class DeepSimilarityMatchingRule(Callback):
+class DeepSimilarityMatchingRule(SimilarityMatchingRule):
     """Plasticity callback: :func:`deep_hebbian_update` after every settled batch.
 
-    Same arguments as :class:`~dynsim.plasticity.SimilarityMatchingRule`, plus
-    ``lateral_rule`` (``"code"`` or ``"scaled"``, see the module docstring); diverged
-    samples are left out of the update.
+    Same arguments and behaviour as :class:`~dynsim.plasticity.SimilarityMatchingRule`
+    (rate schedule, batch rule, diverged samples left out, checkpointed rate), plus
+    ``lateral_rule`` (``"code"`` or ``"scaled"``, see the module docstring).
     """
 
     def __init__(
@@ -91,28 +90,10 @@ class DeepSimilarityMatchingRule(Callback):
         batch_rule: str = "sum",
         lateral_rule: str = "code",
     ):
-        if batch_rule not in BATCH_RULES:
-            raise ConfigError(f"batch rule must be one of {BATCH_RULES}, got {batch_rule!r}")
         if lateral_rule not in LATERAL_RULES:
             raise ConfigError(f"lateral rule must be one of {LATERAL_RULES}, got {lateral_rule!r}")
-        self.net, self.rate, self.batch_rule, self.lateral_rule = (
-            net,
-            rate,
-            batch_rule,
-            lateral_rule,
-        )
-        self.eta = rate(0)
+        super().__init__(net, rate=rate, batch_rule=batch_rule)
+        self.net, self.lateral_rule = net, lateral_rule
 
-    def on_epoch_start(self, engine, epoch):
-        self.eta = self.rate(epoch)
-        engine.log(learning_rate=self.eta)
-
-    def on_settled(self, engine, batch, result):
-        x, r = batch.x, result.r
-        ok = ~result.diverged
-        if not bool(ok.all()):
-            x, r = x[ok], r[ok]
-        if x.shape[0]:
-            deep_hebbian_update(
-                self.net, x, r, self.eta, batch_rule=self.batch_rule, lateral_rule=self.lateral_rule
-            )
+    def update(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        deep_hebbian_update(self.net, x, r, self.eta, batch_rule=self.batch_rule, lateral_rule=self.lateral_rule)

@@ -83,10 +83,14 @@ class SimilarityMatchingRule(Callback):
     def load_state_dict(self, state):
         self.eta = state["eta"]
 
+    def update(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        """Apply the rule to inputs ``x`` (B, D_in) and settled rates ``r`` (B, N)."""
+        hebbian_update(self.layer, x, r, self.eta, batch_rule=self.batch_rule)
+
     def on_settled(self, engine, batch, result):
         x, r = batch.x, result.r
         ok = ~result.diverged
         if not bool(ok.all()):
             x, r = x[ok], r[ok]
         if x.shape[0]:
-            hebbian_update(self.layer, x, r, self.eta, batch_rule=self.batch_rule)
+            self.update(x, r)

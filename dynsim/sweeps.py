@@ -60,11 +60,12 @@ def _run_cell(fn: Callable[[dict], dict], cell: dict) -> tuple[dict, float]:
     return out, time.perf_counter() - t0
 
 
-def _finish(results_dir: Path, cell: dict, out: dict, seconds: float) -> dict:
-    write_json_atomic(
-        cell_path(results_dir, cell), {"cell": cell, "seconds": seconds, "result": out}
-    )
-    return out
+def _record(results: list, i: int, cells: list[dict], results_dir: Path, out: dict, seconds: float,
+            progress: bool) -> None:
+    """Write cell ``i``'s result file (atomically), keep its result, and log it."""
+    write_json_atomic(cell_path(results_dir, cells[i]), {"cell": cells[i], "seconds": seconds, "result": out})
+    results[i] = out
+    _log(progress, sum(r is not None for r in results), len(cells), cells[i], f"done in {seconds:.1f} s")
 
 
 def _log(progress: bool, done: int, total: int, cell: dict, what: str) -> None:
@@ -123,14 +124,7 @@ def run_grid(
     elif todo and (workers == 1 or len(todo) == 1):
         for i in todo:
             out, seconds = _run_cell(fn, cells[i])
-            results[i] = _finish(results_dir, cells[i], out, seconds)
-            _log(
-                progress,
-                sum(r is not None for r in results),
-                len(cells),
-                cells[i],
-                f"done in {seconds:.1f} s",
-            )
+            _record(results, i, cells, results_dir, out, seconds, progress)
     elif todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             pending = {pool.submit(_run_cell, fn, cells[i]): i for i in todo}
@@ -139,14 +133,7 @@ def run_grid(
                 for fut in finished:
                     i = pending.pop(fut)
                     out, seconds = fut.result()
-                    results[i] = _finish(results_dir, cells[i], out, seconds)
-                    _log(
-                        progress,
-                        sum(r is not None for r in results),
-                        len(cells),
-                        cells[i],
-                        f"done in {seconds:.1f} s",
-                    )
+                    _record(results, i, cells, results_dir, out, seconds, progress)
     return [r for r in results if r is not None]
 
 
@@ -171,11 +158,4 @@ def _run_ray(cells, fn, todo, results, results_dir, workers, ray_address, progre
         for ref in ready:
             i = pending.pop(ref)
             out, seconds = ray.get(ref)
-            results[i] = _finish(results_dir, cells[i], out, seconds)
-            _log(
-                progress,
-                sum(r is not None for r in results),
-                len(cells),
-                cells[i],
-                f"done in {seconds:.1f} s",
-            )
+            _record(results, i, cells, results_dir, out, seconds, progress)

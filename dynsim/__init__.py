@@ -15,13 +15,27 @@ from dynsim.checkpoint import Checkpoint
 from dynsim.engine import Batch, DynamicsSettler, Engine
 from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError
 from dynsim.settle import SettleResult, settle
-from dynsim.solvers import SEED_SCHEDULE, SOLVERS, ConstantStep, DecayingStep, Euler, make_solver
+from dynsim.solvers import (
+    RK4,
+    SEED_SCHEDULE,
+    SOLVERS,
+    Anderson,
+    ConstantStep,
+    DecayingStep,
+    Dopri5,
+    Euler,
+    Heun,
+    SiteNewton,
+    make_solver,
+)
 from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, stop_rule
 from dynsim.systems import HebbianLayer, System
 
 __all__ = [
     "SEED_SCHEDULE",
     "SOLVERS",
+    "RK4",
+    "Anderson",
     "AnyOf",
     "Batch",
     "Callback",
@@ -31,14 +45,17 @@ __all__ = [
     "DataError",
     "DecayingStep",
     "DivergenceError",
+    "Dopri5",
     "DynamicsSettler",
     "DynsimError",
     "Engine",
     "Euler",
     "HebbianLayer",
+    "Heun",
     "MaxSteps",
     "RelativeChange",
     "SettleResult",
+    "SiteNewton",
     "Status",
     "System",
     "make_solver",

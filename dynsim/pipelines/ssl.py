@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +31,14 @@ import dynsim
 from dynsim.callbacks import Callback
 from dynsim.errors import ConfigError
 from dynsim.probe import fit_linear_probe
+from dynsim.results import write_json_atomic
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
 from dynsim.ssl.schedules import SCHEDULES, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
 from dynsim.ssl.stages import ACTIVATIONS, build_encoder
+from dynsim.sweeps import BACKENDS, run_grid
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10")
 DEFAULT_ARCH = {
@@ -342,20 +342,8 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
         "diverged": history.diverged,
     }
     if config.out:
-        _write_json(Path(config.out), result)
+        write_json_atomic(Path(config.out), result)
     return result
-
-
-def _write_json(path: Path, data: dict) -> Path:
-    try:
-        from dynsim.results import write_json_atomic
-    except ImportError:  # TODO: drop once dynsim.results (write_json_atomic) is on main
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
-        return path
-    return write_json_atomic(path, data)
 
 
 # ---------------------------------------------------------------- CLI: dynsim run ssl
@@ -449,31 +437,6 @@ def run_study_cell(cell: dict) -> dict:
     return result
 
 
-def _run_grid(
-    cells: list[dict],
-    fn: Callable[[dict], dict],
-    *,
-    results_dir: Path,
-    workers: int | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    try:
-        from dynsim.sweeps import run_grid
-    except ImportError:  # TODO: drop once dynsim.sweeps.run_grid is on main
-        out = []
-        for cell in cells:
-            path = results_dir / f"{cell['name']}.json"
-            if path.exists():
-                out.append(json.loads(path.read_text()))
-                continue
-            if progress:
-                print(f"[study] {cell['name']} ...", flush=True)
-            out.append(fn(cell))
-            _write_json(path, out[-1])
-        return out
-    return run_grid(cells, fn, results_dir=results_dir, workers=workers, progress=progress)
-
-
 def study_rows(results: list[dict]) -> list[dict]:
     """Table rows (learning, update, accuracy %, published CIFAR %, seconds) from results."""
     rows = []
@@ -543,21 +506,43 @@ def plot_study(rows: list[dict], ours: str = "ours"):
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers)."""
+    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers,
+    backend and Ray address)."""
     _add_common_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="parallel cells (default 1)")
+    parser.add_argument("--backend", default="local", choices=BACKENDS, help="where cells run")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
+    )
     parser.add_argument("--out", default=None, help="study folder (default runs/ssl-study-<data>)")
     return parser
 
 
 def run_study(
-    base: SSLConfig, out_dir: Path, *, workers: int | None = 1, progress: bool = True
+    base: SSLConfig,
+    out_dir: Path,
+    *,
+    workers: int | None = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``."""
+    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``.
+
+    The cells run through :func:`dynsim.sweeps.run_grid` (one result file per cell under
+    ``out_dir/cells``, reused when the same command runs again; ``backend="ray"`` or a
+    ``ray_address`` sends the cells to Ray).
+    """
     out_dir = Path(out_dir)
     cells = study_cells(base)
-    results = _run_grid(
-        cells, run_study_cell, results_dir=out_dir / "cells", workers=workers, progress=progress
+    results = run_grid(
+        cells,
+        run_study_cell,
+        results_dir=out_dir / "cells",
+        workers=workers,
+        backend=backend,
+        ray_address=ray_address,
+        progress=progress,
     )
     order = {c["name"]: i for i, c in enumerate(cells)}
     results = sorted(results, key=lambda r: order.get(r.get("name"), 0))
@@ -579,7 +564,7 @@ def run_study(
         "dataset": ds,
         "rows": rows,
     }
-    _write_json(out_dir / "ssl_study.json", summary)
+    write_json_atomic(out_dir / "ssl_study.json", summary)
     fig = plot_study(rows, ours=f"ours ({ds['name']})")
     fig.savefig(out_dir / "ssl_study.png", dpi=120)
     summary["table"] = table
@@ -590,24 +575,19 @@ def study_from_args(args: argparse.Namespace) -> dict:
     """Run ``dynsim study ssl`` from parsed arguments."""
     base = _config_from_args(args, out=None)
     out_dir = Path(args.out or f"runs/ssl-study-{base.data}")
-    return run_study(base, out_dir, workers=args.workers)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m dynsim.pipelines.ssl {run,study} ...`` until ``dynsim run/study ssl`` exist."""
-    parser = argparse.ArgumentParser(prog="python -m dynsim.pipelines.ssl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_arguments(sub.add_parser("run", help="train and evaluate one encoder"))
-    add_study_arguments(sub.add_parser("study", help="the Table-1 grid"))
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        result = run_from_args(args)
-        print(json.dumps(result["final"], indent=2))
-        return result
-    summary = study_from_args(args)
-    print(summary["table"])
-    return summary
+    return run_study(
+        base,
+        out_dir,
+        workers=args.workers,
+        backend=args.backend,
+        ray_address=args.ray_address,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # older commands: ``python -m dynsim.pipelines.ssl run|study ...`` = ``dynsim run|study ssl ...``
+    import sys
+
+    from dynsim.cli import main
+
+    sys.exit(main([*sys.argv[1:2], "ssl", *sys.argv[2:]]))

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ import torch
 
 import dynsim
 from dynsim.callbacks import Callback
-from dynsim.errors import ConfigError
+from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
+from dynsim.errors import ConfigError, DivergenceError
 from dynsim.probe import fit_linear_probe
 from dynsim.results import write_json_atomic
 from dynsim.ssl.augment import Deform
@@ -155,11 +157,15 @@ class SSLConfig:
 
 
 class _History(Callback):
-    """Per-epoch loss (per image), images seen and wall seconds."""
+    """Per-epoch loss (per image), images seen and wall seconds.
 
-    def __init__(self) -> None:
+    A non-finite hinge loss raises :class:`DivergenceError` naming the epoch and batch, so
+    the run stops before the weights (now NaN) reach a checkpoint.
+    """
+
+    def __init__(self, lr: float, rule: str) -> None:
+        self.lr, self.rule = lr, rule
         self.rows: list[dict[str, Any]] = []
-        self.diverged = False
 
     def on_epoch_start(self, engine, epoch):  # noqa: D102
         self._t0, self._losses = time.perf_counter(), []
@@ -167,7 +173,10 @@ class _History(Callback):
     def on_batch_end(self, engine, batch, result):  # noqa: D102
         loss = float(result.loss)
         if not math.isfinite(loss):
-            self.diverged = engine.should_stop = True
+            raise DivergenceError(
+                f"the hinge loss became {loss} at epoch {batch.epoch}, batch {batch.number} "
+                f"(rule {self.rule}, lr {self.lr}); lower --lr"
+            )
         self._losses.append(loss / batch.x.shape[0])
 
     def on_epoch_end(self, engine, epoch):  # noqa: D102
@@ -180,6 +189,30 @@ class _History(Callback):
                 "wall_seconds": time.perf_counter() - self._t0,
             }
         )
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.rows = [dict(r) for r in state["rows"]]
+
+
+# settings that may change when a run is resumed (they do not shape the training trajectory);
+# every other SSLConfig field, including ones added later, must match the checkpoint.
+# ``epochs`` may change except for GLL, whose stage plan depends on it.
+RESUME_MAY_CHANGE = (
+    "epochs", "probe_epochs", "probe_batch_size", "random_baseline", "device", "threads", "out",
+)
+
+
+def training_settings(config: SSLConfig) -> dict[str, Any]:
+    """The settings a checkpoint must match to be resumed."""
+    keep = {"epochs"} if config.schedule == "gll" else set()
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in RESUME_MAY_CHANGE or k in keep
+    }
 
 
 def _load(config: SSLConfig, dataset: Any | None):
@@ -208,7 +241,14 @@ def _probe(encoder, x_train, y_train, x_test, y_test, config: SSLConfig) -> dict
     )
 
 
-def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = True) -> dict:
+def run_ssl(
+    config: SSLConfig,
+    *,
+    dataset: Any | None = None,
+    progress: bool = True,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+) -> dict:
     """Train one encoder and evaluate it; return (and write to ``config.out``) the result.
 
     Parameters
@@ -217,17 +257,32 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
     dataset : optional already-loaded dataset (fields of :func:`dynsim.data.load_dataset`);
         by default loaded from ``config.data``/``config.data_dir``.
     progress : show tqdm progress bars.
+    checkpoint_every : with ``config.out``, write ``<out stem>.ckpt.pt`` every this many
+        epochs and when training ends (0: never). It holds the encoder (heads and feedback
+        matrices included), the DTP inverses, the rules' optimizer states, the pipeline's
+        generators (batch order, deformations, RLL orders, DTP noise) and the history.
+    resume : continue from that checkpoint (needs ``config.out``); the final numbers and
+        weights are those of an uninterrupted run. Settings that shape training must match
+        (:func:`training_settings`), else :class:`ConfigError`.
 
     Returns
     -------
     dict with ``config``, ``dynsim_version``, ``dataset``, ``encoder``, ``history`` (one row
     per epoch: epoch, images_seen, batches, loss per image, wall_seconds) and ``final``
     (test_accuracy, train_accuracy, random_encoder_accuracy, train_seconds, eval_seconds,
-    diverged).
+    diverged, divergence: the message naming epoch and batch, or None), ``resumed_from_epoch``
+    and ``checkpoint`` (its path, when one is written).
     """
     from dynsim.engine import Batch, Engine
 
     config.validate()
+    if resume and not config.out:
+        raise ConfigError(
+            "--resume needs --out PATH: the result file of the run to continue "
+            "(its checkpoint <out>.ckpt.pt lies beside it)"
+        )
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every = {checkpoint_every!r} must be an integer >= 0")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -263,8 +318,8 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
         },
         "history": [],
     }
-    history = _History()
-    engine = None
+    history = _History(config.lr, config.rule)
+    engine = ckpt = None
     if config.epochs > 0:  # build everything first, so bad settings fail before any work
         deform = Deform(
             flip=FLIP_DEFAULT.get(config.data, True) if config.flip is None else config.flip
@@ -313,21 +368,46 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
                     x=x_train[idx].flatten(1), y=y_train[idx], index=idx, epoch=epoch, number=k
                 )
 
+        callbacks: list[Callback] = [schedule, *rules, history]
+        if config.out and (checkpoint_every or resume):
+            modules: dict[str, torch.nn.Module] = {"encoder": encoder}
+            modules.update({f"inverse_{k}": g for k, g in (inverses or {}).items()})
+            ckpt = Checkpoint(
+                checkpoint_path(config.out),
+                every=checkpoint_every,
+                modules=modules,
+                meta=training_settings(config),
+            )
+            # the pipeline's own streams: batch order, and deformations, RLL orders, DTP noise
+            callbacks += [GeneratorStates(order=order_gen, aug=gen), ckpt]
         desc = f"ssl {config.schedule}/{config.rule}"
-        engine = Engine(settler, [schedule, *rules, history], progress=progress, desc=desc)
+        engine = Engine(settler, callbacks, progress=progress, desc=desc)
     t_eval = 0.0
     random_acc = None
     if config.random_baseline or config.epochs == 0:
         t0 = time.perf_counter()
         random_acc = _probe(encoder, x_train, y_train, x_test, y_test, config)["test_accuracy"]
         t_eval += time.perf_counter() - t0
-    t0 = time.perf_counter()
+    resumed_from = None
+    if resume and ckpt is not None:
+        resumed_from = ckpt.restore(engine) if ckpt.path.exists() else None
+        if resumed_from is None:
+            warnings.warn(f"no checkpoint at {ckpt.path}; starting from epoch 0", stacklevel=2)
+    divergence = None
     if engine is not None:
-        engine.fit(batches, config.epochs)
-    train_seconds = time.perf_counter() - t0
+        try:
+            engine.fit(batches, config.epochs, start_epoch=resumed_from or 0)
+        except DivergenceError as exc:
+            if ckpt is not None and ckpt.last_saved_epoch:
+                where = f"the last good checkpoint is {ckpt.path} (after epoch {ckpt.last_saved_epoch})"
+            else:
+                where = "no checkpoint was written before it"
+            divergence = f"{exc}. Training stopped; {where}"
     t0 = time.perf_counter()
     if config.epochs == 0:
         probe = {"test_accuracy": random_acc, "train_accuracy": None}
+    elif divergence is not None:
+        probe = {"test_accuracy": None, "train_accuracy": None}
     else:
         probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
     t_eval += time.perf_counter() - t0
@@ -336,11 +416,15 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
         "test_accuracy": probe["test_accuracy"],
         "train_accuracy": probe.get("train_accuracy"),
         "random_encoder_accuracy": random_acc,
-        "train_seconds": train_seconds,
+        "train_seconds": sum(r["wall_seconds"] for r in history.rows),
         "eval_seconds": t_eval,
         "images_seen": sum(r["batches"] for r in history.rows) * config.batch_size,
-        "diverged": history.diverged,
+        "diverged": divergence is not None,
+        "divergence": divergence,
     }
+    result["resumed_from_epoch"] = resumed_from
+    if ckpt is not None:
+        result["checkpoint"] = str(ckpt.path)
     if config.out:
         write_json_atomic(Path(config.out), result)
     return result
@@ -392,6 +476,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--schedule", choices=SCHEDULES, default="e2e")
     parser.add_argument("--rule", choices=RULES, default="bp")
     parser.add_argument("--out", default=None, help="result JSON (default runs/ssl-...json)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="write <out>.ckpt.pt every K epochs and at the end (default: %(default)s; 0: never)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose result is --out from its checkpoint (same final numbers)",
+    )
     return parser
 
 
@@ -403,13 +499,27 @@ def _config_from_args(args: argparse.Namespace, **override: Any) -> SSLConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    """Run ``dynsim run ssl`` from parsed arguments; writes the JSON and returns it."""
+    """Run ``dynsim run ssl`` from parsed arguments; writes the JSON and returns it.
+
+    A diverged run writes its JSON and then raises :class:`DivergenceError` with the message.
+    """
     config = _config_from_args(args)
+    resume = getattr(args, "resume", False)
+    if resume and not config.out:
+        raise ConfigError(
+            "--resume needs --out PATH: the result file of the run to continue "
+            "(its checkpoint <out>.ckpt.pt lies beside it)"
+        )
     if config.out is None:
         config.out = str(
             Path("runs") / f"ssl-{config.data}-{config.schedule}-{config.rule}-s{config.seed}.json"
         )
-    return run_ssl(config)
+    result = run_ssl(
+        config, checkpoint_every=getattr(args, "checkpoint_every", 1), resume=resume
+    )
+    if result["final"]["diverged"]:
+        raise DivergenceError(result["final"]["divergence"])
+    return result
 
 
 # -------------------------------------------------------------- CLI: dynsim study ssl

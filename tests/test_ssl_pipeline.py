@@ -244,3 +244,120 @@ def test_linear_probe_separates_separable_classes():
     assert r["test_accuracy"] == 1.0 and r["n_features"] == 8
     with pytest.raises(ConfigError):
         fit_linear_probe(f, y, f, y, epochs=0, batch_size=32, seed=0)
+
+
+# ------------------------------------------------------------- checkpoints and resume
+
+RESUME_ARGS = ["run", "ssl", "--data", "digits", "--n-train", "400", "--n-test", "200",
+               "--epochs", "3", "--batch-size", "50", "--probe-epochs", "5", "--threads", "1"]
+
+
+def _interrupt_after_first_checkpoint(monkeypatch):
+    """A kill right after the checkpoint of epoch 1 is written (Ctrl-C, out of time)."""
+    from dynsim.checkpoint import Checkpoint
+
+    save = Checkpoint.save
+
+    def save_then_interrupt(self, engine, completed_epochs):
+        path = save(self, engine, completed_epochs)
+        if completed_epochs == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
+
+
+def _same_numbers(a: dict, b: dict) -> None:
+    drop = ("wall_seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in a["history"]] == [
+        {k: v for k, v in h.items() if k not in drop} for h in b["history"]
+    ]
+    for key in ("test_accuracy", "train_accuracy", "random_encoder_accuracy", "images_seen"):
+        assert a["final"][key] == b["final"][key], key
+
+
+@pytest.mark.parametrize(
+    "schedule, rule",
+    [("rll", "urf"), ("e2e", "dtp"), ("gll", "rf")],
+)
+def test_interrupted_run_resumes_to_the_same_numbers_and_weights(tmp_path, monkeypatch, schedule, rule):
+    from dynsim.checkpoint import load_checkpoint
+    from dynsim.cli import main
+
+    args = [*RESUME_ARGS, "--schedule", schedule, "--rule", rule]
+    whole, cut = tmp_path / "whole.json", tmp_path / "cut.json"
+    assert main([*args, "--out", str(whole)]) == 0
+
+    with monkeypatch.context() as m:
+        _interrupt_after_first_checkpoint(m)
+        assert main([*args, "--out", str(cut)]) == 130  # interrupted
+    assert not cut.exists()  # no result yet, only the checkpoint of epoch 1
+    assert load_checkpoint(tmp_path / "cut.ckpt.pt")["completed_epochs"] == 1
+
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    a, b = json.loads(whole.read_text()), json.loads(cut.read_text())
+    assert b["resumed_from_epoch"] == 1 and a["resumed_from_epoch"] is None
+    assert [h["epoch"] for h in b["history"]] == [0, 1, 2]
+    _same_numbers(a, b)
+    wa = load_checkpoint(tmp_path / "whole.ckpt.pt")["modules"]
+    wb = load_checkpoint(tmp_path / "cut.ckpt.pt")["modules"]
+    assert wa.keys() == wb.keys() and "encoder" in wa
+    if rule == "dtp":
+        assert any(k.startswith("inverse_") for k in wa)
+    if rule in ("rf", "urf"):
+        assert any(k.endswith("feedback") for k in wa["encoder"])
+    for name in wa:
+        for k in wa[name]:
+            assert torch.equal(wa[name][k], wb[name][k]), (name, k)
+
+
+def test_resume_refuses_other_training_settings_and_needs_out(tmp_path, monkeypatch):
+    from dynsim.cli import main
+
+    out = tmp_path / "r.json"
+    with monkeypatch.context() as m:
+        _interrupt_after_first_checkpoint(m)
+        assert main([*RESUME_ARGS, "--out", str(out)]) == 130
+    with pytest.raises(ConfigError, match=r"different settings: lr=0.001 \(now 0.01\)"):
+        run_from_args(
+            add_run_arguments(argparse.ArgumentParser()).parse_args(
+                [*RESUME_ARGS[2:], "--lr", "0.01", "--out", str(out), "--resume"]
+            )
+        )
+    with pytest.raises(ConfigError, match="--resume needs --out"):
+        run_ssl(SSLConfig(data="digits", epochs=1, batch_size=50), dataset=_digits(), resume=True)
+    # the probe settings and the number of epochs may change (extend a run)
+    r = run_from_args(
+        add_run_arguments(argparse.ArgumentParser()).parse_args(
+            [*RESUME_ARGS[2:], "--probe-epochs", "2", "--out", str(out), "--resume"]
+        )
+    )
+    assert r["resumed_from_epoch"] == 1 and len(r["history"]) == 3
+
+
+def test_a_diverging_run_names_epoch_and_batch_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    from dynsim.checkpoint import load_checkpoint
+    from dynsim.errors import DivergenceError
+    from dynsim.ssl.settler import ContrastiveSettler
+
+    settle = ContrastiveSettler.__call__
+
+    def nan_in_epoch_1_batch_2(self, batch, on_step=None):
+        result = settle(self, batch, on_step)
+        if batch.epoch == 1 and batch.number == 2:
+            result.loss = torch.tensor(float("nan"))
+        return result
+
+    monkeypatch.setattr(ContrastiveSettler, "__call__", nan_in_epoch_1_batch_2)
+    out = tmp_path / "d.json"
+    args = add_run_arguments(argparse.ArgumentParser()).parse_args(
+        [*RESUME_ARGS[2:], "--out", str(out)]
+    )
+    with pytest.raises(DivergenceError, match=r"nan at epoch 1, batch 2 .*after epoch 1\)"):
+        run_from_args(args)
+    r = json.loads(out.read_text())
+    assert r["final"]["diverged"] and r["final"]["test_accuracy"] is None
+    assert len(r["history"]) == 1  # only the finished epoch
+    ckpt = load_checkpoint(tmp_path / "d.ckpt.pt")
+    assert ckpt["completed_epochs"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["modules"]["encoder"].values())

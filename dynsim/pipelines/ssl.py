@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,17 @@ import torch
 
 import dynsim
 from dynsim.callbacks import Callback
-from dynsim.errors import ConfigError
+from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
+from dynsim.errors import ConfigError, DivergenceError
 from dynsim.probe import fit_linear_probe
+from dynsim.results import write_json_atomic
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
 from dynsim.ssl.schedules import SCHEDULES, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
 from dynsim.ssl.stages import ACTIVATIONS, build_encoder
+from dynsim.sweeps import BACKENDS, run_grid
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10")
 DEFAULT_ARCH = {
@@ -155,11 +157,15 @@ class SSLConfig:
 
 
 class _History(Callback):
-    """Per-epoch loss (per image), images seen and wall seconds."""
+    """Per-epoch loss (per image), images seen and wall seconds.
 
-    def __init__(self) -> None:
+    A non-finite hinge loss raises :class:`DivergenceError` naming the epoch and batch, so
+    the run stops before the weights (now NaN) reach a checkpoint.
+    """
+
+    def __init__(self, lr: float, rule: str) -> None:
+        self.lr, self.rule = lr, rule
         self.rows: list[dict[str, Any]] = []
-        self.diverged = False
 
     def on_epoch_start(self, engine, epoch):  # noqa: D102
         self._t0, self._losses = time.perf_counter(), []
@@ -167,7 +173,10 @@ class _History(Callback):
     def on_batch_end(self, engine, batch, result):  # noqa: D102
         loss = float(result.loss)
         if not math.isfinite(loss):
-            self.diverged = engine.should_stop = True
+            raise DivergenceError(
+                f"the hinge loss became {loss} at epoch {batch.epoch}, batch {batch.number} "
+                f"(rule {self.rule}, lr {self.lr}); lower --lr"
+            )
         self._losses.append(loss / batch.x.shape[0])
 
     def on_epoch_end(self, engine, epoch):  # noqa: D102
@@ -180,6 +189,30 @@ class _History(Callback):
                 "wall_seconds": time.perf_counter() - self._t0,
             }
         )
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.rows = [dict(r) for r in state["rows"]]
+
+
+# settings that may change when a run is resumed (they do not shape the training trajectory);
+# every other SSLConfig field, including ones added later, must match the checkpoint.
+# ``epochs`` may change except for GLL, whose stage plan depends on it.
+RESUME_MAY_CHANGE = (
+    "epochs", "probe_epochs", "probe_batch_size", "random_baseline", "device", "threads", "out",
+)
+
+
+def training_settings(config: SSLConfig) -> dict[str, Any]:
+    """The settings a checkpoint must match to be resumed."""
+    keep = {"epochs"} if config.schedule == "gll" else set()
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in RESUME_MAY_CHANGE or k in keep
+    }
 
 
 def _load(config: SSLConfig, dataset: Any | None):
@@ -208,7 +241,14 @@ def _probe(encoder, x_train, y_train, x_test, y_test, config: SSLConfig) -> dict
     )
 
 
-def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = True) -> dict:
+def run_ssl(
+    config: SSLConfig,
+    *,
+    dataset: Any | None = None,
+    progress: bool = True,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+) -> dict:
     """Train one encoder and evaluate it; return (and write to ``config.out``) the result.
 
     Parameters
@@ -217,17 +257,32 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
     dataset : optional already-loaded dataset (fields of :func:`dynsim.data.load_dataset`);
         by default loaded from ``config.data``/``config.data_dir``.
     progress : show tqdm progress bars.
+    checkpoint_every : with ``config.out``, write ``<out stem>.ckpt.pt`` every this many
+        epochs and when training ends (0: never). It holds the encoder (heads and feedback
+        matrices included), the DTP inverses, the rules' optimizer states, the pipeline's
+        generators (batch order, deformations, RLL orders, DTP noise) and the history.
+    resume : continue from that checkpoint (needs ``config.out``); the final numbers and
+        weights are those of an uninterrupted run. Settings that shape training must match
+        (:func:`training_settings`), else :class:`ConfigError`.
 
     Returns
     -------
     dict with ``config``, ``dynsim_version``, ``dataset``, ``encoder``, ``history`` (one row
     per epoch: epoch, images_seen, batches, loss per image, wall_seconds) and ``final``
     (test_accuracy, train_accuracy, random_encoder_accuracy, train_seconds, eval_seconds,
-    diverged).
+    diverged, divergence: the message naming epoch and batch, or None), ``resumed_from_epoch``
+    and ``checkpoint`` (its path, when one is written).
     """
     from dynsim.engine import Batch, Engine
 
     config.validate()
+    if resume and not config.out:
+        raise ConfigError(
+            "--resume needs --out PATH: the result file of the run to continue "
+            "(its checkpoint <out>.ckpt.pt lies beside it)"
+        )
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every = {checkpoint_every!r} must be an integer >= 0")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -263,8 +318,8 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
         },
         "history": [],
     }
-    history = _History()
-    engine = None
+    history = _History(config.lr, config.rule)
+    engine = ckpt = None
     if config.epochs > 0:  # build everything first, so bad settings fail before any work
         deform = Deform(
             flip=FLIP_DEFAULT.get(config.data, True) if config.flip is None else config.flip
@@ -313,21 +368,46 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
                     x=x_train[idx].flatten(1), y=y_train[idx], index=idx, epoch=epoch, number=k
                 )
 
+        callbacks: list[Callback] = [schedule, *rules, history]
+        if config.out and (checkpoint_every or resume):
+            modules: dict[str, torch.nn.Module] = {"encoder": encoder}
+            modules.update({f"inverse_{k}": g for k, g in (inverses or {}).items()})
+            ckpt = Checkpoint(
+                checkpoint_path(config.out),
+                every=checkpoint_every,
+                modules=modules,
+                meta=training_settings(config),
+            )
+            # the pipeline's own streams: batch order, and deformations, RLL orders, DTP noise
+            callbacks += [GeneratorStates(order=order_gen, aug=gen), ckpt]
         desc = f"ssl {config.schedule}/{config.rule}"
-        engine = Engine(settler, [schedule, *rules, history], progress=progress, desc=desc)
+        engine = Engine(settler, callbacks, progress=progress, desc=desc)
     t_eval = 0.0
     random_acc = None
     if config.random_baseline or config.epochs == 0:
         t0 = time.perf_counter()
         random_acc = _probe(encoder, x_train, y_train, x_test, y_test, config)["test_accuracy"]
         t_eval += time.perf_counter() - t0
-    t0 = time.perf_counter()
+    resumed_from = None
+    if resume and ckpt is not None:
+        resumed_from = ckpt.restore(engine) if ckpt.path.exists() else None
+        if resumed_from is None:
+            warnings.warn(f"no checkpoint at {ckpt.path}; starting from epoch 0", stacklevel=2)
+    divergence = None
     if engine is not None:
-        engine.fit(batches, config.epochs)
-    train_seconds = time.perf_counter() - t0
+        try:
+            engine.fit(batches, config.epochs, start_epoch=resumed_from or 0)
+        except DivergenceError as exc:
+            if ckpt is not None and ckpt.last_saved_epoch:
+                where = f"the last good checkpoint is {ckpt.path} (after epoch {ckpt.last_saved_epoch})"
+            else:
+                where = "no checkpoint was written before it"
+            divergence = f"{exc}. Training stopped; {where}"
     t0 = time.perf_counter()
     if config.epochs == 0:
         probe = {"test_accuracy": random_acc, "train_accuracy": None}
+    elif divergence is not None:
+        probe = {"test_accuracy": None, "train_accuracy": None}
     else:
         probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
     t_eval += time.perf_counter() - t0
@@ -336,26 +416,18 @@ def run_ssl(config: SSLConfig, *, dataset: Any | None = None, progress: bool = T
         "test_accuracy": probe["test_accuracy"],
         "train_accuracy": probe.get("train_accuracy"),
         "random_encoder_accuracy": random_acc,
-        "train_seconds": train_seconds,
+        "train_seconds": sum(r["wall_seconds"] for r in history.rows),
         "eval_seconds": t_eval,
         "images_seen": sum(r["batches"] for r in history.rows) * config.batch_size,
-        "diverged": history.diverged,
+        "diverged": divergence is not None,
+        "divergence": divergence,
     }
+    result["resumed_from_epoch"] = resumed_from
+    if ckpt is not None:
+        result["checkpoint"] = str(ckpt.path)
     if config.out:
-        _write_json(Path(config.out), result)
+        write_json_atomic(Path(config.out), result)
     return result
-
-
-def _write_json(path: Path, data: dict) -> Path:
-    try:
-        from dynsim.results import write_json_atomic
-    except ImportError:  # TODO: drop once dynsim.results (write_json_atomic) is on main
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
-        return path
-    return write_json_atomic(path, data)
 
 
 # ---------------------------------------------------------------- CLI: dynsim run ssl
@@ -404,6 +476,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--schedule", choices=SCHEDULES, default="e2e")
     parser.add_argument("--rule", choices=RULES, default="bp")
     parser.add_argument("--out", default=None, help="result JSON (default runs/ssl-...json)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="write <out>.ckpt.pt every K epochs and at the end (default: %(default)s; 0: never)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose result is --out from its checkpoint (same final numbers)",
+    )
     return parser
 
 
@@ -415,13 +499,27 @@ def _config_from_args(args: argparse.Namespace, **override: Any) -> SSLConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    """Run ``dynsim run ssl`` from parsed arguments; writes the JSON and returns it."""
+    """Run ``dynsim run ssl`` from parsed arguments; writes the JSON and returns it.
+
+    A diverged run writes its JSON and then raises :class:`DivergenceError` with the message.
+    """
     config = _config_from_args(args)
+    resume = getattr(args, "resume", False)
+    if resume and not config.out:
+        raise ConfigError(
+            "--resume needs --out PATH: the result file of the run to continue "
+            "(its checkpoint <out>.ckpt.pt lies beside it)"
+        )
     if config.out is None:
         config.out = str(
             Path("runs") / f"ssl-{config.data}-{config.schedule}-{config.rule}-s{config.seed}.json"
         )
-    return run_ssl(config)
+    result = run_ssl(
+        config, checkpoint_every=getattr(args, "checkpoint_every", 1), resume=resume
+    )
+    if result["final"]["diverged"]:
+        raise DivergenceError(result["final"]["divergence"])
+    return result
 
 
 # -------------------------------------------------------------- CLI: dynsim study ssl
@@ -447,31 +545,6 @@ def run_study_cell(cell: dict) -> dict:
     result = run_ssl(SSLConfig(**cfg), progress=False)
     result["name"] = cell["name"]
     return result
-
-
-def _run_grid(
-    cells: list[dict],
-    fn: Callable[[dict], dict],
-    *,
-    results_dir: Path,
-    workers: int | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    try:
-        from dynsim.sweeps import run_grid
-    except ImportError:  # TODO: drop once dynsim.sweeps.run_grid is on main
-        out = []
-        for cell in cells:
-            path = results_dir / f"{cell['name']}.json"
-            if path.exists():
-                out.append(json.loads(path.read_text()))
-                continue
-            if progress:
-                print(f"[study] {cell['name']} ...", flush=True)
-            out.append(fn(cell))
-            _write_json(path, out[-1])
-        return out
-    return run_grid(cells, fn, results_dir=results_dir, workers=workers, progress=progress)
 
 
 def study_rows(results: list[dict]) -> list[dict]:
@@ -543,21 +616,43 @@ def plot_study(rows: list[dict], ours: str = "ours"):
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers)."""
+    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers,
+    backend and Ray address)."""
     _add_common_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="parallel cells (default 1)")
+    parser.add_argument("--backend", default="local", choices=BACKENDS, help="where cells run")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
+    )
     parser.add_argument("--out", default=None, help="study folder (default runs/ssl-study-<data>)")
     return parser
 
 
 def run_study(
-    base: SSLConfig, out_dir: Path, *, workers: int | None = 1, progress: bool = True
+    base: SSLConfig,
+    out_dir: Path,
+    *,
+    workers: int | None = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``."""
+    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``.
+
+    The cells run through :func:`dynsim.sweeps.run_grid` (one result file per cell under
+    ``out_dir/cells``, reused when the same command runs again; ``backend="ray"`` or a
+    ``ray_address`` sends the cells to Ray).
+    """
     out_dir = Path(out_dir)
     cells = study_cells(base)
-    results = _run_grid(
-        cells, run_study_cell, results_dir=out_dir / "cells", workers=workers, progress=progress
+    results = run_grid(
+        cells,
+        run_study_cell,
+        results_dir=out_dir / "cells",
+        workers=workers,
+        backend=backend,
+        ray_address=ray_address,
+        progress=progress,
     )
     order = {c["name"]: i for i, c in enumerate(cells)}
     results = sorted(results, key=lambda r: order.get(r.get("name"), 0))
@@ -579,7 +674,7 @@ def run_study(
         "dataset": ds,
         "rows": rows,
     }
-    _write_json(out_dir / "ssl_study.json", summary)
+    write_json_atomic(out_dir / "ssl_study.json", summary)
     fig = plot_study(rows, ours=f"ours ({ds['name']})")
     fig.savefig(out_dir / "ssl_study.png", dpi=120)
     summary["table"] = table
@@ -590,24 +685,19 @@ def study_from_args(args: argparse.Namespace) -> dict:
     """Run ``dynsim study ssl`` from parsed arguments."""
     base = _config_from_args(args, out=None)
     out_dir = Path(args.out or f"runs/ssl-study-{base.data}")
-    return run_study(base, out_dir, workers=args.workers)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m dynsim.pipelines.ssl {run,study} ...`` until ``dynsim run/study ssl`` exist."""
-    parser = argparse.ArgumentParser(prog="python -m dynsim.pipelines.ssl")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_arguments(sub.add_parser("run", help="train and evaluate one encoder"))
-    add_study_arguments(sub.add_parser("study", help="the Table-1 grid"))
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        result = run_from_args(args)
-        print(json.dumps(result["final"], indent=2))
-        return result
-    summary = study_from_args(args)
-    print(summary["table"])
-    return summary
+    return run_study(
+        base,
+        out_dir,
+        workers=args.workers,
+        backend=args.backend,
+        ray_address=args.ray_address,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # older commands: ``python -m dynsim.pipelines.ssl run|study ...`` = ``dynsim run|study ssl ...``
+    import sys
+
+    from dynsim.cli import main
+
+    sys.exit(main([*sys.argv[1:2], "ssl", *sys.argv[2:]]))

@@ -201,6 +201,21 @@ class DTP(LocalRule):
         self.reconstruction = float(0.5 * diff.pow(2).sum() / h.shape[0])
         return self.reconstruction
 
+    def state_dict(self) -> dict[str, Any]:
+        """:class:`LocalRule`'s state plus the inverse's optimizer and last reconstruction."""
+        state = super().state_dict()
+        if self.inverse_optimizer is not None:
+            state["inverse_optimizer"] = self.inverse_optimizer.state_dict()
+        state["reconstruction"] = self.reconstruction
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the inverse's weights travel with its module)."""
+        super().load_state_dict(state)
+        if self.inverse_optimizer is not None:
+            self.inverse_optimizer.load_state_dict(state["inverse_optimizer"])
+        self.reconstruction = state["reconstruction"]
+
 
 def build_inverses(
     encoder: Encoder, image_shape: tuple[int, int, int], generator=None

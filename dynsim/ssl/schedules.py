@@ -53,6 +53,14 @@ class Schedule(Callback):
             rule.active = rule.name in units
         self.history.append(plan.top)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The loss stage of every batch so far (for checkpoints)."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.history = list(state["history"])
+
 
 class EndToEnd(Schedule):
     """All stages every batch; the loss sits on the last head."""
@@ -114,6 +122,7 @@ class RandomLayerwise(Schedule):
     def state_dict(self) -> dict[str, Any]:
         """Generator state, this epoch's order and the counts so far (for checkpoints)."""
         return {
+            **super().state_dict(),
             "generator": self.generator.get_state(),
             "order": self.order.clone(),
             "counts": [list(c) for c in self.counts],
@@ -121,6 +130,7 @@ class RandomLayerwise(Schedule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
         self.generator.set_state(state["generator"])
         self.order = state["order"].clone()
         self.counts = [list(c) for c in state["counts"]]

@@ -154,6 +154,7 @@ def main(argv=None):
         rep_te = settle_dataset(layer, xte[:n_te], **kw)
         t_settle = time.perf_counter() - t0
         probe = linear_probe_accuracy(rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
+        probe.pop("weights")
         sec_d[f"threads_{threads}"] = {
             "settle_seconds": t_settle, "n_images": n_tr + n_te,
             "mean_steps": float(np.mean(np.concatenate([rep_tr.steps, rep_te.steps]))),

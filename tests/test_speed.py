@@ -218,3 +218,47 @@ def test_simultaneous_settling_shortcut_matches_plain_loop(first_cap):
     assert torch.equal(res.steps, steps) and torch.equal(res.status, status)
     assert int(status[0]) == (Status.MAX_STEPS if first_cap else Status.SETTLED)
     torch.testing.assert_close(res.u, u, atol=1e-6, rtol=0)
+
+
+def test_auto_solver_resolves_by_structure():
+    """--solver auto (default): newton for one site-separable layer with a field threshold, else euler."""
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    assert DSSMConfig().solver == "auto"
+    assert DSSMConfig().resolved_solver() == "newton"
+    assert DSSMConfig(solver="euler").resolved_solver() == "euler"
+    assert DSSMConfig(lateral_distance=1.5).resolved_solver() == "euler"
+    assert DSSMConfig(residual="increment").resolved_solver() == "euler"
+    assert DSSMConfig(stream_every=10).resolved_solver() == "euler"
+    assert DSSMConfig(layers=2).resolved_solver() == "euler"
+    assert DSSMConfig(threshold=None).resolved_solver() == "euler"
+
+
+def test_probe_warm_start_same_answer_fewer_iterations():
+    """Starting L-BFGS from a nearby solution reaches the same objective in fewer iterations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 20, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    cold: dict = {}
+    w = fit_squared_hinge(x, y, max_iter=500, tol=1e-6, info=cold)
+    warm: dict = {}
+    w2 = fit_squared_hinge(x + 0.01 * torch.randn(600, 20, generator=g), y, max_iter=500, tol=1e-6, w0=w, info=warm)
+    assert warm["iterations"] < cold["iterations"]
+    assert torch.allclose(w, w2, atol=0.05)
+
+
+def test_eval_warm_start_settles_from_previous_fixed_points():
+    """settle_dataset from u0 = previous fixed points: every sample still passes its residual test."""
+    from dynsim.evaluation import settle_dataset
+    from dynsim.solvers import SiteNewton
+    from dynsim.stopping import stop_rule
+
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))
+    stop = stop_rule(1e-4, 3000)
+    cold = settle_dataset(layer, x, solver=SiteNewton(), stop=stop, batch_size=20, keep_states=True)
+    warm = settle_dataset(layer, x, solver=SiteNewton(), stop=stop, batch_size=20, u0=cold.u, keep_states=True)
+    assert warm.fraction_converged == 1.0 and (warm.steps == 0).all()  # already settled at its start
+    assert np.allclose(warm.r, cold.r)
+    res = layer.field(warm.u, layer.drive(x))
+    assert bool((res.norm(dim=1) / warm.u.norm(dim=1) < 1e-4).all())

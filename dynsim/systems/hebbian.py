@@ -173,12 +173,13 @@ class HebbianLayer(System):
         return self.lateral.is_identity_gather and self.activation in _DERIVATIVES
 
     def _lateral_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s·(L_k − I)`` (S, M, M) and ``I`` (M, M), cached until ``L`` changes in place."""
+        """``s·(L_k − I)`` (S, M, M) and its transpose (contiguous), cached until ``L`` changes in place."""
         w = self.lateral.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if getattr(self, "_blocks_key", None) != key:
             eye = torch.eye(self.nps, dtype=w.dtype, device=w.device)
-            self._blocks = (self.lateral_sign * (w - eye), eye)
+            a = self.lateral_sign * (w - eye)
+            self._blocks = (a, a.mT.contiguous())
             self._blocks_key = key
         return self._blocks
 
@@ -201,13 +202,17 @@ class HebbianLayer(System):
             chunk = max(1, _JACOBIAN_BUDGET // per_sample)
             parts = [self.newton_step(u[i : i + chunk], drive[i : i + chunk]) for i in range(0, b, chunk)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        a, eye = self._lateral_blocks()
+        a, a_t = self._lateral_blocks()
         us = self.sites(u)
         r, fp = _DERIVATIVES[self.activation](us)  # (B, S, M) each
         lat = torch.matmul(a, r.unsqueeze(-1)).squeeze(-1)  # (B, S, M)
         f = self.sites(drive) - us + lat
-        jac = a * fp.unsqueeze(-2) - eye  # (B, S, M, M): −I + s·A diag f'
-        step = torch.linalg.solve_ex(jac, f)[0]  # J⁻¹ (τ F) with τ cancelling
+        # J = −I + s·A diag f', built transposed (row j of Jᵀ = f'_j · column j of s·A) so
+        # that J = jacᵀ.mT is column-major: LAPACK factorises it without a transposing copy
+        # (Jacobian + solve 18 ms instead of 25 ms at B = 1000, NpS 4)
+        jac_t = a_t * fp.unsqueeze(-1)  # (B, S, M, M)
+        jac_t.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        step = torch.linalg.solve_ex(jac_t.mT, f)[0]  # J⁻¹ (τ F) with τ cancelling
         if self.tau != 1.0:
             f = f / self.tau
         return (us - step).reshape(b, -1), f.reshape(b, -1)

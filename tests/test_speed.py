@@ -262,3 +262,29 @@ def test_eval_warm_start_settles_from_previous_fixed_points():
     assert np.allclose(warm.r, cold.r)
     res = layer.field(warm.u, layer.drive(x))
     assert bool((res.norm(dim=1) / warm.u.norm(dim=1) < 1e-4).all())
+
+
+def test_reference_weights_load_back_into_a_layer():
+    """load_dense inverts dense_weights: the reference's weights are read out with dynsim's evaluation."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_loop import load_dense
+
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    layer.ff.weight.normal_().mul_(layer.ff.mask)
+    layer.lateral.weight.normal_()
+    w, lat = layer.dense_weights()
+    other = load_dense(HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0), w, lat)
+    assert torch.equal(other.ff.weight, layer.ff.weight) and torch.equal(other.lateral.weight, layer.lateral.weight)
+
+
+def test_newton_survives_a_singular_lateral_block():
+    """J(0) = −L_k singular (a rank-deficient block, as a corner site's L becomes after many
+    epochs): the projected Newton step still settles, where the plain step blew up."""
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    layer.ff.weight.normal_(generator=torch.Generator().manual_seed(3)).mul_(layer.ff.mask)
+    layer.lateral.weight[0] = torch.tensor([[0.5, 0.5], [0.5, 0.5]])  # rank 1
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    res = settle(layer, x, solver=SiteNewton(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    assert bool(res.converged.all()) and bool((res.residual < 1e-4).all())
+    ref = settle(layer, x, solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    assert bool(ref.converged.all())

@@ -180,8 +180,13 @@ class HebbianLayer(System):
             eye = torch.eye(self.nps, dtype=w.dtype, device=w.device)
             a = self.lateral_sign * (w - eye)
             self._blocks = (a, a.mT.contiguous())
+            self._row_sums = a.abs().sum(dim=-1)  # (S, M): Σ_j |s·A_kj|, for the Newton safeguard
             self._blocks_key = key
         return self._blocks
+
+    def _abs_row_sums(self) -> torch.Tensor:
+        self._lateral_blocks()
+        return self._row_sums
 
     def newton_step(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One Newton step on ``F(u) = 0`` per site; returns ``(u_next, F(u))``.
@@ -213,9 +218,20 @@ class HebbianLayer(System):
         jac_t = a_t * fp.unsqueeze(-1)  # (B, S, M, M)
         jac_t.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         step = torch.linalg.solve_ex(jac_t.mT, f)[0]  # J⁻¹ (τ F) with τ cancelling
+        u_next = us - step
+        # Safeguard: a site whose Jacobian is (nearly) singular — e.g. J(0) = −L_k once a
+        # corner site's L_k has become rank-deficient after many epochs — takes a huge or
+        # non-finite step. Every fixed point of a tanh layer lies in the box
+        # |u_k| ≤ |d_k| + Σ_j |s·A_kj| (since u = d + s·A r and |r| ≤ 1), so projecting the
+        # iterate onto it changes nothing near the solution and brings a wild step back
+        # (tanh then saturates and the next step is a fixed-point iteration). NaN restarts at 0.
+        u_next = torch.nan_to_num(u_next, nan=0.0)
+        if self.activation == "tanh":
+            box = self.sites(drive).abs().add_(self._abs_row_sums())
+            u_next = torch.clamp(u_next, min=-box, max=box)
         if self.tau != 1.0:
             f = f / self.tau
-        return (us - step).reshape(b, -1), f.reshape(b, -1)
+        return u_next.reshape(b, -1), f.reshape(b, -1)
 
     # --- dense views (tests, references; small sizes only) --------------------------
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,9 @@ from dynsim.stopping import Status, StopRule
 from dynsim.systems.base import System
 
 READOUTS = ("svc", "probe")
+# L-BFGS iterations of a warm-started probe fit (a cold fit takes 150); chosen by
+# benchmarks/probe_warm.py: same test accuracy to 0.1 pt as a cold 150-iteration fit
+WARM_PROBE_ITER = 50
 
 
 @dataclass
@@ -247,13 +250,14 @@ def linear_probe_accuracy(
 
 def readout_accuracy(
     readout: str, f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, *, seed: int = 0,
-    w0: torch.Tensor | None = None,
+    w0: torch.Tensor | None = None, max_iter: int = 150,
 ) -> dict:
-    """Test accuracy of a linear readout by name (``svc`` or ``probe``; ``w0`` warm-starts the probe)."""
+    """Test accuracy of a linear readout by name (``svc`` or ``probe``; ``w0`` warm-starts the
+    probe, ``max_iter`` caps its L-BFGS iterations)."""
     if readout == "svc":
         return linear_svc_accuracy(f_train, y_train, f_test, y_test)
     if readout == "probe":
-        return linear_probe_accuracy(f_train, y_train, f_test, y_test, w0=w0)
+        return linear_probe_accuracy(f_train, y_train, f_test, y_test, w0=w0, max_iter=max_iter)
     raise ConfigError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
 
 
@@ -268,7 +272,8 @@ class Evaluator(Callback):
 
     ``warm_start`` (default True): the probe readout of each evaluation after the first
     starts L-BFGS from the previous evaluation's weights (same objective, same stopping
-    test; the representation drifts slowly). ``warm_settle`` (default False) also starts
+    test; the representation drifts slowly), for at most ``warm_probe_iter`` iterations
+    instead of 150. ``warm_settle`` (default False) also starts
     settling from the previous fixed points instead of rest (a sample still stops only
     when its own residual test passes, so "settled" means the same) — measured *slower*
     with Newton (3.0 vs 3.3 steps, but 1.3× the time: samples then stop at different
@@ -295,6 +300,7 @@ class Evaluator(Callback):
         layer_slices: list[slice] | None = None,
         warm_start: bool = True,
         warm_settle: bool = False,
+        warm_probe_iter: int = WARM_PROBE_ITER,
     ):
         if readout not in READOUTS:
             raise ConfigError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
@@ -306,6 +312,7 @@ class Evaluator(Callback):
         self.seed, self.progress = seed, progress
         self.layer_slices = layer_slices
         self.warm_start, self.warm_settle = warm_start, warm_settle
+        self.warm_probe_iter = warm_probe_iter
         self.last: dict | None = None
         self._u: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # previous fixed points
         self._w: dict[int, torch.Tensor] = {}  # previous probe weights per readout slice
@@ -331,7 +338,7 @@ class Evaluator(Callback):
         for i, sl in enumerate(slices):
             w0 = self._w.get(i) if self.warm_start else None
             o = readout_accuracy(self.readout, rep_train.r[:, sl], y_train, rep_test.r[:, sl], y_test,
-                                 seed=self.seed, w0=w0)
+                                 seed=self.seed, w0=w0, max_iter=150 if w0 is None else self.warm_probe_iter)
             if self.warm_start and "weights" in o:
                 self._w[i] = o["weights"]
             outs.append(o)

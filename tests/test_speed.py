@@ -13,7 +13,7 @@ from dynsim import settle
 from dynsim.errors import ConfigError
 from dynsim.evaluation import fit_squared_hinge, linear_probe_accuracy
 from dynsim.plasticity import hebbian_update
-from dynsim.settle import relative_norm
+from dynsim.settle import BoundField, relative_norm
 from dynsim.solvers import Euler, SiteNewton, make_solver
 from dynsim.stopping import MaxSteps, RelativeChange, Status
 from dynsim.systems import HebbianLayer
@@ -288,3 +288,18 @@ def test_newton_survives_a_singular_lateral_block():
     assert bool(res.converged.all()) and bool((res.residual < 1e-4).all())
     ref = settle(layer, x, solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
     assert bool(ref.converged.all())
+
+
+def test_newton_picard_start_reaches_the_same_fixed_point():
+    """SiteNewton's first step (tanh) is u_1 = d + s·A f(u_0) (the drive from rest); Newton then
+    reaches the same fixed point as Newton from rest, within the tolerance."""
+    layer = trained_layer()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    d = layer.drive(x)
+    u1, f0, _ = SiteNewton().step(BoundField(layer, d), torch.zeros_like(d), None, 0)
+    torch.testing.assert_close(u1, d)
+    stop = RelativeChange(1e-6) | MaxSteps(100)
+    a = settle(layer, x, solver=SiteNewton(), stop=stop)
+    b = settle(layer, x, solver=SiteNewton(picard_start=False), stop=stop)
+    assert bool(a.converged.all()) and bool(b.converged.all())
+    torch.testing.assert_close(a.r, b.r, atol=1e-4, rtol=0)

@@ -303,3 +303,13 @@ def test_newton_picard_start_reaches_the_same_fixed_point():
     b = settle(layer, x, solver=SiteNewton(picard_start=False), stop=stop)
     assert bool(a.converged.all()) and bool(b.converged.all())
     torch.testing.assert_close(a.r, b.r, atol=1e-4, rtol=0)
+
+
+def test_newton_spec_picard_start_option():
+    assert not make_solver("newton", picard_start="false").picard_start
+    from dynsim.solvers import solver_from_spec
+
+    assert not solver_from_spec("newton,picard_start=false").picard_start
+    assert solver_from_spec("newton").picard_start
+    with pytest.raises(ConfigError):
+        solver_from_spec("newton,picard_start=maybe")

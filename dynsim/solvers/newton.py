@@ -32,7 +32,11 @@ class SiteNewton(Solver):
     name = "newton"
     evals_per_step = 1
 
-    def __init__(self, picard_start: bool = True):
+    def __init__(self, picard_start: bool | str | int = True):
+        if isinstance(picard_start, str):  # from a spec string, e.g. "newton,picard_start=false"
+            if picard_start.lower() not in ("true", "false"):
+                raise ConfigError(f"picard_start must be true or false, got {picard_start!r}")
+            picard_start = picard_start.lower() == "true"
         self.picard_start = bool(picard_start)
 
     def __repr__(self) -> str:

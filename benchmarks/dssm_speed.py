@@ -7,10 +7,14 @@ images and the same initial weights. Sections:
 (a) settle ``--settle-inputs`` fixed test images one by one on trained-ish weights (after
     one epoch), at equal residual ‖du/ds‖/‖u‖ < T: reference (dense Euler), dynsim Euler,
     dynsim per-site Newton; threads 1 and 2.
-(b) the first two training epochs (batch 1, online), reference vs dynsim (Newton), and the
-    distance between the two runs' weights and their test accuracy (matched settings).
+(b) the first ``--epochs`` (2) training epochs (batch 1, online), reference vs dynsim
+    (Newton), the distance between the two runs' weights, and (``--acc-size``) both weight
+    sets read out the same way (settle with Newton to the same residual, probe) on the
+    same images: the accuracy comparison at matched settings.
 (c) the full default run (120 epochs × 1000 images, readout every 15): dynsim measured
-    with ``--full`` (else extrapolated from (b) and (d)); the reference extrapolated.
+    with ``--full`` or read from ``--full-result`` (a ``dynsim run dssm`` result JSON of the
+    default configuration, run separately on this machine); else extrapolated from (b) and
+    (d). The reference is extrapolated (it would take hours).
 (d) evaluation: settle all train + test images (dynsim: batch ``--eval-batch``) and fit the
     readout (probe; LinearSVC with ``--svc``); the reference's settling extrapolated from (a).
 
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_loop import dense_masks, reference_settle, reference_train  # noqa: E402
+from reference_loop import dense_masks, load_dense, reference_settle, reference_train  # noqa: E402
 
 from dynsim import settle  # noqa: E402
 from dynsim.evaluation import linear_probe_accuracy, linear_svc_accuracy, settle_dataset  # noqa: E402
@@ -75,6 +79,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--svc", action="store_true", help="also time LinearSVC in (d)")
     p.add_argument("--full", action="store_true", help="run the full default config in (c) (else extrapolate)")
+    p.add_argument("--full-result", default=None, help="(c) from this run_dssm result JSON of the default config")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs in (b)")
+    p.add_argument("--acc-size", type=int, default=0,
+                   help="(b) read out both runs' weights on this many train and test images (0: skip; -1: all)")
+    p.add_argument("--threads", default="1,2", help="thread counts for (a) and (d), e.g. 1 or 1,2")
     p.add_argument("--out", default="runs/dssm_speed.json")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -94,10 +103,10 @@ def main(argv=None):
     W, L = layer0.dense_weights()
     mw, ml = dense_masks(layer0)
     t0 = time.perf_counter()
-    ref_hist = reference_train(W, L, mw, ml, x_train, epochs=2, images=args.train_images)
+    ref_hist = reference_train(W, L, mw, ml, x_train, epochs=args.epochs, images=args.train_images)
     t_ref2 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dyn_hist = dynsim_train(layer, x_train, epochs=2, images=args.train_images)
+    dyn_hist = dynsim_train(layer, x_train, epochs=args.epochs, images=args.train_images)
     t_dyn2 = time.perf_counter() - t0
     wd, ld = layer.dense_weights()
     dw = float((wd - W).norm() / W.norm())
@@ -108,12 +117,28 @@ def main(argv=None):
         "ratio": t_ref2 / t_dyn2, "reference_history": ref_hist, "dynsim_history": dyn_hist,
         "relative_weight_difference": {"W": dw, "L": dl},
     }
-    rows.append((f"(b) 2 epochs × {args.train_images} img, batch 1", t_ref2, t_dyn2))
+    rows.append((f"(b) {args.epochs} epochs × {args.train_images} img, batch 1", t_ref2, t_dyn2))
+    if args.acc_size:  # matched settings: both weight sets read out identically
+        n_acc = len(xtr) if args.acc_size < 0 else args.acc_size
+        n_acc_te = min(n_acc, len(xte))
+        ref_layer = load_dense(copy.deepcopy(layer0), W, L)
+        acc = {}
+        for name, lay in (("reference", ref_layer), ("dynsim", layer)):
+            kw = dict(solver=SiteNewton(), stop=stop, batch_size=args.eval_batch)
+            rtr = settle_dataset(lay, xtr[:n_acc], **kw)
+            rte = settle_dataset(lay, xte[:n_acc_te], **kw)
+            pr = linear_probe_accuracy(rtr.r, ds.y_train[:n_acc], rte.r, ds.y_test[:n_acc_te])
+            pr.pop("weights")
+            acc[name] = {**pr, "fraction_converged": float(np.mean(np.concatenate([rtr.status, rte.status]) == 1))}
+        out["sections"]["b_two_epochs"]["matched_accuracy"] = {"n_train": n_acc, "n_test": n_acc_te, **acc}
+        print(f"(b) test accuracy after {args.epochs} epochs: reference {acc['reference']['accuracy']:.4f}, "
+              f"dynsim {acc['dynsim']['accuracy']:.4f}", flush=True)
 
     # (a) settle fixed inputs on the trained weights (after 2 epochs), threads 1 and 2
     xs = torch.as_tensor(xte[: args.settle_inputs])
     sec_a = {}
-    for threads in (1, 2):
+    threads_list = [int(t) for t in args.threads.split(",")]
+    for threads in threads_list:
         torch.set_num_threads(threads)
         t_ref, ref_res = median_time(lambda: [reference_settle(wd, ld, x) for x in xs], args.repeats)
         t_eul, eul = median_time(lambda: [settle(layer, x[None], solver=Euler(), stop=stop) for x in xs],
@@ -146,7 +171,7 @@ def main(argv=None):
     n_tr = len(xtr) if args.eval_size is None else args.eval_size
     n_te = len(xte) if args.eval_size is None else min(args.eval_size, len(xte))
     sec_d = {}
-    for threads in (1, 2):
+    for threads in threads_list:
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         kw = dict(solver=SiteNewton(), stop=stop, batch_size=args.eval_batch)
@@ -154,6 +179,7 @@ def main(argv=None):
         rep_te = settle_dataset(layer, xte[:n_te], **kw)
         t_settle = time.perf_counter() - t0
         probe = linear_probe_accuracy(rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
+        probe.pop("weights")
         sec_d[f"threads_{threads}"] = {
             "settle_seconds": t_settle, "n_images": n_tr + n_te,
             "mean_steps": float(np.mean(np.concatenate([rep_tr.steps, rep_te.steps]))),
@@ -171,20 +197,25 @@ def main(argv=None):
     rows.append((f"(d) eval {n_tr + n_te} img settle+probe (ref extrap.)", ref_eval, best["total_seconds"]))
 
     # (c) full default run: 120 epochs × 1000 images, readout every 15 (8 readouts)
-    per_img_dyn = t_dyn2 / (2 * args.train_images)
+    per_img_dyn = t_dyn2 / (args.epochs * args.train_images)
     eval_full = best["total_seconds"] * (70000 / (n_tr + n_te))
     dyn_full = 120 * 1000 * per_img_dyn + 8 * eval_full
     ref_full = 120 * 1000 * ref_per_input + 8 * ref_per_input * 70000
     sec_c = {"dynsim_extrapolated_seconds": dyn_full, "reference_extrapolated_seconds": ref_full,
              "note": "dynsim: per-image time of (b) × 120k + 8 × eval of (d); reference: per-input settle "
                      "time on trained weights of (a) × (120k + 8 × 70k), readout time not included"}
-    if args.full:
-        res = run_dssm(DSSMConfig(data=args.data, solver="newton", readout="probe", progress=False))
-        sec_c["dynsim_measured"] = res["final"]
-        sec_c["dynsim_measured_seconds"] = res["final"]["total_seconds"]
-        dyn_full = res["final"]["total_seconds"]
+    full = None
+    if args.full:  # the default configuration (solver auto = newton) with the probe readout
+        full = run_dssm(DSSMConfig(data=args.data, readout="probe", progress=False))
+    elif args.full_result:
+        full = json.loads(Path(args.full_result).read_text())
+    if full is not None:
+        sec_c["dynsim_measured"] = full["final"]
+        sec_c["dynsim_measured_seconds"] = full["final"]["total_seconds"]
+        sec_c["source"] = "run in this benchmark" if args.full else args.full_result
+        dyn_full = full["final"]["total_seconds"]
     out["sections"]["c_full"] = sec_c
-    rows.append(("(c) full default run" + ("" if args.full else " (extrapolated)"), ref_full, dyn_full))
+    rows.append(("(c) full default run" + ("" if full is not None else " (extrapolated)"), ref_full, dyn_full))
 
     out["table"] = [{"what": w, "reference_s": r, "dynsim_s": d, "ratio": r / d} for w, r, d in rows]
     print(f"{'what':48s} {'reference s':>12s} {'dynsim s':>10s} {'ratio':>8s}")

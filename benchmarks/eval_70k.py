@@ -34,6 +34,7 @@ rtr = settle_dataset(layer, xtr, solver=SiteNewton(), stop=stop, batch_size=1000
 rte = settle_dataset(layer, xte, solver=SiteNewton(), stop=stop, batch_size=1000)
 t_settle = time.perf_counter() - t0
 pr = linear_probe_accuracy(rtr.r, ds.y_train, rte.r, ds.y_test, max_iter=100)
+pr.pop("weights")
 out = {
     "epoch_seconds": t_epoch,
     "settle_70k_seconds": t_settle,

@@ -52,6 +52,7 @@ def main(argv=None):
     rep_te = settle_dataset(layer, xte[: args.eval_images], **kw)
     eval_per_image = (time.perf_counter() - t0) / (2 * args.eval_images)
     probe = linear_probe_accuracy(rep_tr.r, ds.y_train[: args.eval_images], rep_te.r, ds.y_test[: args.eval_images])
+    probe.pop("weights")
     out = {
         "nps": args.nps, "neurons": layer.state_size, "ff_nonzeros": layer.ff.nnz,
         "lateral_nonzeros": layer.lateral.nnz, "threads": args.threads,

@@ -82,6 +82,21 @@ def dense_masks(layer):
     return (mw != 0).to(mw.dtype), (ml != 0).to(ml.dtype)
 
 
+@torch.no_grad()
+def load_dense(layer, W, L):
+    """Copy dense ``W``, ``L`` (site-major rows, as :func:`reference_train` keeps them) into a
+    single-channel ``HebbianLayer`` with lateral distance 0, so that the reference's weights
+    can be read out with dynsim's evaluation (same settle test, same readout)."""
+    if layer.input_shape[0] != 1 or not layer.lateral.is_identity_gather:
+        raise ValueError("load_dense handles one input channel and lateral distance 0")
+    s, m, k = layer.ff.weight.shape
+    rows = (torch.arange(s)[:, None] * m + torch.arange(m)[None, :])  # (S, M)
+    cols = layer.ff.index.clamp_max(W.shape[1] - 1)  # (S, K); padding masked below
+    layer.ff.weight.copy_(W[rows[:, :, None], cols[:, None, :]] * layer.ff.mask)
+    layer.lateral.weight.copy_(L[rows[:, :, None], rows[:, None, :]])
+    return layer
+
+
 if __name__ == "__main__":  # tiny demo: one epoch of 100 digits
     from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
 

@@ -66,8 +66,10 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default=d.activation, help="rate function f: tanh, linear, relu")
     g = p.add_argument_group("settling")
     g.add_argument("--solver", default=d.solver,
-                   help="solver spec NAME[,KEY=VALUE...]: euler, heun, rk4, dopri5,rtol=..,atol=.., "
-                   "anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=.. (default: %(default)s)")
+                   help="solver spec NAME[,KEY=VALUE...]: auto, euler, newton, heun, rk4, dopri5,rtol=..,atol=.., "
+                   "anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=.. (default: %(default)s = per-site "
+                   "newton for one layer with lateral distance 0 and a field-residual threshold, else euler; "
+                   "'euler' gives the seed's method)")
     g.add_argument("--schedule", default=d.schedule,
                    help="Euler step sizes: 'seed' = max(0.2/(1+0.005n), 0.05), 'constant:DT', 'decaying:DT0,DECAY,MIN'")
     g.add_argument("--threshold", type=_optional(float), default=d.threshold,

@@ -172,7 +172,7 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         cfg = self._config(X.shape[0], shape, seed)
         x = torch.as_tensor(self._prepare(X))
         layer = build_layer(cfg, shape)
-        solver = solver_from_spec(cfg.solver, schedule=cfg.schedule)
+        solver = solver_from_spec(cfg.resolved_solver(), schedule=cfg.schedule)
         stop = stop_rule(cfg.threshold, cfg.max_steps, on=cfg.residual)
         rule = SimilarityMatchingRule(layer, rate=DecayingRate(cfg.eta0, cfg.eta_decay, cfg.eta_min),
                                       batch_rule=cfg.batch_rule)

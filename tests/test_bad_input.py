@@ -65,7 +65,7 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(SimilarityMatchingRule, "on_epoch_start", blow_up)
     out = tmp_path / "d.json"
-    argv = ["run", "dssm", *FAST, "--epochs", "3", "--activation", "linear", "--out", str(out)]
+    argv = ["run", "dssm", *FAST, "--epochs", "3", "--activation", "linear", "--solver", "euler", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "diverged for sample" in err and "at step" in err and "Euler" in err

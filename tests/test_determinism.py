@@ -37,7 +37,8 @@ def test_two_runs_same_seed_identical(tmp_path):
 
 def test_other_seed_other_numbers(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main([*ARGS, "--epochs", "1", "--out", str(a)]) == 0
-    assert main([*ARGS, "--epochs", "1", "--seed", "1", "--out", str(b)]) == 0
+    # euler: its step counts fingerprint the weights (Newton's 1-2 steps per digit can coincide)
+    assert main([*ARGS, "--epochs", "1", "--solver", "euler", "--out", str(a)]) == 0
+    assert main([*ARGS, "--epochs", "1", "--solver", "euler", "--seed", "1", "--out", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["iterations_per_input"] != rb["iterations_per_input"]

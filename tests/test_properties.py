@@ -161,7 +161,7 @@ def test_valid_config_builds_a_layer_that_settles(values):
         layer = build_layer(cfg, (1, 8, 8))
     except DynsimError:
         return  # geometry refused with our error type
-    solver = solver_from_spec(cfg.solver, schedule=cfg.schedule)
+    solver = solver_from_spec(cfg.resolved_solver(), schedule=cfg.schedule)
     stop = stop_rule(cfg.threshold, min(cfg.max_steps or 50, 50))
     res = settle(layer, torch.randn(2, 64), solver=solver, stop=stop)
     assert res.u.shape == (2, layer.state_size)

@@ -13,7 +13,7 @@ from dynsim import settle
 from dynsim.errors import ConfigError
 from dynsim.evaluation import fit_squared_hinge, linear_probe_accuracy
 from dynsim.plasticity import hebbian_update
-from dynsim.settle import relative_norm
+from dynsim.settle import BoundField, relative_norm
 from dynsim.solvers import Euler, SiteNewton, make_solver
 from dynsim.stopping import MaxSteps, RelativeChange, Status
 from dynsim.systems import HebbianLayer
@@ -218,3 +218,98 @@ def test_simultaneous_settling_shortcut_matches_plain_loop(first_cap):
     assert torch.equal(res.steps, steps) and torch.equal(res.status, status)
     assert int(status[0]) == (Status.MAX_STEPS if first_cap else Status.SETTLED)
     torch.testing.assert_close(res.u, u, atol=1e-6, rtol=0)
+
+
+def test_auto_solver_resolves_by_structure():
+    """--solver auto (default): newton for one site-separable layer with a field threshold, else euler."""
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    assert DSSMConfig().solver == "auto"
+    assert DSSMConfig().resolved_solver() == "newton"
+    assert DSSMConfig(solver="euler").resolved_solver() == "euler"
+    assert DSSMConfig(lateral_distance=1.5).resolved_solver() == "euler"
+    assert DSSMConfig(residual="increment").resolved_solver() == "euler"
+    assert DSSMConfig(stream_every=10).resolved_solver() == "euler"
+    assert DSSMConfig(layers=2).resolved_solver() == "euler"
+    assert DSSMConfig(threshold=None).resolved_solver() == "euler"
+
+
+def test_probe_warm_start_same_answer_fewer_iterations():
+    """Starting L-BFGS from a nearby solution reaches the same objective in fewer iterations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 20, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    cold: dict = {}
+    w = fit_squared_hinge(x, y, max_iter=500, tol=1e-6, info=cold)
+    warm: dict = {}
+    w2 = fit_squared_hinge(x + 0.01 * torch.randn(600, 20, generator=g), y, max_iter=500, tol=1e-6, w0=w, info=warm)
+    assert warm["iterations"] < cold["iterations"]
+    assert torch.allclose(w, w2, atol=0.05)
+
+
+def test_eval_warm_start_settles_from_previous_fixed_points():
+    """settle_dataset from u0 = previous fixed points: every sample still passes its residual test."""
+    from dynsim.evaluation import settle_dataset
+    from dynsim.solvers import SiteNewton
+    from dynsim.stopping import stop_rule
+
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))
+    stop = stop_rule(1e-4, 3000)
+    cold = settle_dataset(layer, x, solver=SiteNewton(), stop=stop, batch_size=20, keep_states=True)
+    warm = settle_dataset(layer, x, solver=SiteNewton(), stop=stop, batch_size=20, u0=cold.u, keep_states=True)
+    assert warm.fraction_converged == 1.0 and (warm.steps == 0).all()  # already settled at its start
+    assert np.allclose(warm.r, cold.r)
+    res = layer.field(warm.u, layer.drive(x))
+    assert bool((res.norm(dim=1) / warm.u.norm(dim=1) < 1e-4).all())
+
+
+def test_reference_weights_load_back_into_a_layer():
+    """load_dense inverts dense_weights: the reference's weights are read out with dynsim's evaluation."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_loop import load_dense
+
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    layer.ff.weight.normal_().mul_(layer.ff.mask)
+    layer.lateral.weight.normal_()
+    w, lat = layer.dense_weights()
+    other = load_dense(HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0), w, lat)
+    assert torch.equal(other.ff.weight, layer.ff.weight) and torch.equal(other.lateral.weight, layer.lateral.weight)
+
+
+def test_newton_survives_a_singular_lateral_block():
+    """J(0) = −L_k singular (a rank-deficient block, as a corner site's L becomes after many
+    epochs): the projected Newton step still settles, where the plain step blew up."""
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    layer.ff.weight.normal_(generator=torch.Generator().manual_seed(3)).mul_(layer.ff.mask)
+    layer.lateral.weight[0] = torch.tensor([[0.5, 0.5], [0.5, 0.5]])  # rank 1
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    res = settle(layer, x, solver=SiteNewton(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    assert bool(res.converged.all()) and bool((res.residual < 1e-4).all())
+    ref = settle(layer, x, solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    assert bool(ref.converged.all())
+
+
+def test_newton_picard_start_reaches_the_same_fixed_point():
+    """SiteNewton's first step (tanh) is u_1 = d + s·A f(u_0) (the drive from rest); Newton then
+    reaches the same fixed point as Newton from rest, within the tolerance."""
+    layer = trained_layer()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    d = layer.drive(x)
+    u1, f0, _ = SiteNewton().step(BoundField(layer, d), torch.zeros_like(d), None, 0)
+    torch.testing.assert_close(u1, d)
+    stop = RelativeChange(1e-6) | MaxSteps(100)
+    a = settle(layer, x, solver=SiteNewton(), stop=stop)
+    b = settle(layer, x, solver=SiteNewton(picard_start=False), stop=stop)
+    assert bool(a.converged.all()) and bool(b.converged.all())
+    torch.testing.assert_close(a.r, b.r, atol=1e-4, rtol=0)
+
+
+def test_newton_spec_picard_start_option():
+    assert not make_solver("newton", picard_start="false").picard_start
+    from dynsim.solvers import solver_from_spec
+
+    assert not solver_from_spec("newton,picard_start=false").picard_start
+    assert solver_from_spec("newton").picard_start
+    with pytest.raises(ConfigError):
+        solver_from_spec("newton,picard_start=maybe")

@@ -173,14 +173,20 @@ class HebbianLayer(System):
         return self.lateral.is_identity_gather and self.activation in _DERIVATIVES
 
     def _lateral_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s·(L_k − I)`` (S, M, M) and ``I`` (M, M), cached until ``L`` changes in place."""
+        """``s·(L_k − I)`` (S, M, M) and its transpose (contiguous), cached until ``L`` changes in place."""
         w = self.lateral.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if getattr(self, "_blocks_key", None) != key:
             eye = torch.eye(self.nps, dtype=w.dtype, device=w.device)
-            self._blocks = (self.lateral_sign * (w - eye), eye)
+            a = self.lateral_sign * (w - eye)
+            self._blocks = (a, a.mT.contiguous())
+            self._row_sums = a.abs().sum(dim=-1)  # (S, M): Σ_j |s·A_kj|, for the Newton safeguard
             self._blocks_key = key
         return self._blocks
+
+    def _abs_row_sums(self) -> torch.Tensor:
+        self._lateral_blocks()
+        return self._row_sums
 
     def newton_step(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One Newton step on ``F(u) = 0`` per site; returns ``(u_next, F(u))``.
@@ -201,16 +207,31 @@ class HebbianLayer(System):
             chunk = max(1, _JACOBIAN_BUDGET // per_sample)
             parts = [self.newton_step(u[i : i + chunk], drive[i : i + chunk]) for i in range(0, b, chunk)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        a, eye = self._lateral_blocks()
+        a, a_t = self._lateral_blocks()
         us = self.sites(u)
         r, fp = _DERIVATIVES[self.activation](us)  # (B, S, M) each
         lat = torch.matmul(a, r.unsqueeze(-1)).squeeze(-1)  # (B, S, M)
         f = self.sites(drive) - us + lat
-        jac = a * fp.unsqueeze(-2) - eye  # (B, S, M, M): −I + s·A diag f'
-        step = torch.linalg.solve_ex(jac, f)[0]  # J⁻¹ (τ F) with τ cancelling
+        # J = −I + s·A diag f', built transposed (row j of Jᵀ = f'_j · column j of s·A) so
+        # that J = jacᵀ.mT is column-major: LAPACK factorises it without a transposing copy
+        # (Jacobian + solve 18 ms instead of 25 ms at B = 1000, NpS 4)
+        jac_t = a_t * fp.unsqueeze(-1)  # (B, S, M, M)
+        jac_t.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        step = torch.linalg.solve_ex(jac_t.mT, f)[0]  # J⁻¹ (τ F) with τ cancelling
+        u_next = us - step
+        # Safeguard: a site whose Jacobian is (nearly) singular — e.g. J(0) = −L_k once a
+        # corner site's L_k has become rank-deficient after many epochs — takes a huge or
+        # non-finite step. Every fixed point of a tanh layer lies in the box
+        # |u_k| ≤ |d_k| + Σ_j |s·A_kj| (since u = d + s·A r and |r| ≤ 1), so projecting the
+        # iterate onto it changes nothing near the solution and brings a wild step back
+        # (tanh then saturates and the next step is a fixed-point iteration). NaN restarts at 0.
+        u_next = torch.nan_to_num(u_next, nan=0.0)
+        if self.activation == "tanh":
+            box = self.sites(drive).abs().add_(self._abs_row_sums())
+            u_next = torch.clamp(u_next, min=-box, max=box)
         if self.tau != 1.0:
             f = f / self.tau
-        return (us - step).reshape(b, -1), f.reshape(b, -1)
+        return u_next.reshape(b, -1), f.reshape(b, -1)
 
     # --- dense views (tests, references; small sizes only) --------------------------
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/dynsim run dssm --data digits --epochs 5 --eval-every 1 --solver newton --out runs/demo.json
+	$(BIN)/dynsim run dssm --data digits --epochs 20 --eval-every 2 --out runs/demo.json
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

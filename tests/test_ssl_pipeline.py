@@ -30,15 +30,6 @@ from dynsim.ssl.stages import build_encoder
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machines are shared: one torch thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _digits(n_train=400, n_test=200):
     d = load_digits()
     x, y = (d.data / 16).astype(np.float32), d.target.astype(np.int64)

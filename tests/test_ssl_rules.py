@@ -14,15 +14,6 @@ from dynsim.ssl.stages import Conv3x3, Dense, build_encoder
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machines are shared: one torch thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 HINGE = dict(tau=6.0, delta=3.0, negatives=None, grad_block=False)
 
 

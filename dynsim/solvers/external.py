@@ -52,7 +52,23 @@ class _Recorder:
         return self.f0
 
 
-class TorchDiffEq(Solver):
+class _LibrarySolver(Solver):
+    """A library integrator run over windows of ``window`` time units per settle step."""
+
+    evals_per_step = 1
+
+    def __init__(self, *, rtol: float, atol: float, method: str = "dopri5", window: float = 1.0):
+        _check(self.name, rtol=rtol, atol=atol, window=window)
+        self.method, self.rtol, self.atol, self.window = method, rtol, atol, window
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
+            f"window={self.window})"
+        )
+
+
+class TorchDiffEq(_LibrarySolver):
     """torchdiffeq ``odeint`` over windows of ``window`` time units.
 
     Parameters
@@ -63,17 +79,6 @@ class TorchDiffEq(Solver):
     """
 
     name = "torchdiffeq"
-    evals_per_step = 1
-
-    def __init__(self, *, rtol: float, atol: float, method: str = "dopri5", window: float = 1.0):
-        _check("torchdiffeq", rtol=rtol, atol=atol, window=window)
-        self.method, self.rtol, self.atol, self.window = method, rtol, atol, window
-
-    def __repr__(self) -> str:
-        return (
-            f"TorchDiffEq(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"window={self.window})"
-        )
 
     def step(self, field, u, state, n):
         from torchdiffeq import odeint
@@ -86,7 +91,7 @@ class TorchDiffEq(Solver):
         return u_next, f, state
 
 
-class TorchODE(Solver):
+class TorchODE(_LibrarySolver):
     """torchode ``solve_ivp`` (per-sample step-size control) over windows of ``window`` time units.
 
     Parameters
@@ -97,17 +102,6 @@ class TorchODE(Solver):
     """
 
     name = "torchode"
-    evals_per_step = 1
-
-    def __init__(self, *, rtol: float, atol: float, method: str = "dopri5", window: float = 1.0):
-        _check("torchode", rtol=rtol, atol=atol, window=window)
-        self.method, self.rtol, self.atol, self.window = method, rtol, atol, window
-
-    def __repr__(self) -> str:
-        return (
-            f"TorchODE(method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"window={self.window})"
-        )
 
     def step(self, field, u, state, n):
         import torchode

@@ -179,12 +179,13 @@ def settle(
     u0 : (B, D) initial state (streaming input carries it over); zeros when ``None``.
     max_state_norm : a sample whose RMS state exceeds this, or turns non-finite, is
         marked ``Status.DIVERGED`` and keeps its last finite state.
+    on_step : optional ``hook(n, u_running, residual_running)`` after each step (it costs one
+        extra field evaluation per step, not counted in ``n_evals``).
 
     Raises
     ------
     ConfigError : wrong shapes, a solver/stop rule of the wrong type, a bad ``max_state_norm``.
     DataError : ``x`` or ``u0`` is not numeric or holds NaN/Inf (the message names the row).
-    on_step : optional ``hook(n, u_running, residual_running)`` after each step.
 
     Returns
     -------

@@ -80,8 +80,8 @@ def hinge_loss(
     Examples
     --------
     >>> z = torch.tensor([[0.0], [4.0]]); zp = torch.tensor([[1.0], [4.0]])
-    >>> r = hinge_loss(z, zp, tau=2.0, delta=0.5)
-    >>> float(r.loss)  # positive 1: |0-1| - 1.5 < 0; negatives: 3.5 - 4 < 0, 3.5 - 3 = 0.5
+    >>> r = hinge_loss(z, zp, tau=3.0, delta=0.5)
+    >>> float(r.loss)  # positives: |0-1| - (τ-δ) = 1 - 2.5 < 0; negatives: (τ+δ) - d = 3.5 - 4 < 0, 3.5 - 3 = 0.5
     0.5
     """
     check_hinge_settings(tau, delta, negatives)

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def result_header(command: str, config: Any, **machine: Any) -> dict[str, Any]:
+    """The head every result JSON starts with (DESIGN §4): the command, dynsim's and torch's
+    versions, the machine (platform, torch threads, plus ``machine`` extras such as the
+    device) and the full resolved config (a dataclass or a dict)."""
+    import dynsim
+
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {
+        "command": command,
+        "dynsim_version": dynsim.__version__,
+        "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), **machine},
+        "config": cfg,
+    }
 
 
 def _jsonable(obj: Any) -> Any:

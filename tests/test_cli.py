@@ -109,3 +109,15 @@ def test_short_fashion_mnist_run(tmp_path):
     result = json.loads(out.read_text())
     assert result["data"]["n_train"] == 60_000 and result["system"]["n_neurons"] == 784
     assert result["final"]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
+
+
+def test_result_header_is_the_design_contract():
+    import dynsim
+    from dynsim.pipelines.dssm import DSSMConfig
+    from dynsim.results import result_header
+
+    head = result_header("run dssm", DSSMConfig(nps=8), device="cpu")
+    assert list(head) == ["command", "dynsim_version", "torch_version", "machine", "config"]
+    assert head["command"] == "run dssm" and head["dynsim_version"] == dynsim.__version__
+    assert head["machine"]["device"] == "cpu" and head["machine"]["threads"] >= 1
+    assert head["config"]["nps"] == 8 and head["config"]["threshold"] == 1e-4

@@ -13,17 +13,15 @@ separately (``final.layer_test_accuracy``); see ``docs/deep.md``.
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import dynsim
 from dynsim.checkpoint import Checkpoint, checkpoint_path
 from dynsim.engine import Batch, DynamicsSettler, Engine
 from dynsim.errors import ConfigError, DivergenceError
@@ -32,6 +30,7 @@ from dynsim.layer_monitor import LayerMonitor
 from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
 from dynsim.plasticity.deep import LATERAL_RULES, DeepSimilarityMatchingRule
+from dynsim.results import result_header
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.stopping import Status, stop_rule
 from dynsim.streaming import SwitchMonitor
@@ -449,11 +448,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     evaluated = [h for h in history if "test_accuracy" in h]
     its = np.asarray(monitor.iterations)
     result = {
-        "command": "run dssm",
-        "dynsim_version": dynsim.__version__,
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "device": str(device)},
-        "config": asdict(config),
+        **result_header("run dssm", config, device=str(device)),
         "data": {"name": ds.name, "n_train": len(x_train), "n_test": len(x_test), "image_shape": ds.image_shape,
                  "eval_n_train": len(ev_xtr), "eval_n_test": len(ev_xte)},
         "system": {**describe_system(layer), "solver": config.resolved_solver()},

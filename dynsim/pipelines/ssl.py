@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 
-import dynsim
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.probe import fit_linear_probe
-from dynsim.results import write_json_atomic
+from dynsim.results import result_header, write_json_atomic
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
@@ -307,9 +306,8 @@ def run_ssl(
         generator=gen,
     ).to(device)
     result: dict[str, Any] = {
+        **result_header("run ssl", config, device=str(config.device)),
         "pipeline": "ssl",
-        "config": dataclasses.asdict(config),
-        "dynsim_version": dynsim.__version__,
         "dataset": {"name": ds.name, "n_train": n, "n_test": len(x_test), "image_shape": shape},
         "encoder": {
             "spec": encoder.spec,
@@ -669,8 +667,7 @@ def run_study(
     table = study_table(rows, header)
     (out_dir / "ssl_study.md").write_text(table)
     summary = {
-        "config": dataclasses.asdict(base),
-        "dynsim_version": dynsim.__version__,
+        **result_header("study ssl", base),
         "dataset": ds,
         "rows": rows,
     }

@@ -12,17 +12,16 @@ Euler with the seed's schedule are comparable.
 from __future__ import annotations
 
 import copy
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import dynsim
 from dynsim.errors import ConfigError
+from dynsim.results import result_header
 from dynsim.settle import relative_norm, settle
 from dynsim.solvers import ConstantStep, make_solver, solver_from_spec
 from dynsim.stopping import MaxSteps, RelativeChange, Status
@@ -180,11 +179,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     idx = np.sort(rng.choice(len(x_test), size=min(config.n_inputs, len(x_test)), replace=False))
     x = torch.as_tensor(x_test[idx])
     result: dict[str, Any] = {
-        "command": "bench solvers",
-        "dynsim_version": dynsim.__version__,
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "config": asdict(config),
+        **result_header("bench solvers", config),
         "data": {"name": ds.name, "n_inputs": int(x.shape[0]), "n_neurons": layer.state_size},
         "baseline": BASELINE,
         "states": {},

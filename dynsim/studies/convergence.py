@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import dynsim
 from dynsim.errors import ConfigError
+from dynsim.results import result_header
 
 ITERATIONS_KEPT = 20_000  # iterations-per-input entries kept per cell in the study JSON
 
@@ -136,11 +133,7 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
         progress=config.progress,
     )
     study = {
-        "command": "study convergence",
-        "dynsim_version": dynsim.__version__,
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform()},
-        "config": asdict(config),
+        **result_header("study convergence", config),
         "cells_dir": str(results_dir),
         "cells": results,
     }

@@ -7,15 +7,14 @@ largest ``|u*|`` at the reference fixed point. The step-0 state (``u = 0``) is r
 
 from __future__ import annotations
 
-import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import dynsim
 from dynsim.monitors import TrajectoryMonitor
+from dynsim.results import result_header
 from dynsim.settle import settle
 from dynsim.solvers import solver_from_spec
 from dynsim.stopping import MaxSteps, RelativeChange
@@ -113,11 +112,7 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
                 }
             )
     result = {
-        "command": "plot trajectories",
-        "dynsim_version": dynsim.__version__,
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform()},
-        "config": asdict(config),
+        **result_header("plot trajectories", config),
         "training": training,
         "inputs": inputs,
     }

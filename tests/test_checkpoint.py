@@ -12,31 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from result_utils import without_timings
 
 from dynsim.checkpoint import Checkpoint, checkpoint_path, get_rng_state, load_checkpoint, set_rng_state
 from dynsim.cli import main
 from dynsim.errors import ConfigError
 from dynsim.results import write_json_atomic
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--data", "digits", "--images-per-epoch", "40", "--max-steps", "150", "--eval-every", "0",
         "--eval-train-size", "100", "--eval-test-size", "50", "--no-progress", "--checkpoint-every", "1"]
-TIMING = {"train_seconds", "eval_seconds", "eval_settle_seconds", "readout_seconds", "total_seconds", "seconds"}
 
 
 def numbers(result: dict) -> dict:
     """A result without wall-clock timings, paths and the resume marker."""
-
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k not in TIMING}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-
     keep = {k: v for k, v in result.items() if k in ("history", "final", "iterations_per_input", "baseline")}
-    return strip(keep)
+    return without_timings(keep)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

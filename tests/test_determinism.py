@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 
 import torch
+from result_utils import without_timings
 
 from dynsim.checkpoint import checkpoint_path, load_checkpoint
 from dynsim.cli import main
 
-TIMING = {"train_seconds", "eval_seconds", "eval_settle_seconds", "readout_seconds", "total_seconds", "seconds"}
 ARGS = ["run", "dssm", "--data", "digits", "--epochs", "2", "--images-per-epoch", "30", "--batch-size", "3",
         "--max-steps", "200", "--eval-every", "1", "--eval-train-size", "200", "--eval-test-size", "100",
         "--no-progress"]
 
 
-def without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [without_timings(v) for v in obj]
-    return obj
 
 
 def test_two_runs_same_seed_identical(tmp_path):

@@ -87,6 +87,14 @@ def _simple_limits(stop: StopRule) -> tuple[float | None, int | None] | None:
     return (max(tols) if tols else None, min(caps) if caps else None)
 
 
+def _cap_wins(stop: StopRule) -> bool:
+    """True when a :class:`MaxSteps` comes before every :class:`RelativeChange` in ``stop``
+    (its status code wins when both fire on the same step)."""
+    rules = stop.rules if type(stop) is AnyOf else (stop,)
+    kinds = [type(r) for r in rules]
+    return MaxSteps in kinds and (RelativeChange not in kinds or kinds.index(MaxSteps) < kinds.index(RelativeChange))
+
+
 def _all_settle_now(limits, residual: torch.Tensor, steps: int, all_running: bool) -> bool:
     """True when all samples are still running and all meet the tolerance before the cap.
 
@@ -209,6 +217,13 @@ def settle(
         z = torch.zeros(0, dtype=torch.long, device=x.device)
         return SettleResult(u=empty, r=empty.clone(), steps=z, status=z.to(torch.int8), residual=x.new_zeros(0),
                             n_evals=0)
+    limits = _simple_limits(stop)
+    on = stop.on or "field"
+    if limits is not None and on == "field" and on_step is None and stop.max_steps != 0:
+        fast = solver.settle_compiled(system, x, u0, tol=limits[0], cap=limits[1], cap_first=_cap_wins(stop),
+                                      max_state_norm=max_state_norm)
+        if fast is not None:  # the solver's compiled loop: same rules, steps and status (see dynsim.compiled)
+            return SettleResult(*fast)
     drive_all = system.drive(x)
     if u0 is not None:
         u0 = _as_float_tensor(u0, "u0", drive_all)
@@ -218,7 +233,6 @@ def settle(
     u_all = torch.zeros_like(drive_all) if u0 is None else u0.clone()
     steps = torch.zeros(b, dtype=torch.long, device=x.device)
     status = torch.zeros(b, dtype=torch.int8, device=x.device)
-    on = stop.on or "field"
     bound = max_state_norm * math.sqrt(drive_all.shape[1])
     n_evals = 0
 
@@ -235,7 +249,6 @@ def settle(
         status.fill_(Status.MAX_STEPS)
     # Cheap per-step test for the built-in stop rules (exactly "some sample's code is not
     # RUNNING"); the full status codes are computed only on steps where something stops.
-    limits = _simple_limits(stop)
     residual_all = torch.zeros(b, dtype=drive_all.dtype, device=x.device) if on == "field" else None
     while active.numel():
         u_next, f, state = solver.step(field, u, state, n)

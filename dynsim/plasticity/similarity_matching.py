@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from dynsim import compiled
 from dynsim.callbacks import Callback
 from dynsim.errors import ConfigError
 from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
@@ -35,6 +36,9 @@ def hebbian_update(
     """Apply ``ΔW`` and ``ΔL`` above to ``layer`` in place. Shapes: x (B, D_in), r (B, N)."""
     b = x.shape[0]
     scale = float(b) if batch_rule == "sum" else 1.0
+    if b == 1 and compiled.applies(layer, x, r):  # online learning: one compiled pass, no dispatch
+        compiled.hebbian_update_online(layer, x, r, eta, lateral_factor * eta)
+        return
     rs = layer.sites(r)  # (B, S, M)
     # Padded (absent) connections read zeros and hold zero weights, so their correlation
     # and their update are exactly zero: no mask multiply is needed; W += a·(C − W) is lerp.

@@ -36,6 +36,15 @@ class Solver:
         """Advance ``u`` (B, D) by one step; return ``(u_next, field(u), state)``."""
         raise NotImplementedError
 
+    def settle_compiled(self, system, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None,
+                        cap: int | None, cap_first: bool, max_state_norm: float) -> tuple | None:
+        """A compiled whole-settle loop for the built-in stop rules, or ``None`` (the default: use
+        :func:`dynsim.settle`'s loop). When given, it must return ``SettleResult``'s fields
+        ``(u, r, steps, status, residual, n_evals)`` exactly as that loop would (field residual
+        tested before each step against ``tol``, cap ``cap``, divergence when the RMS state
+        exceeds ``max_state_norm``)."""
+        return None
+
     def select(self, state: Any, keep: torch.Tensor) -> Any:
         """Solver state of the samples ``keep`` (a (B,) bool mask), when a batch shrinks."""
         if state is None:

@@ -37,7 +37,9 @@ try:  # numba is a dependency, but the torch path works without it
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
+PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
 MAX_NPS = 16  # above this the per-site solve is better done by LAPACK (batched torch), see benchmarks
+_DTYPES = (torch.float32, torch.float64)
 ACTIVATION_CODES = {"tanh": 0, "linear": 1, "relu": 2}
 _enabled = os.environ.get("DYNSIM_COMPILED", "1") != "0"
 
@@ -61,14 +63,16 @@ def disabled() -> Iterator[None]:
 def applies(layer, *tensors: torch.Tensor) -> bool:
     """The kernels handle ``layer`` (a site-separable HebbianLayer, nps ≤ MAX_NPS) with these tensors
     (CPU, float32 or float64, all one dtype, no grad)."""
-    if not available() or not getattr(layer, "site_separable", False) or layer.nps > MAX_NPS:
+    if numba is None or not _enabled or not getattr(layer, "site_separable", False) or layer.nps > MAX_NPS:
         return False
     w = layer.ff.weight
-    return all(
-        t.device.type == "cpu" and t.dtype == w.dtype and t.dtype in (torch.float32, torch.float64)
-        and not t.requires_grad
-        for t in (w, layer.lateral.weight, *tensors)
-    )
+    dtype = w.dtype
+    if dtype not in _DTYPES:
+        return False
+    for t in (w, layer.lateral.weight, *tensors):
+        if t.dtype != dtype or t.device.type != "cpu" or t.requires_grad:
+            return False
+    return True
 
 
 def _jit(fn):
@@ -96,57 +100,63 @@ def _slope(u, r, code):
 @_jit
 def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap, cap_first,
                    bound, big, u, r, steps, status, residual):
-    """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,)."""
+    """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
+
+    Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
+    the M × M elimination included, is a loop over the 196 sites that the compiler
+    vectorises (a site-by-site elimination was 3.5× slower, benchmarks/README.md)."""
     n_sites, m_per, kc = w.shape
     k_in = ff_index.shape[1]
     dt = w.dtype.type
-    d = np.empty((n_sites, m_per), dtype=w.dtype)
-    a = np.empty((n_sites, m_per, m_per), dtype=w.dtype)  # s·(L_k − I)
-    box = np.empty((n_sites, m_per), dtype=w.dtype)
+    zero = dt(0)
+    a = np.empty((m_per, m_per, n_sites), dtype=w.dtype)  # s·(L_k − I)
+    row = np.zeros((m_per, n_sites), dtype=w.dtype)  # Σ_j |s·A_kij|
     for s in range(n_sites):
         for i in range(m_per):
             for j in range(m_per):
-                a[s, i, j] = dt(sign) * (lat[s, i, j] - (1 if i == j else 0))
+                v = dt(sign) * (lat[s, i, j] - (1 if i == j else 0))
+                a[i, j, s] = v
+                row[i, s] += abs(v)
+    d = np.empty((m_per, n_sites), dtype=w.dtype)
+    box = np.empty((m_per, n_sites), dtype=w.dtype)
+    us = np.empty((m_per, n_sites), dtype=w.dtype)
+    un = np.empty((m_per, n_sites), dtype=w.dtype)
+    rr = np.empty((m_per, n_sites), dtype=w.dtype)
+    fs = np.empty((m_per, n_sites), dtype=w.dtype)
+    jac = np.empty((m_per, m_per, n_sites), dtype=w.dtype)
     xg = np.empty(kc, dtype=w.dtype)
-    rr = np.empty((n_sites, m_per), dtype=w.dtype)
-    fp = np.empty(m_per, dtype=w.dtype)
-    fs = np.empty((n_sites, m_per), dtype=w.dtype)
-    jac = np.empty((m_per, m_per), dtype=w.dtype)
-    rhs = np.empty(m_per, dtype=w.dtype)
-    un = np.empty((n_sites, m_per), dtype=w.dtype)
     n_evals = 0
     for b in range(x.shape[0]):
-        # drive d = W x, and the tanh box |d| + Σ|s·A|
+        # drive d = W x, the tanh box |d| + Σ|s·A|, and the start u0
         for s in range(n_sites):
             for k in range(k_in):
                 p = ff_index[s, k]
                 for g in range(channels):
-                    xg[k * channels + g] = 0 if p == n_pixels else x[b, g * n_pixels + p]
+                    xg[k * channels + g] = x[b, g * n_pixels + p] if p != n_pixels else zero
             for i in range(m_per):
-                acc = dt(0)
+                acc = zero
                 for j in range(kc):
                     acc += w[s, i, j] * xg[j]
-                d[s, i] = acc
-                row = dt(0)
-                for j in range(m_per):
-                    row += abs(a[s, i, j])
-                box[s, i] = abs(acc) + row
-        us = u[b].reshape(n_sites, m_per)
+                d[i, s] = acc
+                box[i, s] = abs(acc) + row[i, s]
+                us[i, s] = u[b, s * m_per + i]
         n = 0
         while True:
-            # F(u)·τ = d − u + s·A f(u), its norm and the state's
+            # τF(u) = d − u + s·A f(u), its norm and the state's
+            for j in range(m_per):
+                for s in range(n_sites):
+                    rr[j, s] = _rate(us[j, s], code)
             f2 = 0.0
             u2 = 0.0
-            for s in range(n_sites):
+            for i in range(m_per):
+                for s in range(n_sites):
+                    fs[i, s] = d[i, s] - us[i, s]
                 for j in range(m_per):
-                    rr[s, j] = _rate(us[s, j], code)
-                for i in range(m_per):
-                    acc = d[s, i] - us[s, i]
-                    for j in range(m_per):
-                        acc += a[s, i, j] * rr[s, j]
-                    fs[s, i] = acc
-                    f2 += float(acc) * float(acc)
-                    u2 += float(us[s, i]) * float(us[s, i])
+                    for s in range(n_sites):
+                        fs[i, s] += a[i, j, s] * rr[j, s]
+                for s in range(n_sites):
+                    f2 += float(fs[i, s]) * float(fs[i, s])
+                    u2 += float(us[i, s]) * float(us[i, s])
             res = np.sqrt(f2) / tau / max(np.sqrt(u2), 1e-12)
             residual[b] = res
             settled = res < tol
@@ -154,80 +164,97 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
             if settled or capped:
                 status[b] = 2 if capped and (cap_first or not settled) else 1
                 break
-            # next iterate: Picard from rest (first step), else Newton per site
-            if n == 0 and picard:
-                for s in range(n_sites):
-                    for i in range(m_per):
-                        un[s, i] = us[s, i] + fs[s, i]
-            else:
-                for s in range(n_sites):
-                    for j in range(m_per):
-                        fp[j] = _slope(us[s, j], rr[s, j], code)
-                    for i in range(m_per):
-                        for j in range(m_per):
-                            jac[i, j] = a[s, i, j] * fp[j] - (1 if i == j else 0)
-                        rhs[i] = fs[s, i]
-                    _solve_in_place(jac, rhs)
-                    for i in range(m_per):
-                        v = us[s, i] - rhs[i]
-                        if np.isnan(v):
-                            v = dt(0)
-                        elif v > big:
-                            v = dt(big)
-                        elif v < -big:
-                            v = dt(-big)
-                        if code == 0:
-                            v = min(max(v, -box[s, i]), box[s, i])
-                        un[s, i] = v
-            # divergence: a non-finite residual or state, or an RMS state above the bound
-            n2 = 0.0
-            finite = np.isfinite(res)
-            for s in range(n_sites):
+            if n == 0 and picard:  # Picard start: u1 = u0 + τF(u0)
                 for i in range(m_per):
-                    v = un[s, i]
-                    finite = finite and np.isfinite(v)
-                    n2 += float(v) * float(v)
-            if not finite or np.sqrt(n2) > bound:
+                    for s in range(n_sites):
+                        un[i, s] = us[i, s] + fs[i, s]
+            else:  # Newton: solve J z = τF per site, J = −I + s·A diag f'(u); u ← u − z
+                for j in range(m_per):
+                    for s in range(n_sites):
+                        fp = _slope(us[j, s], rr[j, s], code)
+                        for i in range(m_per):
+                            jac[i, j, s] = a[i, j, s] * fp - (1 if i == j else 0)
+                _solve_sites(jac, fs)
+                for i in range(m_per):
+                    for s in range(n_sites):
+                        v = us[i, s] - fs[i, s]
+                        v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
+                        if code == 0:
+                            v = min(max(v, -box[i, s]), box[i, s])
+                        un[i, s] = v
+            # divergence: a non-finite residual or state, or a state norm above the bound
+            n2 = 0.0
+            for i in range(m_per):
+                for s in range(n_sites):
+                    n2 += float(un[i, s]) * float(un[i, s])
+            if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
                 status[b] = 3
                 break
             us[:, :] = un
             n += 1
         steps[b] = n
         n_evals += n + 1
-        for s in range(n_sites):
+        for s in range(n_sites):  # rr holds f(us) from the last residual test
             for i in range(m_per):
-                r[b, s * m_per + i] = _rate(us[s, i], code)
+                u[b, s * m_per + i] = us[i, s]
+                r[b, s * m_per + i] = rr[i, s]
     return n_evals
 
 
-@_jit
-def _solve_in_place(a, b):
-    """Solve ``a z = b`` (M × M) by Gaussian elimination with partial pivoting; ``b`` becomes ``z``.
+def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap, cap_first,
+                   bound, big, u, r, steps, status, residual, n_chunks):
+    """:func:`_settle_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
+    b = x.shape[0]
+    evals = np.zeros(n_chunks, dtype=np.int64)
+    for c in numba.prange(n_chunks):
+        lo = c * b // n_chunks
+        hi = (c + 1) * b // n_chunks
+        evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap,
+                                  cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
+                                  residual[lo:hi])
+    return evals.sum()
 
-    A zero pivot gives inf/NaN entries, as LAPACK's ``solve_ex`` does for a singular matrix."""
-    m = a.shape[0]
+
+if numba is not None:
+    _settle_chunks = numba.njit(cache=True, nogil=True, parallel=True)(_settle_chunks)
+
+
+@_jit
+def _solve_sites(a, b):
+    """Solve ``a[:, :, s] z = b[:, s]`` for every site ``s`` by Gaussian elimination with partial
+    pivoting (as LAPACK's getrf); ``a`` (M, M, S) is overwritten, ``b`` (M, S) becomes ``z``.
+
+    A zero pivot gives inf/NaN entries, as ``torch.linalg.solve_ex`` does for a singular matrix."""
+    m, _, n_sites = a.shape
     for c in range(m):
-        p = c
-        best = abs(a[c, c])
+        for s in range(n_sites):  # pivot row of column c, swapped into place
+            p = c
+            best = abs(a[c, c, s])
+            for i in range(c + 1, m):
+                v = abs(a[i, c, s])
+                if v > best:
+                    best = v
+                    p = i
+            if p != c:
+                for j in range(c, m):
+                    t = a[c, j, s]
+                    a[c, j, s] = a[p, j, s]
+                    a[p, j, s] = t
+                t = b[c, s]
+                b[c, s] = b[p, s]
+                b[p, s] = t
         for i in range(c + 1, m):
-            if abs(a[i, c]) > best:
-                best, p = abs(a[i, c]), i
-        if p != c:
-            for j in range(c, m):
-                a[c, j], a[p, j] = a[p, j], a[c, j]
-            b[c], b[p] = b[p], b[c]
-        piv = a[c, c]
-        for i in range(c + 1, m):
-            factor = a[i, c] / piv
-            if factor != 0:
+            for s in range(n_sites):
+                factor = a[i, c, s] / a[c, c, s]
                 for j in range(c + 1, m):
-                    a[i, j] -= factor * a[c, j]
-                b[i] -= factor * b[c]
+                    a[i, j, s] -= factor * a[c, j, s]
+                b[i, s] -= factor * b[c, s]
     for c in range(m - 1, -1, -1):
-        acc = b[c]
-        for j in range(c + 1, m):
-            acc -= a[c, j] * b[j]
-        b[c] = acc / a[c, c]
+        for s in range(n_sites):
+            acc = b[c, s]
+            for j in range(c + 1, m):
+                acc -= a[c, j, s] * b[j, s]
+            b[c, s] = acc / a[c, c, s]
 
 
 @_jit
@@ -255,6 +282,20 @@ def _hebbian_kernel(x, r, w, ff_index, n_pixels, channels, lat, lat_index, rate_
                 lat[s, i, j] += rate_lat * (post * pre_l[j] - lat[s, i, j])
 
 
+def _arrays(layer) -> tuple:
+    """NumPy views (no copies) of the layer's weights and indices, cached until the weights are
+    replaced (``.to()``, ``.double()``): ``(W, ff_index, pixels per channel, channels, L, lateral_index)``."""
+    w, lat = layer.ff.weight, layer.lateral.weight
+    key = (w.data_ptr(), lat.data_ptr(), w.dtype)
+    cached = layer.__dict__.get("_compiled_arrays")
+    if cached is None or cached[0] != key:
+        c = layer.input_shape[0]
+        views = (w.numpy(), layer.ff.index.numpy(), layer.input_size // c, c, lat.numpy(),
+                 layer.lateral.index.numpy())
+        layer.__dict__["_compiled_arrays"] = cached = (key, views)
+    return cached[1]
+
+
 def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None, cap: int | None,
                        cap_first: bool, picard_start: bool, bound: float):
     """Settle ``x`` (B, D_in) with the compiled per-site Newton loop (see module docstring).
@@ -263,8 +304,8 @@ def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: 
     absent); ``cap_first``: the cap's status wins when both fire on the same step; ``bound``:
     the divergence bound on ``‖u‖``. Returns ``(u, r, steps, status, residual, n_evals)``.
     """
-    w, lat = layer.ff.weight, layer.lateral.weight
-    dtype = w.dtype
+    w_np, ff_index, n_pixels, channels, lat_np, _ = _arrays(layer)
+    dtype = layer.ff.weight.dtype
     b = x.shape[0]
     u = torch.zeros(b, layer.state_size, dtype=dtype) if u0 is None else u0.clone()
     r = torch.empty_like(u)
@@ -272,14 +313,19 @@ def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: 
     status = torch.empty(b, dtype=torch.int8)
     residual = torch.empty(b, dtype=dtype)
     npt = np.float32 if dtype == torch.float32 else np.float64
-    n_evals = _settle_kernel(
-        x.detach().contiguous().numpy(), w.numpy(), layer.ff.index.numpy(),
-        layer.input_size // layer.input_shape[0], layer.input_shape[0], lat.numpy(),
+    args = (
+        x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
         npt(layer.lateral_sign), float(layer.tau), ACTIVATION_CODES[layer.activation],
         bool(picard_start and layer.activation == "tanh"), -1.0 if tol is None else float(tol),
         -1 if cap is None else int(cap), bool(cap_first), float(bound), float(torch.finfo(dtype).max),
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
     )
+    threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
+    if threads > 1:  # large batches (evaluation) in torch's thread count, as torch would use
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        n_evals = _settle_chunks(*args, threads)
+    else:
+        n_evals = _settle_kernel(*args)
     return u, r, steps, status, residual, int(n_evals)
 
 
@@ -288,11 +334,8 @@ def hebbian_update_online(layer, x: torch.Tensor, r: torch.Tensor, rate_ff: floa
 
     Shapes: x (1, D_in) or (D_in,), r (1, N) or (N,). Bumps the weights' version counters, as
     an in-place torch op would, so that caches keyed on them (Newton's lateral blocks) see the change."""
-    w, lat = layer.ff.weight, layer.lateral.weight
-    npt = np.float32 if w.dtype == torch.float32 else np.float64
-    _hebbian_kernel(
-        x.reshape(-1).contiguous().numpy(), r.reshape(-1).contiguous().numpy(), w.numpy(),
-        layer.ff.index.numpy(), layer.input_size // layer.input_shape[0], layer.input_shape[0],
-        lat.numpy(), layer.lateral.index.numpy(), npt(rate_ff), npt(rate_lat),
-    )
-    torch.autograd.graph.increment_version((w, lat))
+    w_np, ff_index, n_pixels, channels, lat_np, lat_index = _arrays(layer)
+    npt = w_np.dtype.type
+    _hebbian_kernel(x.reshape(-1).contiguous().numpy(), r.reshape(-1).contiguous().numpy(), w_np, ff_index,
+                    n_pixels, channels, lat_np, lat_index, npt(rate_ff), npt(rate_lat))
+    torch.autograd.graph.increment_version((layer.ff.weight, layer.lateral.weight))

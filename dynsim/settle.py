@@ -133,11 +133,12 @@ def _as_float_tensor(v, name: str, like: torch.Tensor | None = None) -> torch.Te
 
 def _float_tensor_of(system: System) -> torch.Tensor | None:
     """The first floating parameter or buffer of ``system`` (its dtype and device), if any."""
-    tensors = []
     for attr in ("parameters", "buffers"):
         if callable(getattr(system, attr, None)):
-            tensors.extend(getattr(system, attr)())
-    return next((t for t in tensors if t.dtype.is_floating_point), None)
+            found = next((t for t in getattr(system, attr)() if t.dtype.is_floating_point), None)
+            if found is not None:
+                return found
+    return None
 
 
 def _reject_non_finite(v: torch.Tensor, name: str) -> None:

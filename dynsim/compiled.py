@@ -79,8 +79,27 @@ def _jit(fn):
     return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn) if numba is not None else fn
 
 
+# tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
+# rational fit to tanh(x)/x, relative error 2.2e-8, evaluated in float64 and rounded once, so
+# float32 results are within 1 ulp of libm's (max error 6e-8, as libm's tanhf; tests). Unlike a
+# tanh call it vectorises: the float32 kernel's residual pass is ~4× cheaper (benchmarks/README.md).
+_TANH_P = (9.99999981e-01, 1.33816708e-01, 3.49634665e-03, 2.06213811e-05, 1.33713948e-08)
+_TANH_Q = (1.0, 4.67149872e-01, 2.58798861e-02, 3.28686631e-04, 7.78347625e-07)
+
+
+@_jit
+def _tanh_rational(u):
+    x = min(max(float(u), -9.0), 9.0)
+    z = x * x
+    p = (((_TANH_P[4] * z + _TANH_P[3]) * z + _TANH_P[2]) * z + _TANH_P[1]) * z + _TANH_P[0]
+    q = (((_TANH_Q[4] * z + _TANH_Q[3]) * z + _TANH_Q[2]) * z + _TANH_Q[1]) * z + _TANH_Q[0]
+    return x * p / q
+
+
 @_jit
 def _rate(u, code):
+    if code == 3:  # tanh of a float32 state
+        return np.float32(_tanh_rational(u))
     if code == 0:
         return np.tanh(u)
     if code == 2:
@@ -90,7 +109,7 @@ def _rate(u, code):
 
 @_jit
 def _slope(u, r, code):
-    if code == 0:
+    if code == 0 or code == 3:
         return 1 - r * r
     if code == 2:
         return u * 0 + 1 if u > 0 else u * 0
@@ -179,7 +198,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
                     for s in range(n_sites):
                         v = us[i, s] - fs[i, s]
                         v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
-                        if code == 0:
+                        if code == 0 or code == 3:  # tanh
                             v = min(max(v, -box[i, s]), box[i, s])
                         un[i, s] = v
             # divergence: a non-finite residual or state, or a state norm above the bound
@@ -282,6 +301,12 @@ def _hebbian_kernel(x, r, w, ff_index, n_pixels, channels, lat, lat_index, rate_
                 lat[s, i, j] += rate_lat * (post * pre_l[j] - lat[s, i, j])
 
 
+def _activation_code(activation: str, dtype: torch.dtype) -> int:
+    """The kernels' rate code: float32 tanh takes the vectorisable rational (code 3)."""
+    code = ACTIVATION_CODES[activation]
+    return 3 if code == 0 and dtype == torch.float32 else code
+
+
 def _arrays(layer) -> tuple:
     """NumPy views (no copies) of the layer's weights and indices, cached until the weights are
     replaced (``.to()``, ``.double()``): ``(W, ff_index, pixels per channel, channels, L, lateral_index)``."""
@@ -315,7 +340,7 @@ def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: 
     npt = np.float32 if dtype == torch.float32 else np.float64
     args = (
         x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
-        npt(layer.lateral_sign), float(layer.tau), ACTIVATION_CODES[layer.activation],
+        npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype),
         bool(picard_start and layer.activation == "tanh"), -1.0 if tol is None else float(tol),
         -1 if cap is None else int(cap), bool(cap_first), float(bound), float(torch.finfo(dtype).max),
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),

@@ -24,29 +24,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dynsim import compiled, settle
-from dynsim.engine import DynamicsSettler, Engine
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
-from dynsim.plasticity import SimilarityMatchingRule
-from dynsim.solvers import SiteNewton
-from dynsim.stopping import stop_rule
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dssm_speed import median_time  # noqa: E402
+
+from dynsim import compiled, settle  # noqa: E402
+from dynsim.engine import DynamicsSettler, Engine  # noqa: E402
+from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data  # noqa: E402
+from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
+from dynsim.solvers import SiteNewton  # noqa: E402
+from dynsim.stopping import stop_rule  # noqa: E402
 
 STOP = stop_rule(1e-4, 3000)
-
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def train(layer, x, images, epoch=0):
@@ -101,8 +94,8 @@ def elimination_rows(repeats=2000):
             return ff
 
         z1, z2 = run_site(), run_last()
-        t1, _ = timed(lambda: [run_site() for _ in range(repeats)], 3)
-        t2, _ = timed(lambda: [run_last() for _ in range(repeats)], 3)
+        t1, _ = median_time(lambda: [run_site() for _ in range(repeats)], 3)
+        t2, _ = median_time(lambda: [run_last() for _ in range(repeats)], 3)
         rows.append({"what": f"4. elimination of 196 {m}×{m} systems (µs)", "torch_or_baseline": t1 / repeats * 1e6,
                      "compiled": t2 / repeats * 1e6, "ratio": t1 / t2,
                      "note": f"site by site vs site-last; max |Δz| {float(np.abs(z1 - z2.T).max()):.1e}"})
@@ -114,8 +107,8 @@ import time, torch
 t0 = time.perf_counter()
 from dynsim import HebbianLayer, settle, compiled
 from dynsim.plasticity import hebbian_update
-from dynsim.solvers import SiteNewton
-from dynsim.stopping import stop_rule
+from dynsim.solvers import SiteNewton  # noqa: E402
+from dynsim.stopping import stop_rule  # noqa: E402
 layer = HebbianLayer((1, 28, 28))
 x = torch.randn(2, 784)
 t1 = time.perf_counter()
@@ -150,8 +143,8 @@ def probe_rows(repeats):
     try:
         for th in (1, 2):
             torch.set_num_threads(th)
-            tv, (a1, b1) = timed(lambda: (xb @ v, xb.T @ g_nk), repeats)
-            tc, (a2, b2) = timed(lambda: (v.T @ xb_t, gt @ xb), repeats)
+            tv, (a1, b1) = median_time(lambda: (xb @ v, xb.T @ g_nk), repeats)
+            tc, (a2, b2) = median_time(lambda: (v.T @ xb_t, gt @ xb), repeats)
             err = max(float((a1 - a2.T).abs().max() / a1.abs().max()), float((b1 - b2.T).abs().max() / b1.abs().max()))
             rows.append({"what": f"6. probe scores + gradient products, 60000×785, {th} thread(s) (ms)",
                          "torch_or_baseline": tv * 1e3, "compiled": tc * 1e3, "ratio": tv / tc,
@@ -188,9 +181,9 @@ def main(argv=None):
     def one_by_one():
         return [settle(layer, x[None], solver=SiteNewton(), stop=STOP) for x in xs]
 
-    t_fast, fast = timed(one_by_one, args.repeats)
+    t_fast, fast = median_time(one_by_one, args.repeats)
     with compiled.disabled():
-        t_torch, ref = timed(one_by_one, args.repeats)
+        t_torch, ref = median_time(one_by_one, args.repeats)
     same_steps = all(torch.equal(a.steps, b.steps) for a, b in zip(fast, ref, strict=True))
     rate_diff = max(float((a.r - b.r).norm() / b.r.norm()) for a, b in zip(fast, ref, strict=True))
     n = len(xs)
@@ -201,10 +194,10 @@ def main(argv=None):
 
     xe = torch.as_tensor(xte[: args.eval_batch])
     with compiled.disabled():
-        t_torch, ref = timed(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
+        t_torch, ref = median_time(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
     for th in (1, 2):
         torch.set_num_threads(th)
-        t_fast, fast = timed(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
+        t_fast, fast = median_time(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
         torch.set_num_threads(1)
         rows.append({"what": f"2. settle a batch of {len(xe)} (ms per image), compiled with {th} thread(s)",
                      "torch_or_baseline": t_torch / len(xe) * 1e3, "compiled": t_fast / len(xe) * 1e3,
@@ -223,8 +216,8 @@ def main(argv=None):
             train(layer, x_train, images, epoch=1)
         return layer.ff.weight.clone()
 
-    t_fast, w_fast = timed(lambda: one_epoch(False), args.repeats)
-    t_torch, w_torch = timed(lambda: one_epoch(True), args.repeats)
+    t_fast, w_fast = median_time(lambda: one_epoch(False), args.repeats)
+    t_torch, w_torch = median_time(lambda: one_epoch(True), args.repeats)
     rows.append({"what": f"3. online training, {images} images (ms per image)",
                  "torch_or_baseline": t_torch / images * 1e3, "compiled": t_fast / images * 1e3,
                  "ratio": t_torch / t_fast,

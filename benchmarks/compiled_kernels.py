@@ -10,7 +10,9 @@ Rows (ratio = torch time / compiled time, > 1: the kernels are faster):
 5. compile time: a fresh process with an empty numba cache vs one that finds the cache;
 6. the probe's two products on 60,000 × 785 features, ``X W`` and ``Xᵀ G`` (a transposed view)
    vs the "wide" ``Wᵀ Xᵀ`` and ``Gᵀ X`` that :func:`dynsim.evaluation.fit_squared_hinge` uses,
-   1 and 2 threads (not a kernel: a layout choice measured here with the rest).
+   1 and 2 threads (not a kernel: a layout choice measured here with the rest);
+7. the torch path's Newton lateral term ``s·A_k r_k`` (used on GPU and for NpS > 16): a
+   broadcast ``matmul`` (copies A per sample) vs one ``bmm`` over sites.
 
 Usage: PYTHONPATH=. python benchmarks/compiled_kernels.py --out runs/compiled_kernels.json
 """
@@ -154,6 +156,22 @@ def probe_rows(repeats):
     return rows
 
 
+def lateral_rows(repeats):
+    """The torch Newton step's lateral term s·A_k r_k: broadcast matmul vs one bmm over sites."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, b in ((4, 1000), (100, 25)):
+        a, r = torch.randn(196, m, m, generator=g), torch.randn(b, 196, m, generator=g)
+        t_mm, y1 = median_time(lambda a=a, r=r: [torch.matmul(a, r.unsqueeze(-1)).squeeze(-1) for _ in range(10)],
+                               repeats)
+        t_bmm, y2 = median_time(lambda a=a, r=r: [torch.bmm(a, r.permute(1, 2, 0)).permute(2, 0, 1)
+                                                  for _ in range(10)], repeats)
+        rows.append({"what": f"7. torch Newton lateral term, NpS {m}, batch {b} (ms)", "torch_or_baseline": t_mm * 100,
+                     "compiled": t_bmm * 100, "ratio": t_mm / t_bmm,
+                     "note": f"broadcast matmul vs bmm over sites; max |Δ| {float((y1[0] - y2[0]).abs().max()):.1e}"})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
@@ -225,6 +243,7 @@ def main(argv=None):
     rows += elimination_rows()
     rows += compile_rows()
     rows += probe_rows(args.repeats)
+    rows += lateral_rows(args.repeats)
 
     print(f"{'what':<66} {'baseline':>10} {'compiled':>10} {'ratio':>7}  note")
     for r in rows:

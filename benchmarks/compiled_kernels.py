@@ -12,7 +12,8 @@ Rows (ratio = torch time / compiled time, > 1: the kernels are faster):
    vs the "wide" ``Wᵀ Xᵀ`` and ``Gᵀ X`` that :func:`dynsim.evaluation.fit_squared_hinge` uses,
    1 and 2 threads (not a kernel: a layout choice measured here with the rest);
 7. the torch path's Newton lateral term ``s·A_k r_k`` (used on GPU and for NpS > 16): a
-   broadcast ``matmul`` (copies A per sample) vs one ``bmm`` over sites.
+   broadcast ``matmul`` (copies A per sample) vs one ``bmm`` over sites;
+8. the float32 kernel's tanh: libm's ``tanhf`` vs the vectorisable rational, same batch.
 
 Usage: PYTHONPATH=. python benchmarks/compiled_kernels.py --out runs/compiled_kernels.json
 """
@@ -221,6 +222,20 @@ def main(argv=None):
                      "torch_or_baseline": t_torch / len(xe) * 1e3, "compiled": t_fast / len(xe) * 1e3,
                      "ratio": t_torch / t_fast,
                      "note": f"torch path 1 thread; same steps {torch.equal(fast.steps, ref.steps)}"})
+
+    # the float32 kernel's rational tanh vs libm's tanhf (activation code 0 instead of 3)
+    t_rational, fast = median_time(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
+    rational_code = compiled._activation_code
+    compiled._activation_code = lambda activation, dtype: compiled.ACTIVATION_CODES[activation]
+    try:
+        t_libm, ref = median_time(lambda: settle(layer, xe, solver=SiteNewton(), stop=STOP), args.repeats)
+    finally:
+        compiled._activation_code = rational_code
+    rows.append({"what": f"8. compiled settle of {len(xe)}, float32 tanh (ms per image)",
+                 "torch_or_baseline": t_libm / len(xe) * 1e3, "compiled": t_rational / len(xe) * 1e3,
+                 "ratio": t_libm / t_rational,
+                 "note": f"libm tanhf vs the rational; same steps {torch.equal(fast.steps, ref.steps)}, "
+                         f"rates differ ≤ {float((fast.r - ref.r).abs().max()):.1e}"})
 
     images = args.train_images
     state = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -230,7 +230,7 @@ def main(argv=None):
     print(f"{'what':48s} {'reference s':>12s} {'dynsim s':>10s} {'ratio':>8s}")
     for w, r, d in rows:
         print(f"{w:48s} {r:12.4g} {d:10.4g} {r / d:8.1f}")
-    print(f"(b) weights after 2 epochs: |ΔW|/|W| = {dw:.2e}, |ΔL|/|L| = {dl:.2e}")
+    print(f"(b) weights after {args.epochs} epochs: |ΔW|/|W| = {dw:.2e}, |ΔL|/|L| = {dl:.2e}")
     print(json.dumps({k: v for k, v in sec_d.items() if k.startswith("threads")}, indent=1, default=str)[:1500])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))

@@ -21,9 +21,9 @@ dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computin
 
 They run on CPU tensors of float32/float64, in place, without copies. Used automatically
 where they apply (:func:`applies`); ``DYNSIM_COMPILED=0`` or :func:`disabled` switch them
-off (the torch path is the reference and the GPU path). Compilation takes ~11 s once per
+off (the torch path is the reference and the GPU path). Compilation takes ~10 s once per
 machine (numba caches it beside this file, or under ``NUMBA_CACHE_DIR``; loading the cache
-takes 0.35 s; benchmarks/compiled_kernels.py row 5).
+takes 0.3 s; benchmarks/compiled_kernels.py row 5).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _jit(fn):
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
 # rational fit to tanh(x)/x, relative error 2.2e-8, evaluated in float64 and rounded once, so
 # float32 results are within 1 ulp of libm's (max error 6e-8, as libm's tanhf; tests). Unlike a
-# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs took 66 instead of
-# 95 µs per image (1 thread, same steps).
+# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs takes 57 instead of
+# 91 µs per image (1 thread, same steps; benchmarks/compiled_kernels.py row 8).
 _TANH_P = (9.99999981e-01, 1.33816708e-01, 3.49634665e-03, 2.06213811e-05, 1.33713948e-08)
 _TANH_Q = (1.0, 4.67149872e-01, 2.58798861e-02, 3.28686631e-04, 7.78347625e-07)
 
@@ -128,7 +128,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
     Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
     the M × M elimination included, is a loop over the 196 sites that the compiler
     vectorises: the elimination alone is 1.6–1.9× faster than site by site (M = 2–8,
-    benchmarks/compiled_kernels.py row 4), the whole settle went from 158 to 95 µs per image."""
+    benchmarks/compiled_kernels.py row 4)."""
     n_sites, m_per, kc = w.shape
     k_in = ff_index.shape[1]
     dt = w.dtype.type

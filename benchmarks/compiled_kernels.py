@@ -3,7 +3,8 @@
 Rows (ratio = torch time / compiled time, > 1: the kernels are faster):
 
 1. settle one input at a time (batch 1), per-site Newton, T = 1e-4, on weights after
-   ``--train-images`` online images: torch path vs ``dynsim.compiled``;
+   ``--train-images`` online images: torch path vs ``dynsim.compiled``; (1b) the same with the
+   seed's Euler schedule (on a quarter of the inputs);
 2. settle a batch of ``--eval-batch`` images (evaluation): torch vs compiled with 1 and 2 threads;
 3. online training (settle + Hebbian update, batch 1) through the Engine, one epoch;
 4. the per-site M × M elimination: site by site vs site-last (vectorised over sites), M = 2, 4, 8;
@@ -39,7 +40,7 @@ from dynsim import compiled, settle  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine  # noqa: E402
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
-from dynsim.solvers import SiteNewton  # noqa: E402
+from dynsim.solvers import Euler, SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402
 
 STOP = stop_rule(1e-4, 3000)
@@ -110,7 +111,7 @@ import time, torch
 t0 = time.perf_counter()
 from dynsim import HebbianLayer, settle, compiled
 from dynsim.plasticity import hebbian_update
-from dynsim.solvers import SiteNewton  # noqa: E402
+from dynsim.solvers import Euler, SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402
 layer = HebbianLayer((1, 28, 28))
 x = torch.randn(2, 784)
@@ -209,6 +210,21 @@ def main(argv=None):
     rows.append({"what": "1. settle per input, batch 1 (ms)", "torch_or_baseline": t_torch / n * 1e3,
                  "compiled": t_fast / n * 1e3, "ratio": t_torch / t_fast,
                  "note": f"{statistics.mean(float(a.steps) for a in fast):.2f} steps; same steps {same_steps}; "
+                         f"rates differ ≤ {rate_diff:.1e}"})
+
+    n_euler = max(1, n // 4)  # Euler needs hundreds of steps per input: a quarter of the inputs
+
+    def euler_one_by_one():
+        return [settle(layer, x[None], solver=Euler(), stop=STOP) for x in xs[:n_euler]]
+
+    t_fast, fast = median_time(euler_one_by_one, args.repeats)
+    with compiled.disabled():
+        t_torch, ref = median_time(euler_one_by_one, args.repeats)
+    same_steps = all(torch.equal(a.steps, b.steps) for a, b in zip(fast, ref, strict=True))
+    rate_diff = max(float((a.r - b.r).norm() / b.r.norm()) for a, b in zip(fast, ref, strict=True))
+    rows.append({"what": "1b. settle per input, batch 1, seed Euler (ms)", "torch_or_baseline": t_torch / n_euler * 1e3,
+                 "compiled": t_fast / n_euler * 1e3, "ratio": t_torch / t_fast,
+                 "note": f"{statistics.mean(float(a.steps) for a in fast):.1f} steps; same steps {same_steps}; "
                          f"rates differ ≤ {rate_diff:.1e}"})
 
     xe = torch.as_tensor(xte[: args.eval_batch])

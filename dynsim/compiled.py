@@ -5,7 +5,7 @@ per-site Newton solver an image needs only ~5 steps, so the torch path spends it
 dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computing
 (~0.1 M multiply-adds). These kernels do the same arithmetic in one compiled loop:
 
-* :func:`settle_site_newton` — for each sample, the drive ``d = W x`` (site by site,
+* :func:`settle_layer` — for each sample, the drive ``d = W x`` (site by site,
   ``d[s, m] = Σ_j W[s, m, j] x[index[s, j]]``), then the loop of :func:`dynsim.settle` with
   :class:`~dynsim.solvers.SiteNewton`: the residual ``‖F(u)‖/‖u‖`` of
   ``F(u) = (−u + d + s·A f(u))/τ`` (``A_k = L_k − I`` per site) is tested first, then the
@@ -16,6 +16,8 @@ dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computin
   the same fixed points up to float rounding (tests: ``tests/test_compiled.py``). Float32
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
   ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting).
+  Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
+  same loop (:meth:`dynsim.solvers.Euler.settle_compiled`, with a step cap).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
   on the stored (structural) entries, as :func:`dynsim.plasticity.hebbian_update`.
 
@@ -29,6 +31,7 @@ takes 0.3 s; benchmarks/compiled_kernels.py row 5).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -43,6 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
 MAX_NPS = 16  # above this the per-site solve is better done by LAPACK (batched torch), see benchmarks
 _DTYPES = (torch.float32, torch.float64)
+METHOD_NEWTON, METHOD_PICARD_NEWTON, METHOD_EULER = 0, 1, 2
 ACTIVATION_CODES = {"tanh": 0, "linear": 1, "relu": 2}
 _enabled = os.environ.get("DYNSIM_COMPILED", "1") != "0"
 
@@ -121,7 +125,7 @@ def _slope(u, r, code):
 
 
 @_jit
-def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap, cap_first,
+def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, cap, cap_first,
                    bound, big, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
@@ -188,7 +192,12 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
             if settled or capped:
                 status[b] = 2 if capped and (cap_first or not settled) else 1
                 break
-            if n == 0 and picard:  # Picard start: u1 = u0 + τF(u0)
+            if method == METHOD_EULER:  # u ← u + dt_n F(u), F = τF/τ as the torch field computes it
+                dtn = dts[n]
+                for i in range(m_per):
+                    for s in range(n_sites):
+                        un[i, s] = us[i, s] + dtn * (fs[i, s] if tau == 1.0 else fs[i, s] / dt(tau))
+            elif n == 0 and method == METHOD_PICARD_NEWTON:  # Picard start: u1 = u0 + τF(u0)
                 for i in range(m_per):
                     for s in range(n_sites):
                         un[i, s] = us[i, s] + fs[i, s]
@@ -225,7 +234,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
     return n_evals
 
 
-def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap, cap_first,
+def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, cap, cap_first,
                    bound, big, u, r, steps, status, residual, n_chunks):
     """:func:`_settle_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
     b = x.shape[0]
@@ -233,8 +242,8 @@ def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, pic
     for c in numba.prange(n_chunks):
         lo = c * b // n_chunks
         hi = (c + 1) * b // n_chunks
-        evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, cap,
-                                  cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
+        evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol,
+                                  cap, cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
                                   residual[lo:hi])
     return evals.sum()
 
@@ -326,14 +335,43 @@ def _arrays(layer) -> tuple:
     return cached[1]
 
 
-def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None, cap: int | None,
-                       cap_first: bool, picard_start: bool, bound: float):
-    """Settle ``x`` (B, D_in) with the compiled per-site Newton loop (see module docstring).
+def try_settle(system, x: torch.Tensor, u0, *, method: str, tol: float | None, cap: int | None, cap_first: bool,
+               max_state_norm: float, picard_start: bool = True, dts: np.ndarray | None = None):
+    """:func:`settle_layer` where the kernels apply to ``system`` and the arguments, else ``None``
+    (then :func:`dynsim.settle`'s torch loop runs, and raises its own errors for bad shapes or
+    non-finite ``u0``). ``max_state_norm`` is ``settle``'s RMS bound."""
+    if u0 is not None and not isinstance(u0, torch.Tensor):
+        return None
+    if not applies(system, *((x,) if u0 is None else (x, u0))):
+        return None
+    if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
+        return None
+    if u0 is not None and not bool(torch.isfinite(u0).all()):
+        return None
+    return settle_layer(system, x, u0, method=method, tol=tol, cap=cap, cap_first=cap_first,
+                        bound=max_state_norm * math.sqrt(system.state_size), picard_start=picard_start, dts=dts)
 
-    ``tol``/``cap``: the stop rule's tolerance on the field residual and step cap (``None``:
-    absent); ``cap_first``: the cap's status wins when both fire on the same step; ``bound``:
-    the divergence bound on ``‖u‖``. Returns ``(u, r, steps, status, residual, n_evals)``.
+
+def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str, tol: float | None,
+                 cap: int | None, cap_first: bool, bound: float, picard_start: bool = True,
+                 dts: np.ndarray | None = None):
+    """Settle ``x`` (B, D_in) with the compiled loop (see module docstring).
+
+    ``method``: ``"newton"`` (per-site Newton; ``picard_start`` as :class:`~dynsim.solvers.SiteNewton`)
+    or ``"euler"`` (forward Euler, ``u ← u + dts[n]·F(u)``; ``dts`` holds at least ``cap`` step
+    sizes). ``tol``/``cap``: the stop rule's tolerance on the field residual and step cap
+    (``None``: absent; Euler needs a cap); ``cap_first``: the cap's status wins when both fire
+    on the same step; ``bound``: the divergence bound on ``‖u‖``.
+    Returns ``(u, r, steps, status, residual, n_evals)``.
     """
+    if method == "euler":
+        if cap is None or dts is None or len(dts) < cap:
+            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
+        code = METHOD_EULER
+    elif method == "newton":
+        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
+    else:
+        raise ValueError(f"unknown compiled method {method!r}")
     w_np, ff_index, n_pixels, channels, lat_np, _ = _arrays(layer)
     dtype = layer.ff.weight.dtype
     b = x.shape[0]
@@ -343,10 +381,11 @@ def settle_site_newton(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: 
     status = torch.empty(b, dtype=torch.int8)
     residual = torch.empty(b, dtype=dtype)
     npt = np.float32 if dtype == torch.float32 else np.float64
+    dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
     args = (
         x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
-        npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype),
-        bool(picard_start and layer.activation == "tanh"), -1.0 if tol is None else float(tol),
+        npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
+        -1.0 if tol is None else float(tol),
         -1 if cap is None else int(cap), bool(cap_first), float(bound), float(torch.finfo(dtype).max),
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
     )

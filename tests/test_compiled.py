@@ -7,7 +7,7 @@ import torch
 
 from dynsim import HebbianLayer, MaxSteps, RelativeChange, Status, compiled, settle
 from dynsim.plasticity import hebbian_update
-from dynsim.solvers import SiteNewton
+from dynsim.solvers import ConstantStep, Euler, SiteNewton
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba not installed")
 
@@ -22,10 +22,11 @@ def coupled(activation="tanh", *, nps=4, channels=1, sign=-1, dtype=torch.float3
     return layer
 
 
-def both_paths(layer, x, stop, u0=None, **kw):
-    fast = settle(layer, x, solver=SiteNewton(), stop=stop, u0=u0, **kw)
+def both_paths(layer, x, stop, u0=None, solver=None, **kw):
+    solver = solver or SiteNewton()
+    fast = settle(layer, x, solver=solver, stop=stop, u0=u0, **kw)
     with compiled.disabled():
-        ref = settle(layer, x, solver=SiteNewton(), stop=stop, u0=u0, **kw)
+        ref = settle(layer, x, solver=solver, stop=stop, u0=u0, **kw)
     return fast, ref
 
 
@@ -78,6 +79,38 @@ def test_compiled_settle_from_u0_cap_and_rule_order():
         fast, ref = both_paths(layer, x, stop)
         assert_same(fast, ref)
         assert bool((fast.status == code).all()) and bool((fast.steps == 1).all())
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_compiled_euler_equals_torch_path(activation):
+    """The seed's Euler (decaying schedule) and a constant step: same steps, status and states."""
+    layer = coupled(activation)
+    g = torch.Generator().manual_seed(11)
+    x, u0 = torch.randn(10, 64, generator=g), 0.1 * torch.randn(10, layer.state_size, generator=g)
+    for solver, stop in ((Euler(), RelativeChange(1e-4) | MaxSteps(3000)),
+                         (Euler(ConstantStep(0.5)), RelativeChange(1e-5) | MaxSteps(3000)),
+                         (Euler(), MaxSteps(7))):
+        fast, ref = both_paths(layer, x, stop, u0=u0, solver=solver)
+        assert_same(fast, ref, rtol=1e-4)
+    assert int(fast.steps.max()) == 7 and bool((fast.status == Status.MAX_STEPS).all())
+
+
+def test_compiled_euler_divergence_matches():
+    """Euler with a step far beyond stability: the state blows up, in both paths at the same step."""
+    layer = coupled(strength=0.5)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(12))
+    fast, ref = both_paths(layer, x, RelativeChange(1e-6) | MaxSteps(500), solver=Euler(ConstantStep(50.0)))
+    assert torch.equal(fast.status, ref.status) and torch.equal(fast.steps, ref.steps)
+    assert bool((fast.status == Status.DIVERGED).all())
+    assert torch.allclose(fast.u, ref.u, rtol=1e-4, atol=1e-4)  # the last finite state is returned
+
+
+def test_compiled_euler_needs_a_cap():
+    layer = coupled()
+    x = torch.randn(2, 64)
+    assert Euler().settle_compiled(layer, x, None, tol=1e-4, cap=None, cap_first=False, max_state_norm=1e6) is None
+    out = Euler().settle_compiled(layer, x, None, tol=1e-4, cap=3000, cap_first=False, max_state_norm=1e6)
+    assert out is not None and bool((out[3] == Status.SETTLED).all())
 
 
 def test_compiled_settle_divergence_matches():
@@ -178,3 +211,27 @@ def test_rational_tanh_is_within_one_ulp_of_correct_rounding():
     nan = np.empty(1, np.float32)
     evaluate(np.array([np.nan], np.float32), nan)
     assert np.isnan(nan[0])
+
+
+def test_without_numba_the_torch_path_runs():
+    """numba missing: dynsim imports, the kernels report unavailable, settle and learn still work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from dynsim import HebbianLayer, MaxSteps, RelativeChange, compiled, settle\n"
+        "from dynsim.plasticity import hebbian_update\n"
+        "from dynsim.solvers import Euler, SiteNewton\n"
+        "layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)\n"
+        "x = torch.randn(3, 64)\n"
+        "for solver in (SiteNewton(), Euler()):\n"
+        "    res = settle(layer, x, solver=solver, stop=RelativeChange(1e-4) | MaxSteps(3000))\n"
+        "    assert bool(res.converged.all())\n"
+        "hebbian_update(layer, x[:1], res.r[:1], 0.01)\n"
+        "print(compiled.available())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from dynsim.solvers.schedules import SEED_SCHEDULE, StepSchedule
@@ -73,6 +74,19 @@ class Euler(FixedStepSolver):
 
     name = "euler"
     evals_per_step = 1
+
+    def settle_compiled(self, system, x, u0, *, tol, cap, cap_first, max_state_norm):
+        """The compiled CPU loop of :mod:`dynsim.compiled` for a site-separable
+        :class:`~dynsim.systems.HebbianLayer` (NpS ≤ 16, CPU float tensors) with a step cap
+        (the step sizes ``dt_0 .. dt_{cap-1}`` are tabulated once per cap)."""
+        from dynsim import compiled
+
+        if cap is None or cap > 10_000_000:
+            return None
+        if getattr(self, "_dts", (None,))[0] != cap:
+            self._dts = (cap, np.array([self.schedule(n) for n in range(cap)], dtype=np.float64))
+        return compiled.try_settle(system, x, u0, method="euler", tol=tol, cap=cap, cap_first=cap_first,
+                                   max_state_norm=max_state_norm, dts=self._dts[1])
 
     def step(self, field, u, state, n):
         f = field(u)

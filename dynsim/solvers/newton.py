@@ -22,10 +22,6 @@ carries ``.system`` and ``.drive``); the system must provide
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import Solver
 
@@ -51,17 +47,8 @@ class SiteNewton(Solver):
         :class:`~dynsim.systems.HebbianLayer` with NpS ≤ 16, CPU float tensors, numba installed)."""
         from dynsim import compiled
 
-        if u0 is not None and not isinstance(u0, torch.Tensor):
-            return None
-        if not compiled.applies(system, *((x,) if u0 is None else (x, u0))):
-            return None
-        if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
-            return None  # the torch path raises the shape error
-        if u0 is not None and not bool(torch.isfinite(u0).all()):
-            return None  # the torch path names the bad row
-        return compiled.settle_site_newton(system, x, u0, tol=tol, cap=cap, cap_first=cap_first,
-                                           picard_start=self.picard_start,
-                                           bound=max_state_norm * math.sqrt(system.state_size))
+        return compiled.try_settle(system, x, u0, method="newton", tol=tol, cap=cap, cap_first=cap_first,
+                                   max_state_norm=max_state_norm, picard_start=self.picard_start)
 
     def step(self, field, u, state, n):
         system = getattr(field, "system", None)

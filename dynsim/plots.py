@@ -167,6 +167,7 @@ def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
             ax.axhline(100 * raw, color="grey", ls="--", lw=0.8, label="raw pixels")
         ax.set_title("streaming off" if not stream else f"streaming, input switches every {stream} steps", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     axes[0, 0].set_ylabel("test accuracy (%)")

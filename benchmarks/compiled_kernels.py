@@ -14,7 +14,9 @@ Rows (ratio = torch time / compiled time, > 1: the kernels are faster):
    1 and 2 threads (not a kernel: a layout choice measured here with the rest);
 7. the torch path's Newton lateral term ``s·A_k r_k`` (used on GPU and for NpS > 16): a
    broadcast ``matmul`` (copies A per sample) vs one ``bmm`` over sites;
-8. the float32 kernel's tanh: libm's ``tanhf`` vs the vectorisable rational, same batch.
+8. the float32 kernel's tanh: libm's ``tanhf`` vs the vectorisable rational, same batch;
+9. where the compiled Newton loop stops paying as NpS grows (4–48), batch 1 and 200: it sets
+   ``dynsim.compiled.MAX_NPS``.
 
 Usage: PYTHONPATH=. python benchmarks/compiled_kernels.py --out runs/compiled_kernels.json
 """
@@ -174,6 +176,36 @@ def lateral_rows(repeats):
     return rows
 
 
+def nps_rows(repeats):
+    """Where the compiled loop stops paying: settle with Newton at NpS 4–48 (random symmetric lateral
+    blocks, 28×28 inputs), batch 1 and batch 200, compiled vs torch (``MAX_NPS`` lifted for the test)."""
+    rows = []
+    old_max = compiled.MAX_NPS
+    compiled.MAX_NPS = 1000
+    try:
+        for nps in (4, 16, 32, 48):
+            layer = build_layer(DSSMConfig(data="fashion-mnist", nps=nps), (1, 28, 28))
+            g = torch.Generator().manual_seed(0)
+            noise = (0.3 / nps**0.5) * torch.randn(layer.lateral.weight.shape, generator=g)
+            layer.lateral.weight.add_((noise + noise.mT) / 2)
+            x = torch.randn(200, 784, generator=g)
+            for b, n_img in ((1, 20), (200, 200)):
+                def run(b=b, n_img=n_img, layer=layer, x=x):
+                    return [settle(layer, x[i:i + b], solver=SiteNewton(), stop=STOP) for i in range(0, n_img, b)]
+
+                run()
+                t_fast, fast = median_time(run, repeats)
+                with compiled.disabled():
+                    t_torch, ref = median_time(run, repeats)
+                same = all(torch.equal(a.steps, r.steps) for a, r in zip(fast, ref, strict=True))
+                rows.append({"what": f"9. Newton settle, NpS {nps}, batch {b} (ms per image)",
+                             "torch_or_baseline": t_torch / n_img * 1e3, "compiled": t_fast / n_img * 1e3,
+                             "ratio": t_torch / t_fast, "note": f"random lateral blocks; same steps {same}"})
+    finally:
+        compiled.MAX_NPS = old_max
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
@@ -275,6 +307,7 @@ def main(argv=None):
     rows += compile_rows()
     rows += probe_rows(args.repeats)
     rows += lateral_rows(args.repeats)
+    rows += nps_rows(args.repeats)
 
     print(f"{'what':<66} {'baseline':>10} {'compiled':>10} {'ratio':>7}  note")
     for r in rows:

@@ -77,7 +77,7 @@ class Euler(FixedStepSolver):
 
     def settle_compiled(self, system, x, u0, *, tol, cap, cap_first, max_state_norm):
         """The compiled CPU loop of :mod:`dynsim.compiled` for a site-separable
-        :class:`~dynsim.systems.HebbianLayer` (NpS ≤ 16, CPU float tensors) with a step cap
+        :class:`~dynsim.systems.HebbianLayer` (NpS ≤ 32, CPU float tensors) with a step cap
         (the step sizes ``dt_0 .. dt_{cap-1}`` are tabulated once per cap)."""
         from dynsim import compiled
 

@@ -44,7 +44,7 @@ class SiteNewton(Solver):
 
     def settle_compiled(self, system, x, u0, *, tol, cap, cap_first, max_state_norm):
         """The compiled CPU loop of :mod:`dynsim.compiled` where it applies (a site-separable
-        :class:`~dynsim.systems.HebbianLayer` with NpS ≤ 16, CPU float tensors, numba installed)."""
+        :class:`~dynsim.systems.HebbianLayer` with NpS ≤ 32, CPU float tensors, numba installed)."""
         from dynsim import compiled
 
         return compiled.try_settle(system, x, u0, method="newton", tol=tol, cap=cap, cap_first=cap_first,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -392,7 +393,10 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
     )
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
-    if threads > 1:  # large batches (evaluation) in torch's thread count, as torch would use
+    # numba's default (workqueue) threading layer must not be entered from two Python threads at
+    # once: parallel chunks only from the main thread, one thread elsewhere
+    if threads > 1 and threading.current_thread() is threading.main_thread():
+        # large batches (evaluation) in torch's thread count, as torch would use
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         n_evals = _settle_chunks(*args, threads)
     else:

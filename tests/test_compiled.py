@@ -140,6 +140,29 @@ def test_compiled_settle_parallel_chunks_equal_one_thread():
     assert one.n_evals == two.n_evals
 
 
+def test_compiled_settle_from_worker_threads():
+    """Two Python threads settling at once (the parallel layer is kept to the main thread)."""
+    import threading
+
+    layer = coupled()
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(13))
+    stop = RelativeChange(1e-5) | MaxSteps(50)
+    want = settle(layer, x, solver=SiteNewton(), stop=stop)
+    got = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers = [threading.Thread(target=lambda: got.append(settle(layer, x, solver=SiteNewton(), stop=stop)))
+                   for _ in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(old)
+    assert len(got) == 2 and all(torch.equal(g.u, want.u) and torch.equal(g.steps, want.steps) for g in got)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_compiled_online_update_equals_torch(channels):
     ref_layer = coupled(channels=channels)
@@ -235,3 +258,25 @@ def test_without_numba_the_torch_path_runs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("solver", ["auto", "euler"])
+def test_dssm_run_same_with_and_without_kernels(solver):
+    """End to end (online batch-1 training + evaluations): the kernels change the speed, not the run.
+
+    Same steps for every training input; weights within float rounding; same accuracy."""
+    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+
+    def run():
+        cfg = DSSMConfig(data="digits", epochs=2, images_per_epoch=60, eval_every=1, eval_train_size=300,
+                         eval_test_size=200, readout="probe", solver=solver, progress=False)
+        return run_dssm(cfg)
+
+    fast = run()
+    with compiled.disabled():
+        ref = run()
+    assert fast["system"]["solver"] == ref["system"]["solver"]
+    assert fast["iterations_per_input"] == ref["iterations_per_input"]
+    for a, b in zip(fast["history"], ref["history"], strict=True):
+        assert a["eval_mean_iterations"] == pytest.approx(b["eval_mean_iterations"], abs=0.02)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=0.011)

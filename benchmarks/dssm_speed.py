@@ -107,7 +107,6 @@ def main(argv=None):
     print(f"kernels compiled or loaded in {out['compile_or_cache_load_seconds']:.2f} s (not in any timing)", flush=True)
 
     # (b) first two epochs: reference vs dynsim from the same initial weights
-
     layer = copy.deepcopy(layer0)
     W, L = layer0.dense_weights()
     mw, ml = dense_masks(layer0)

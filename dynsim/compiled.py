@@ -86,7 +86,11 @@ def applies(layer, *tensors: torch.Tensor) -> bool:
 
 
 def _jit(fn):
-    return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn) if numba is not None else fn
+    # error_model="numpy": x / 0 gives inf/NaN (as in torch) instead of raising ZeroDivisionError, so a
+    # singular block reaches the NaN/box safeguard; it also lets divisions vectorise
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})(fn)
 
 
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
@@ -252,7 +256,7 @@ def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
 
 
 if numba is not None:
-    _settle_chunks = numba.njit(cache=True, nogil=True, parallel=True)(_settle_chunks)
+    _settle_chunks = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")(_settle_chunks)
 
 
 @_jit

@@ -264,7 +264,10 @@ def _solve_sites(a, b):
     """Solve ``a[:, :, s] z = b[:, s]`` for every site ``s`` by Gaussian elimination with partial
     pivoting (as LAPACK's getrf); ``a`` (M, M, S) is overwritten, ``b`` (M, S) becomes ``z``.
 
-    A zero pivot gives inf/NaN entries, as ``torch.linalg.solve_ex`` does for a singular matrix."""
+    A zero pivot is handled as LAPACK's getf2 does (its column is not eliminated; back
+    substitution then divides by zero), so a singular matrix gives the same inf/NaN pattern as
+    ``torch.linalg.solve_ex``: ±inf where the right-hand side is non-zero, which the caller's
+    box projection turns into a usable restart, NaN where it is 0/0."""
     m, _, n_sites = a.shape
     for c in range(m):
         for s in range(n_sites):  # pivot row of column c, swapped into place
@@ -285,7 +288,8 @@ def _solve_sites(a, b):
                 b[p, s] = t
         for i in range(c + 1, m):
             for s in range(n_sites):
-                factor = a[i, c, s] / a[c, c, s]
+                piv = a[c, c, s]
+                factor = a[i, c, s] / piv if piv != 0 else piv  # LAPACK skips a zero pivot's column
                 for j in range(c + 1, m):
                     a[i, j, s] -= factor * a[c, j, s]
                 b[i, s] -= factor * b[c, s]

@@ -280,3 +280,22 @@ def test_dssm_run_same_with_and_without_kernels(solver):
     for a, b in zip(fast["history"], ref["history"], strict=True):
         assert a["eval_mean_iterations"] == pytest.approx(b["eval_mean_iterations"], abs=0.02)
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=0.011)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 10, 17, 22, 30, 41, 50])
+def test_compiled_status_matches_torch_on_pathological_layers(seed):
+    """Singular Jacobians (L = 0 makes J(0) = 0), huge lateral weights, tiny and huge inputs, unstable
+    Euler steps: no exception, and the same status and steps as the torch path (a zero pivot is
+    handled as LAPACK does, so the safeguard restarts from the box, not from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    activation = ["tanh", "linear", "relu"][seed % 3]
+    layer = HebbianLayer((1, 6, 6), nps=1 + seed % 4, stride=2, radius=2.0, activation=activation,
+                         lateral_sign=[-1, 1][seed % 2])
+    layer.lateral.weight.add_([0.0, 0.5, 3.0, 1e3][seed % 4] * torch.randn(layer.lateral.weight.shape, generator=g))
+    if seed % 5 == 0:
+        layer.lateral.weight.zero_()
+    x = torch.randn(4, 36, generator=g) * [1.0, 1e-3, 1e3, 1e20][seed % 4]
+    for solver in (SiteNewton(), SiteNewton(picard_start=False), Euler(), Euler(ConstantStep(5.0))):
+        fast, ref = both_paths(layer, x, RelativeChange(1e-4) | MaxSteps(60), solver=solver)
+        assert torch.equal(fast.status, ref.status), (solver, fast.status, ref.status)
+        assert torch.equal(fast.steps, ref.steps), (solver, fast.steps, ref.steps)

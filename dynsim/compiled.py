@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
 # Above this the torch path (batched LAPACK) wins: at NpS 32 the compiled loop is still 1.3× (batch 1)
-# and 2.2× (batch 200) faster, at NpS 48 0.74× at batch 1 (benchmarks/compiled_kernels.py row 9)
+# and 2.2× (batch 200) faster, at NpS 48 0.80× at batch 1 (benchmarks/compiled_kernels.py row 9)
 MAX_NPS = 32
 _DTYPES = (torch.float32, torch.float64)
 METHOD_NEWTON, METHOD_PICARD_NEWTON, METHOD_EULER = 0, 1, 2
@@ -96,8 +96,8 @@ def _jit(fn):
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
 # rational fit to tanh(x)/x, relative error 2.2e-8, evaluated in float64 and rounded once, so
 # float32 results are within 1 ulp of libm's (max error 6e-8, as libm's tanhf; tests). Unlike a
-# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs takes 57 instead of
-# 91 µs per image (1 thread, same steps; benchmarks/compiled_kernels.py row 8).
+# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs takes 48 instead of
+# 89 µs per image (1 thread, same steps; benchmarks/compiled_kernels.py row 8).
 _TANH_P = (9.99999981e-01, 1.33816708e-01, 3.49634665e-03, 2.06213811e-05, 1.33713948e-08)
 _TANH_Q = (1.0, 4.67149872e-01, 2.58798861e-02, 3.28686631e-04, 7.78347625e-07)
 
@@ -138,7 +138,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
 
     Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
     the M × M elimination included, is a loop over the 196 sites that the compiler
-    vectorises: the elimination alone is 1.6–1.9× faster than site by site (M = 2–8,
+    vectorises: the elimination alone is 1.7–2.0× faster than site by site (M = 2–8,
     benchmarks/compiled_kernels.py row 4)."""
     n_sites, m_per, kc = w.shape
     k_in = ff_index.shape[1]

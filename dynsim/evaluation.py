@@ -282,7 +282,7 @@ class Evaluator(Callback):
     settling from the previous fixed points instead of rest (a sample still stops only
     when its own residual test passes, so "settled" means the same). On the torch path it
     was *slower* (3.0 vs 3.3 Newton steps, but 1.3× the time: the batch shrinks step by
-    step); with the compiled kernels (one sample at a time) it is 1.5× faster: 63 → 41 µs per
+    step); with the compiled kernels (one sample at a time) it is 1.5× faster: 55 → 36 µs per
     image, 5.61 → 2.95 steps (Fashion-MNIST, weights 15 epochs apart;
     benchmarks/compiled_kernels.py row 10).
     It stays off because warm-start state is not checkpointed: a resumed run would then

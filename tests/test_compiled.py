@@ -299,3 +299,14 @@ def test_compiled_status_matches_torch_on_pathological_layers(seed):
         fast, ref = both_paths(layer, x, RelativeChange(1e-4) | MaxSteps(60), solver=solver)
         assert torch.equal(fast.status, ref.status), (solver, fast.status, ref.status)
         assert torch.equal(fast.steps, ref.steps), (solver, fast.steps, ref.steps)
+
+
+def test_compiled_euler_follows_a_changed_schedule():
+    """The tabulated step sizes are keyed on the schedule: changing it on the solver takes effect."""
+    layer = coupled()
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(14))
+    solver = Euler(ConstantStep(0.1))
+    slow = settle(layer, x, solver=solver, stop=RelativeChange(1e-4) | MaxSteps(3000))
+    solver.schedule = ConstantStep(0.5)
+    fast, ref = both_paths(layer, x, RelativeChange(1e-4) | MaxSteps(3000), solver=solver)
+    assert torch.equal(fast.steps, ref.steps) and bool((fast.steps < slow.steps).all())

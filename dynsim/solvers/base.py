@@ -81,10 +81,11 @@ class Euler(FixedStepSolver):
         (the step sizes ``dt_0 .. dt_{cap-1}`` are tabulated once per cap)."""
         from dynsim import compiled
 
-        if cap is None or cap > 10_000_000:
+        if cap is None or cap > 10_000_000 or not compiled.applies(system, x):
             return None
-        if getattr(self, "_dts", (None,))[0] != cap:
-            self._dts = (cap, np.array([self.schedule(n) for n in range(cap)], dtype=np.float64))
+        key = (cap, self.schedule)
+        if getattr(self, "_dts", (None, None))[0] != key:
+            self._dts = (key, np.array([self.schedule(n) for n in range(cap)], dtype=np.float64))
         return compiled.try_settle(system, x, u0, method="euler", tol=tol, cap=cap, cap_first=cap_first,
                                    max_state_norm=max_state_norm, dts=self._dts[1])
 

@@ -346,25 +346,20 @@ def _arrays(layer) -> tuple:
     return cached[1]
 
 
-def try_settle(system, x: torch.Tensor, u0, *, method: str, tol: float | None, cap: int | None, cap_first: bool,
-               max_state_norm: float, picard_start: bool = True, dts: np.ndarray | None = None):
-    """:func:`settle_layer` where the kernels apply to ``system`` and the arguments, else ``None``
-    (then :func:`dynsim.settle`'s torch loop runs, and raises its own errors for bad shapes or
-    non-finite ``u0``). ``max_state_norm`` is ``settle``'s RMS bound."""
+def can_settle(system, x: torch.Tensor, u0) -> bool:
+    """The kernels apply to ``system`` with these arguments (else :func:`dynsim.settle`'s torch loop
+    runs, and raises its own errors for bad shapes or a non-finite ``u0``)."""
     if u0 is not None and not isinstance(u0, torch.Tensor):
-        return None
+        return False
     if not applies(system, *((x,) if u0 is None else (x, u0))):
-        return None
+        return False
     if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
-        return None
-    if u0 is not None and not bool(torch.isfinite(u0).all()):
-        return None
-    return settle_layer(system, x, u0, method=method, tol=tol, cap=cap, cap_first=cap_first,
-                        bound=max_state_norm * math.sqrt(system.state_size), picard_start=picard_start, dts=dts)
+        return False
+    return u0 is None or bool(torch.isfinite(u0).all())
 
 
 def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str, tol: float | None,
-                 cap: int | None, cap_first: bool, bound: float, picard_start: bool = True,
+                 cap: int | None, cap_first: bool, max_state_norm: float, picard_start: bool = True,
                  dts: np.ndarray | None = None):
     """Settle ``x`` (B, D_in) with the compiled loop (see module docstring).
 
@@ -372,7 +367,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     or ``"euler"`` (forward Euler, ``u ← u + dts[n]·F(u)``; ``dts`` holds at least ``cap`` step
     sizes). ``tol``/``cap``: the stop rule's tolerance on the field residual and step cap
     (``None``: absent; Euler needs a cap); ``cap_first``: the cap's status wins when both fire
-    on the same step; ``bound``: the divergence bound on ``‖u‖``.
+    on the same step; ``max_state_norm``: ``settle``'s RMS divergence bound. Call it where
+    :func:`can_settle` holds.
     Returns ``(u, r, steps, status, residual, n_evals)``.
     """
     if method == "euler":
@@ -397,7 +393,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
         x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
         npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
         -1.0 if tol is None else float(tol),
-        -1 if cap is None else int(cap), bool(cap_first), float(bound), float(torch.finfo(dtype).max),
+        -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
+        float(torch.finfo(dtype).max),
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
     )
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)

@@ -397,7 +397,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         x_test=ev_xte,
         y_test=ev_yte,
         solver=solver,
-        stop=stop_rule(config.threshold, config.max_steps, on=config.residual),
+        stop=stop,
         every=config.eval_every,
         epochs=config.epochs,
         readout=config.readout,

@@ -81,13 +81,13 @@ class Euler(FixedStepSolver):
         (the step sizes ``dt_0 .. dt_{cap-1}`` are tabulated once per cap)."""
         from dynsim import compiled
 
-        if cap is None or cap > 10_000_000 or not compiled.applies(system, x):
+        if cap is None or cap > 10_000_000 or not compiled.can_settle(system, x, u0):
             return None
         key = (cap, self.schedule)
         if getattr(self, "_dts", (None, None))[0] != key:
             self._dts = (key, np.array([self.schedule(n) for n in range(cap)], dtype=np.float64))
-        return compiled.try_settle(system, x, u0, method="euler", tol=tol, cap=cap, cap_first=cap_first,
-                                   max_state_norm=max_state_norm, dts=self._dts[1])
+        return compiled.settle_layer(system, x, u0, method="euler", tol=tol, cap=cap, cap_first=cap_first,
+                                     max_state_norm=max_state_norm, dts=self._dts[1])
 
     def step(self, field, u, state, n):
         f = field(u)

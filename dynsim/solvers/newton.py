@@ -47,8 +47,10 @@ class SiteNewton(Solver):
         :class:`~dynsim.systems.HebbianLayer` with NpS ≤ 32, CPU float tensors, numba installed)."""
         from dynsim import compiled
 
-        return compiled.try_settle(system, x, u0, method="newton", tol=tol, cap=cap, cap_first=cap_first,
-                                   max_state_norm=max_state_norm, picard_start=self.picard_start)
+        if not compiled.can_settle(system, x, u0):
+            return None
+        return compiled.settle_layer(system, x, u0, method="newton", tol=tol, cap=cap, cap_first=cap_first,
+                                     max_state_norm=max_state_norm, picard_start=self.picard_start)
 
     def step(self, field, u, state, n):
         system = getattr(field, "system", None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dynsim.config import add_config_argument, add_config_everywhere, parse_args_with_config, reject_unknown
 from dynsim.errors import ConfigError, DynsimError
+from dynsim.readouts import READOUTS
 
 
 def _optional(kind):
@@ -93,8 +94,10 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta-min", type=float, default=d.eta_min)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between readouts (and at the end)")
-    g.add_argument("--readout", default=d.readout, choices=("svc", "probe"),
-                   help="LinearSVC(C=1, balanced) as in the papers (default), or the torch linear probe")
+    g.add_argument("--readout", default=d.readout, choices=READOUTS,
+                   help="svc: LinearSVC(C=1, balanced)'s problem solved exactly by Newton (the papers' number, "
+                        "default); liblinear: sklearn's LinearSVC itself (slow, for cross-checks); ridge: exact "
+                        "one-vs-rest least squares (cheap, for relative comparisons)")
     g.add_argument("--eval-train-size", type=_optional(int), default=None, help="subsample train set for the readout")
     g.add_argument("--eval-test-size", type=_optional(int), default=None, help="subsample test set for the readout")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)

@@ -7,6 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
+from dynsim.readouts import READOUTS
+
 
 def _default_out(kind: str, data: str) -> str:
     return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -236,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--eval-train-size", type=int, default=None)
     p.add_argument("--eval-test-size", type=int, default=None)
-    p.add_argument("--readout", default="svc", choices=("svc", "probe"))
+    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any other DSSM setting for every cell"
     )

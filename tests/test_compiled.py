@@ -269,7 +269,7 @@ def test_dssm_run_same_with_and_without_kernels(solver):
 
     def run():
         cfg = DSSMConfig(data="digits", epochs=2, images_per_epoch=60, eval_every=1, eval_train_size=300,
-                         eval_test_size=200, readout="probe", solver=solver, progress=False)
+                         eval_test_size=200, readout="svc", solver=solver, progress=False)
         return run_dssm(cfg)
 
     fast = run()

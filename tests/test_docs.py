@@ -10,7 +10,7 @@ MODULES = [
     "dynsim",
     "dynsim.data",
     "dynsim.pipelines.ssl",
-    "dynsim.probe",
+    "dynsim.readouts",
     "dynsim.settle",
     "dynsim.sklearn",
     "dynsim.solvers.adaptive",

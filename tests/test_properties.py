@@ -119,7 +119,7 @@ CONFIG_VALUES = {
     "device": st.one_of(st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "meta", ""]), st.text(max_size=5)),
     "residual": st.sampled_from(["field", "increment", "both"]),
     "batch_rule": st.sampled_from(["sum", "mean", "max"]),
-    "readout": st.sampled_from(["svc", "probe", "knn"]),
+    "readout": st.sampled_from(["svc", "ridge", "knn"]),
     "on_divergence": st.sampled_from(["raise", "skip", "ignore"]),
     "data": st.sampled_from(["digits", "mnist", "imagenet"]),
     "out": st.one_of(st.none(), st.just(""), st.just("/"), st.just("runs/x.json"), st.integers()),

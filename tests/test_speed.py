@@ -12,7 +12,6 @@ import torch
 
 from dynsim import compiled, settle
 from dynsim.errors import ConfigError
-from dynsim.evaluation import fit_squared_hinge, linear_probe_accuracy
 from dynsim.plasticity import hebbian_update
 from dynsim.settle import BoundField, relative_norm
 from dynsim.solvers import Euler, SiteNewton, make_solver
@@ -161,40 +160,6 @@ def test_reference_loop_matches_dynsim_euler():
         torch.testing.assert_close(u, res.u[i], atol=1e-5, rtol=0)
 
 
-def test_probe_separates_a_separable_problem():
-    g = np.random.default_rng(0)
-    centres = g.normal(size=(3, 20)) * 4
-    y = g.integers(0, 3, size=600)
-    x = centres[y] + g.normal(size=(600, 20))
-    out = linear_probe_accuracy(x[:400], y[:400], x[400:], y[400:])
-    assert out["accuracy"] == 1.0 and out["train_accuracy"] == 1.0
-
-
-def test_probe_solves_linearsvc_objective():
-    from sklearn.svm import LinearSVC
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 12, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (500,), generator=g)
-    x[torch.arange(500), y] += 1.5
-    w = fit_squared_hinge(x, y, max_iter=500, tol=1e-8)
-    svc = LinearSVC(C=1.0, class_weight="balanced", dual=False, tol=1e-10, max_iter=100000).fit(x.numpy(), y.numpy())
-    ref = torch.as_tensor(np.vstack([svc.coef_.T, svc.intercept_[None]]))
-
-    def objective(v):  # LinearSVC's primal: ½‖w‖² + C Σ q_i max(0, 1 − t w·[x, 1])²
-        xb = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1)
-        t = -torch.ones(500, 4, dtype=x.dtype)
-        t[torch.arange(500), y] = 1
-        q = (500 / (4 * torch.bincount(y).double()))[y]
-        m = (1 - t * (xb @ v)).clamp_min(0)
-        return float(0.5 * (v * v).sum() + (q[:, None] * m * m).sum())
-
-    assert objective(w) <= objective(ref) * (1 + 1e-6)  # at least as good a minimiser as liblinear
-    xb = torch.cat([x, torch.ones(500, 1, dtype=x.dtype)], 1)
-    agree = ((xb @ w).argmax(1) == (xb @ ref).argmax(1)).double().mean()
-    assert float(agree) >= 0.99
-
-
 def test_newton_chunks_large_batches(monkeypatch):
     import dynsim.systems.hebbian as hebbian
 
@@ -234,19 +199,6 @@ def test_auto_solver_resolves_by_structure():
     assert DSSMConfig(stream_every=10).resolved_solver() == "euler"
     assert DSSMConfig(layers=2).resolved_solver() == "euler"
     assert DSSMConfig(threshold=None).resolved_solver() == "euler"
-
-
-def test_probe_warm_start_same_answer_fewer_iterations():
-    """Starting L-BFGS from a nearby solution reaches the same objective in fewer iterations."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 20, generator=g)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    cold: dict = {}
-    w = fit_squared_hinge(x, y, max_iter=500, tol=1e-6, info=cold)
-    warm: dict = {}
-    w2 = fit_squared_hinge(x + 0.01 * torch.randn(600, 20, generator=g), y, max_iter=500, tol=1e-6, w0=w, info=warm)
-    assert warm["iterations"] < cold["iterations"]
-    assert torch.allclose(w, w2, atol=0.05)
 
 
 def test_eval_warm_start_settles_from_previous_fixed_points():

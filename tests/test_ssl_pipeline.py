@@ -20,7 +20,7 @@ from dynsim.pipelines.ssl import (
     run_ssl,
     run_study,
 )
-from dynsim.probe import fit_linear_probe
+from dynsim.readouts import fit_linear_probe
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.rules import make_rules
 from dynsim.ssl.schedules import Greedy, RandomLayerwise, make_schedule

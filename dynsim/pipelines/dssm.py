@@ -151,13 +151,11 @@ class DSSMConfig:
             raise ConfigError(f"--residual must be 'field' or 'increment', got {self.residual!r}")
         if self.batch_rule not in BATCH_RULES:
             raise ConfigError(f"--batch-rule must be one of {', '.join(BATCH_RULES)}, got {self.batch_rule!r}")
+        if self.readout == "probe":
+            raise ConfigError("--readout probe (an unconverged L-BFGS fit) was removed: --readout svc solves "
+                              "LinearSVC's problem exactly and faster; --readout ridge is the cheap exact one")
         if self.readout not in READOUTS:
             raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        if self.readout == "probe":
-            import importlib.util
-
-            if importlib.util.find_spec("dynsim.probe") is None:
-                raise ConfigError("--readout probe needs dynsim.probe, which this build lacks; use --readout svc")
         if self.on_divergence not in ("raise", "skip"):
             raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
         for name in ("eta0", "eta_decay", "eta_min"):

@@ -31,7 +31,7 @@ import torch
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
 from dynsim.errors import ConfigError, DivergenceError
-from dynsim.probe import fit_linear_probe
+from dynsim.readouts import fit_linear_probe
 from dynsim.results import result_header, write_json_atomic
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings

@@ -1,0 +1,539 @@
+"""Linear readouts of frozen representations: the papers' LinearSVC, solved exactly and fast.
+
+Three readouts, one interface (:func:`fit_readout` → :class:`LinearReadout`):
+
+``svc`` (default)
+    The primal problem that ``sklearn.svm.LinearSVC(C, class_weight='balanced')`` hands to
+    liblinear (solver ``L2R_L2LOSS_SVC``), one-vs-rest. For class ``c`` with targets
+    ``t_i = +1`` if ``y_i = c`` else ``−1`` and the augmented input ``x̃_i = [x_i, s]``
+    (``s`` = ``intercept_scaling``; the intercept is regularised, as in liblinear)::
+
+        f_c(w) = ½ ‖w‖² + Σ_i C_i max(0, 1 − t_i wᵀx̃_i)²,
+        C_i = C · q_c  if y_i = c  else  C        (q_c = n / (k · n_c), 'balanced')
+
+    — liblinear weights the positives of each one-vs-rest problem by their class weight and
+    leaves the negatives at ``C`` (``train_one(…, weighted_C[c], C)`` in its ``train``).
+    Solved by a truncated Newton method (Lin, Weng & Keerthi, "Trust region Newton method for
+    large-scale logistic regression", JMLR 2008, the method of liblinear's TRON): conjugate
+    gradients on the generalised Hessian ``H_c = I + 2 X̃ᵀ D_c X̃`` (``D_c`` = ``C_i`` on the
+    active set ``1 − t_i wᵀx̃_i > 0``) with a diagonal preconditioner, then an exact line search
+    on the piecewise-quadratic objective. All ``k`` classes advance together, so every
+    product with the data is one matrix–matrix product of width ``k``. It stops with
+    liblinear's test, per class: ``‖∇f_c(w)‖ ≤ ε_c ‖∇f_c(0)‖``, ``ε_c = tol · min(n⁺_c, n⁻_c) / n``
+    — a test on the gradient at the current point relative to the gradient at zero, so a warm
+    start (``w0``, e.g. the previous evaluation's solution) stops at the same accuracy.
+``liblinear``
+    ``sklearn.svm.LinearSVC`` itself, for cross-checks.
+``ridge``
+    One-vs-rest least squares with targets ±1 and an unregularised intercept, solved exactly
+    by one Cholesky factorisation: ``(X_cᵀX_c + α I) W = X_cᵀ T`` on centred features —
+    ``sklearn.linear_model.RidgeClassifier(alpha)``'s solution. A cheap exact instrument for
+    relative comparisons; it is not the papers' number.
+
+:func:`fit_linear_probe` is the self-supervised pipelines' probe (Tang, Yang & Amit 2022):
+one linear layer trained with cross-entropy and Adam on mini-batches of frozen features
+(standardised with the training statistics).
+
+Shapes: features ``(n, d)``, labels ``(n,)`` integers ``0 … k−1``; weights ``(d + 1, k)`` whose
+last row multiplies the constant input (scores = ``X W[:-1] + W[-1]``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dynsim.errors import ConfigError, DataError
+
+READOUTS = ("svc", "liblinear", "ridge")
+
+
+@dataclass
+class LinearReadout:
+    """A fitted linear classifier: ``scores = features @ weights[:-1] + weights[-1]``.
+
+    ``info`` holds what the fit learned about itself (iterations, products, objective,
+    convergence).
+    """
+
+    weights: torch.Tensor  # (d + 1, k)
+    info: dict = field(default_factory=dict)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        return (features.to(w.dtype) @ w[:-1] + w[-1]).argmax(dim=1)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return float((self.predict(features) == labels).to(torch.float64).mean())
+
+
+def _augment(features: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[X, s]`` (n, d + 1)."""
+    return torch.cat([features, features.new_full((features.shape[0], 1), scaling)], dim=1)
+
+
+def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: str | None,
+                     dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``t`` (k, n) in ±1 and liblinear's per-sample costs ``C_i`` (k, n).
+
+    ``class_weight='balanced'`` gives class ``c`` the weight ``n / (k n_c)``, applied to the
+    positives of the one-vs-rest problem ``c`` only (liblinear); ``None``: all costs ``C``.
+    """
+    n = labels.shape[0]
+    cols = torch.arange(n, device=labels.device)
+    t = torch.full((k, n), -1.0, dtype=dtype, device=labels.device)
+    t[labels, cols] = 1.0
+    costs = torch.full((k, n), float(C), dtype=dtype, device=labels.device)
+    if class_weight == "balanced":
+        counts = torch.bincount(labels, minlength=k).to(torch.float64)
+        q = (n / (k * counts.clamp_min(1))).to(dtype)
+        costs[labels, cols] = C * q[labels]
+    elif class_weight is not None:
+        raise ConfigError(f"class_weight must be 'balanced' or None, got {class_weight!r}")
+    return t, costs
+
+
+# feature dimension up to which Newton directions come from the exact Hessian blocks (k dense
+# (d+1)² matrices); above it, from conjugate gradients (memory O(n k) instead of O(k d²))
+EXACT_HESSIAN_MAX_DIM = 4096
+
+
+@torch.no_grad()
+def fit_svc(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_classes: int | None = None,
+    C: float = 1.0,
+    tol: float = 1e-4,
+    class_weight: str | None = "balanced",
+    intercept_scaling: float = 1.0,
+    w0: torch.Tensor | None = None,
+    max_iter: int = 1000,
+    direction: str = "auto",
+    cg_forcing: float = 0.1,
+    max_cg: int = 500,
+) -> LinearReadout:
+    """LinearSVC's one-vs-rest primal problem (module docstring) by Newton's method.
+
+    Each iteration solves ``H_c s_c = −∇f_c`` for every class, then takes the exact line
+    search step. ``direction`` says how:
+
+    ``"hessian"``: the exact generalised Hessian ``H_c = I + 2 A_c``, ``A_c = Σ_{i active}
+    C_i x̃_i x̃_iᵀ``, factorised by Cholesky (float64). ``A_c`` is kept between iterations and
+    changed by the rows that entered or left the active set (or rebuilt from the active rows
+    when that is fewer); from ``w = 0`` every row is active and ``A_c = C G + C (q_c − 1) G_c``
+    from the per-class Gram matrices ``G_c`` (``G = Σ_c G_c``), one pass over the data.
+    ``"cg"``: conjugate gradients on ``H_c`` through products with the data (liblinear's
+    TRON does this), diagonal preconditioner, stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``.
+    ``"auto"``: ``"hessian"`` up to :data:`EXACT_HESSIAN_MAX_DIM` features, else ``"cg"``.
+
+    Parameters
+    ----------
+    features : (n, d) float tensor; labels : (n,) long in ``0 … k−1``.
+    C, tol, class_weight, intercept_scaling : as ``sklearn.svm.LinearSVC`` (``tol`` is
+        liblinear's ``eps``; its stopping test is in the module docstring).
+    w0 : (d + 1, k) start (warm start); zeros when None. The stopping test does not depend on it.
+    max_iter : Newton iterations at most (LinearSVC's ``max_iter``).
+
+    Returns
+    -------
+    :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
+    ``products`` (products with the data of width k), ``gram_rows`` (rows that went into
+    Hessian blocks), ``objective`` (per class, float64), ``gradient_ratio``
+    (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``, ``direction``.
+    """
+    n, d = features.shape
+    if labels.shape != (n,):
+        raise DataError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+    if direction == "auto":
+        direction = "hessian" if d + 1 <= EXACT_HESSIAN_MAX_DIM else "cg"
+    if direction not in ("hessian", "cg"):
+        raise ConfigError(f"direction must be 'auto', 'hessian' or 'cg', got {direction!r}")
+    n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+    dtype, device = features.dtype, features.device
+    x = _augment(features, intercept_scaling)  # (n, d+1)
+    x_t = x.T.contiguous()  # (d+1, n): both layouts, so that every product is a "wide" one
+    t, costs = svc_sample_costs(labels, n_classes, C=C, class_weight=class_weight, dtype=dtype)
+    binary = n_classes == 2
+    if binary:  # liblinear: one problem, class 1 positive (cost C q_1), class 0 negative (C q_0)
+        costs = torch.where(t[1] > 0, costs[1], costs[0])[None]
+        t = t[1:]
+        if w0 is not None and tuple(w0.shape) == (d + 1, 2):
+            w0 = w0[:, 1:]
+    k = t.shape[0]
+    pos = (t > 0).sum(dim=1).to(torch.float64)
+    eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
+    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0}
+
+    def gradient(w_t: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+        """∇f (k, d+1) from the weights (k, d+1) and the slacks max(0, 1 − t z) (k, n)."""
+        stats["products"] += 1
+        return w_t - 2.0 * ((costs * t * slack) @ x)
+
+    g0_norm = torch.linalg.vector_norm(  # the gradient at zero, where every slack is 1
+        gradient(torch.zeros(k, d + 1, dtype=dtype, device=device), torch.ones_like(costs)).double(), dim=1)
+    w_t = torch.zeros(k, d + 1, dtype=dtype, device=device)
+    if w0 is not None:
+        if tuple(w0.shape) != (d + 1, k):
+            raise ConfigError(f"w0 has shape {tuple(w0.shape)}, expected {(d + 1, k)}")
+        w_t = w0.T.to(dtype=dtype, device=device).contiguous()
+    z = w_t @ x_t  # (k, n) scores
+    stats["products"] += 1
+    slack = (1.0 - t * z).clamp_min_(0.0)
+    g = gradient(w_t, slack)
+    g_norm = torch.linalg.vector_norm(g.double(), dim=1)
+    target = eps * g0_norm
+    blocks = _HessianBlocks(x, labels, costs, k) if direction == "hessian" else None
+    newton = 0
+    while newton < max_iter and bool((g_norm > target).any()):
+        newton += 1
+        # the classes are k independent problems: one that has passed its test stays where it is
+        running = g_norm > target
+        active = slack > 0
+        if blocks is not None:
+            s = blocks.newton_direction(active, g, running, stats)
+        else:
+            s = _cg_direction(x, x_t, costs * active, g, g_norm * cg_forcing, max_cg, stats)
+            s[~running] = 0.0
+        xs = s @ x_t
+        stats["products"] += 1
+        step = _line_search(w_t, s, z, xs, t, costs)
+        w_t += step[:, None] * s
+        z = w_t @ x_t  # afresh rather than z + α X̃s: no drift of the scores
+        stats["products"] += 1
+        slack = (1.0 - t * z).clamp_min_(0.0)
+        g = gradient(w_t, slack)
+        g_norm = torch.linalg.vector_norm(g.double(), dim=1)
+    w64 = w_t.double()  # the objective per class, in float64 from the final weights
+    z64 = w64 @ x_t.double()
+    obj = 0.5 * (w64**2).sum(dim=1) + (costs.double() * (1.0 - t.double() * z64).clamp_min(0.0) ** 2).sum(dim=1)
+    info = {
+        "newton_iterations": newton,
+        **stats,
+        "objective": obj.cpu().numpy(),
+        "gradient_ratio": (g_norm / g0_norm).cpu().numpy(),
+        "converged": bool((g_norm <= target).all()),
+        "direction": direction,
+    }
+    weights = w_t.T.contiguous()
+    if binary:  # scores (−z, z): argmax is liblinear's sign rule
+        weights = torch.cat([-weights, weights], dim=1)
+    return LinearReadout(weights, info)
+
+
+class _HessianBlocks:
+    """``A_c = Σ_{i active in c} C_i x̃_i x̃_iᵀ`` for every class, kept along the iterations.
+
+    The rank updates go through float32 (or the data's dtype) matrix products and are
+    accumulated in float64; the Newton system ``(I + 2 A_c) s_c = −∇f_c`` is solved by a
+    batched float64 Cholesky factorisation.
+    """
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, costs: torch.Tensor, k: int):
+        self.x, self.labels, self.costs, self.k = x, labels, costs, k
+        self.a = torch.zeros(k, x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.active: torch.Tensor | None = None  # (k, n) the active sets A_c was built for
+
+    def _weighted_gram(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        xr = self.x[rows]
+        return ((xr * weights[:, None]).T @ xr).double()
+
+    def update(self, active: torch.Tensor, classes: list[int], stats: dict) -> None:
+        """Bring ``A_c`` of ``classes`` to the active sets ``active`` (k, n)."""
+        x, costs = self.x, self.costs
+        if self.active is None and bool(active.all()):
+            # every row active (w = 0): A_c = Σ_j C_cj G_j over the label groups j, G_j their
+            # Gram matrices, C_cj the cost that problem c gives to the rows of label j
+            for j in torch.unique(self.labels).tolist():
+                rows = torch.nonzero(self.labels == j).squeeze(1)
+                gram = (x[rows].T @ x[rows]).double()
+                stats["gram_rows"] += rows.numel()
+                for c in range(self.k):
+                    self.a[c] += float(costs[c, rows[0]]) * gram
+            self.active = active.clone()
+            return
+        if self.active is None:
+            self.active = torch.zeros_like(active)
+        for c in classes:
+            changed = torch.nonzero(active[c] ^ self.active[c]).squeeze(1)
+            now = torch.nonzero(active[c]).squeeze(1)
+            if changed.numel() == 0:
+                continue
+            if changed.numel() < now.numel():
+                sign = torch.where(active[c][changed], 1.0, -1.0).to(x.dtype)
+                self.a[c] += self._weighted_gram(changed, sign * costs[c][changed])
+                stats["gram_rows"] += changed.numel()
+            else:
+                self.a[c] = self._weighted_gram(now, costs[c][now]) if now.numel() else 0.0
+                stats["gram_rows"] += now.numel()
+            self.active[c] = active[c]
+
+    def _hessian(self, classes: torch.Tensor) -> torch.Tensor:
+        h = 2.0 * self.a[classes]
+        h.diagonal(dim1=1, dim2=2).add_(1.0)
+        return h
+
+    def newton_direction(self, active: torch.Tensor, g: torch.Tensor, running: torch.Tensor,
+                         stats: dict) -> torch.Tensor:
+        """``s_c = −(I + 2 A_c)⁻¹ ∇f_c`` for the running classes, 0 for the others (k, D)."""
+        classes = torch.nonzero(running).squeeze(1)
+        self.update(active, classes.tolist(), stats)
+        chol, failed = torch.linalg.cholesky_ex(self._hessian(classes))
+        if bool(failed.any()):
+            # rounding in the rank updates (large features, many removals) lost definiteness:
+            # rebuild those blocks from the active rows in float64, where I + 2 A_c is definite
+            for c in classes[failed > 0].tolist():
+                rows = torch.nonzero(active[c]).squeeze(1)
+                xr = self.x[rows].double()
+                self.a[c] = (xr * self.costs[c][rows].double()[:, None]).T @ xr
+                stats["gram_rows"] += rows.numel()
+            chol = torch.linalg.cholesky(self._hessian(classes))
+        s = torch.zeros_like(g)
+        s[classes] = torch.cholesky_solve(-g[classes].double()[:, :, None], chol)[:, :, 0].to(g.dtype)
+        return s
+
+
+def _cg_direction(x, x_t, active_cost, g, cg_tol, max_cg, stats) -> torch.Tensor:
+    """Diagonal-preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once."""
+    precond = 1.0 + 2.0 * (active_cost @ (x * x))  # diag(H) (k, d+1)
+    stats["products"] += 1
+    s = torch.zeros_like(g)
+    r = -g
+    zr = r / precond
+    p = zr.clone()
+    rz = (r * zr).sum(dim=1, dtype=torch.float64)
+    live = torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
+    for _ in range(max_cg):
+        if not bool(live.any()):
+            break
+        hp = p + 2.0 * ((active_cost * (p @ x_t)) @ x)
+        stats["products"] += 2
+        stats["cg_iterations"] += 1
+        php = (p * hp).sum(dim=1, dtype=torch.float64)
+        alpha = torch.where(live, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
+        s += alpha * p
+        r -= alpha * hp
+        live &= torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
+        zr = r / precond
+        rz_new = (r * zr).sum(dim=1, dtype=torch.float64)
+        beta = torch.where(live, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
+        p = zr + beta * p
+        rz = rz_new
+    return s
+
+
+def _line_search(w_t, s, z, xs, t, costs, iterations: int = 20) -> torch.Tensor:
+    """Exact minimiser ``α_c`` of ``φ_c(α) = f_c(w + α s)`` for each class (k,).
+
+    ``φ`` is a convex piecewise quadratic: ``φ'(α) = wᵀs + α sᵀs − 2 Σ C_i t_i (X̃s)_i ξ_i(α)``
+    with slacks ``ξ_i(α) = max(0, 1 − t_i (z_i + α (X̃s)_i))``; solved by 1-D Newton from
+    ``α = 1`` (the Newton step), which ends in finitely many steps once the active set
+    settles. Cost O(n k) per iteration: no product with the data.
+    """
+    ws = (w_t.double() * s.double()).sum(dim=1)
+    ss = (s.double() ** 2).sum(dim=1)
+    ts = (t * xs).double()
+    tz = (t * z).double()
+    c = costs.double()
+    lo = torch.zeros_like(ws)
+    hi = torch.full_like(ws, float("inf"))
+    alpha = torch.ones_like(ws)
+    for _ in range(iterations):
+        slack = 1.0 - tz - alpha[:, None] * ts
+        on = slack > 0
+        d1 = ws + alpha * ss - 2.0 * (c * ts * slack * on).sum(dim=1)
+        d2 = ss + 2.0 * (c * ts * ts * on).sum(dim=1)
+        lo = torch.where(d1 < 0, alpha, lo)
+        hi = torch.where(d1 >= 0, alpha, hi)
+        new = alpha - d1 / d2.clamp_min(1e-300)
+        outside = (new <= lo) | (new >= hi)  # safeguard: bisect the bracket (φ' is monotone)
+        new = torch.where(outside & torch.isfinite(hi), 0.5 * (lo + hi), torch.where(outside, 2 * lo, new))
+        done = (new - alpha).abs() <= 1e-10 * alpha.abs().clamp_min(1.0)
+        alpha = new
+        if bool(done.all()):
+            break
+    return alpha.clamp_min(0.0).to(w_t.dtype)
+
+
+@torch.no_grad()
+def fit_ridge(features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None,
+              alpha: float = 1.0) -> LinearReadout:
+    """One-vs-rest ridge regression on ±1 targets, intercept unregularised (exact, one solve).
+
+    Solves ``(X_cᵀ X_c + α I) W = X_cᵀ T_c`` with ``X_c``, ``T_c`` the centred features and
+    targets (``T_ic = +1`` if ``y_i = c`` else −1), intercept ``b = t̄ − x̄ᵀ W`` — the solution of
+    ``sklearn.linear_model.RidgeClassifier(alpha)`` for k > 2 classes (for two, the same
+    decision). The Gram matrix is formed in the features' dtype and solved in float64
+    (Cholesky).
+    """
+    n, d = features.shape
+    k = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+    t = torch.full((n, k), -1.0, dtype=features.dtype, device=features.device)
+    t[torch.arange(n, device=features.device), labels] = 1.0
+    mean_x, mean_t = features.mean(dim=0), t.mean(dim=0)
+    xc = features - mean_x
+    gram = (xc.T @ xc).double()
+    gram.diagonal().add_(alpha)
+    rhs = (xc.T @ (t - mean_t)).double()
+    w = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
+    b = mean_t.double() - mean_x.double() @ w
+    weights = torch.cat([w, b[None]], dim=0).to(features.dtype)
+    return LinearReadout(weights, {"alpha": alpha, "converged": True})
+
+
+def fit_liblinear(features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None, C: float = 1.0,
+                  tol: float = 1e-4, max_iter: int = 1000) -> LinearReadout:
+    """``sklearn.svm.LinearSVC(C, class_weight='balanced', tol, max_iter)`` itself (liblinear,
+    primal for n > d as ``dual='auto'`` chooses), as a :class:`LinearReadout` for cross-checks."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    x = features.cpu().numpy()
+    y = labels.cpu().numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = LinearSVC(C=C, class_weight="balanced", dual="auto", tol=tol, max_iter=max_iter, random_state=0)
+        model.fit(x, y)
+    coef = np.vstack([model.coef_.T, model.intercept_[None]])  # (d+1, k) or (d+1, 1) for two classes
+    if coef.shape[1] == 1:
+        coef = np.hstack([-coef, coef])
+    weights = torch.as_tensor(coef, dtype=features.dtype, device=features.device)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return LinearReadout(weights, {"newton_iterations": int(np.max(model.n_iter_)), "converged": converged})
+
+
+def fit_readout(name: str, features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None,
+                w0: torch.Tensor | None = None) -> LinearReadout:
+    """Fit the readout ``name`` (one of :data:`READOUTS`); ``w0`` warm-starts ``svc``."""
+    if name == "svc":
+        return fit_svc(features, labels, n_classes=n_classes, w0=w0)
+    if name == "ridge":
+        return fit_ridge(features, labels, n_classes=n_classes)
+    if name == "liblinear":
+        return fit_liblinear(features, labels, n_classes=n_classes)
+    raise ConfigError(f"unknown readout {name!r}; choose one of {', '.join(READOUTS)}")
+
+
+def readout_accuracy(name: str, f_train, y_train, f_test, y_test, *, w0: torch.Tensor | None = None,
+                     device: str | torch.device = "cpu") -> dict:
+    """Fit readout ``name`` on (f_train, y_train) and score it.
+
+    Returns ``accuracy`` (test), ``train_accuracy``, ``readout_seconds``, ``readout_converged``,
+    ``readout_iterations`` (Newton iterations; 0 for ridge), ``test_predictions`` (M,) int8 and
+    ``weights`` ((d + 1, k), e.g. to warm-start the next fit).
+    """
+    t0 = time.perf_counter()
+    ftr = torch.as_tensor(np.asarray(f_train), dtype=torch.float32, device=device)
+    fte = torch.as_tensor(np.asarray(f_test), dtype=torch.float32, device=device)
+    ytr = torch.as_tensor(np.asarray(y_train), dtype=torch.long, device=device)
+    yte = torch.as_tensor(np.asarray(y_test), dtype=torch.long, device=device)
+    if ftr.ndim != 2 or fte.ndim != 2 or ftr.shape[1] != fte.shape[1] or len(ftr) != len(ytr) or len(fte) != len(yte):
+        raise DataError(f"feature/label shapes disagree: train {tuple(ftr.shape)} / {tuple(ytr.shape)}, "
+                        f"test {tuple(fte.shape)} / {tuple(yte.shape)}")
+    if not (torch.isfinite(ftr).all() and torch.isfinite(fte).all()):
+        raise DataError("features contain NaN or Inf; the representation diverged")
+    k = int(max(int(ytr.max()), int(yte.max()))) + 1
+    model = fit_readout(name, ftr, ytr, n_classes=k, w0=w0)
+    pred = model.predict(fte)
+    return {
+        "accuracy": float((pred == yte).to(torch.float64).mean()),
+        "train_accuracy": model.accuracy(ftr, ytr),
+        "readout_seconds": time.perf_counter() - t0,
+        "readout_converged": bool(model.info.get("converged", True)),
+        "readout_iterations": int(model.info.get("newton_iterations", 0)),
+        "test_predictions": pred.to(torch.int8).cpu().numpy(),
+        "weights": model.weights,
+    }
+
+
+def _as_tensor(a, dtype) -> torch.Tensor:
+    return (
+        a.to(dtype) if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
+    )
+
+
+def fit_linear_probe(
+    f_train: torch.Tensor | np.ndarray,
+    y_train: torch.Tensor | np.ndarray,
+    f_test: torch.Tensor | np.ndarray,
+    y_test: torch.Tensor | np.ndarray,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Train a linear classifier on frozen features and report accuracy.
+
+    Parameters
+    ----------
+    f_train, f_test : (N, D) and (M, D) features.
+    y_train, y_test : (N,) and (M,) integer labels in ``0..C−1``.
+    epochs : passes over the training features.
+    lr : Adam learning rate.
+    batch_size : mini-batch size.
+    seed : seeds the weights and the batch order.
+    device : where to train.
+
+    Returns
+    -------
+    dict with ``test_accuracy``, ``train_accuracy`` (fractions in [0, 1]), ``epochs``,
+    ``n_features``, ``seconds``.
+
+    Examples
+    --------
+    >>> f = torch.tensor([[0.0], [1.0], [2.0], [3.0]]); y = torch.tensor([0, 0, 1, 1])
+    >>> fit_linear_probe(f, y, f, y, epochs=300, lr=0.1, batch_size=4, seed=0)["test_accuracy"]
+    1.0
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ConfigError(
+            f"probe epochs = {epochs}, batch_size = {batch_size}, lr = {lr}: "
+            f"all must be positive (e.g. epochs=20, batch_size=256, lr=1e-3)"
+        )
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    xtr = _as_tensor(f_train, torch.float32).to(device).flatten(1)
+    xte = _as_tensor(f_test, torch.float32).to(device).flatten(1)
+    ytr = _as_tensor(y_train, torch.long).to(device)
+    yte = _as_tensor(y_test, torch.long).to(device)
+    if len(xtr) != len(ytr) or len(xte) != len(yte) or xtr.shape[1] != xte.shape[1]:
+        raise DataError(
+            f"feature/label shapes disagree: train {tuple(xtr.shape)} / {tuple(ytr.shape)}, "
+            f"test {tuple(xte.shape)} / {tuple(yte.shape)}"
+        )
+    if not (torch.isfinite(xtr).all() and torch.isfinite(xte).all()):
+        raise DataError("features contain NaN or Inf; the encoder diverged (lower the lr)")
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(xtr.shape[1], n_classes).to(device)
+    with torch.no_grad():  # zero start: the fit does not depend on an init draw
+        layer.weight.zero_()
+        layer.bias.zero_()
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in tqdm(range(epochs), desc="probe", disable=not progress, leave=False):
+        for idx in torch.randperm(len(xtr), generator=gen).to(device).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(layer(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc_train = (layer(xtr).argmax(1) == ytr).float().mean().item()
+        acc_test = (layer(xte).argmax(1) == yte).float().mean().item()
+    return {
+        "test_accuracy": acc_test,
+        "train_accuracy": acc_train,
+        "epochs": epochs,
+        "n_features": int(xtr.shape[1]),
+        "seconds": time.perf_counter() - t0,
+    }

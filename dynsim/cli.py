@@ -103,6 +103,10 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seeds", default=None, metavar="LIST",
+                   help="run once per seed (e.g. 0,1,2 or 0-4), in parallel, and report mean ± s.e. over seeds; "
+                        "each seed's result lies in <out stem>_seeds/")
+    g.add_argument("--workers", type=int, default=None, help="with --seeds: processes (default: min(seeds, 2))")
     g.add_argument("--device", default=d.device, help="cpu or cuda")
     g.add_argument("--threads", type=_optional(int), default=d.threads,
                    help="torch CPU threads (default 1: fastest for batch-1 settling on 2 cores)")
@@ -135,7 +139,10 @@ def _config_from_args(args: argparse.Namespace):
 def cmd_run_dssm(args: argparse.Namespace) -> int:
     from dynsim.pipelines.dssm import run_dssm
 
-    result = run_dssm(_config_from_args(args), resume=args.resume)
+    config = _config_from_args(args)
+    if args.seeds is not None:
+        return _run_dssm_seeds(config, args)
+    result = run_dssm(config, resume=args.resume)
     f = result["final"]
     acc = f["test_accuracy"]
     print(
@@ -145,6 +152,31 @@ def cmd_run_dssm(args: argparse.Namespace) -> int:
         if acc is not None
         else "no evaluation was run"
     )
+    for key, path in result.get("files", {}).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def _run_dssm_seeds(config, args: argparse.Namespace) -> int:
+    from dynsim.studies.seeds import parse_seeds, run_dssm_seeds
+
+    seeds = parse_seeds(args.seeds)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    result = run_dssm_seeds(config, seeds, workers=args.workers)
+    f = result["final"]
+    n = f["n_seeds"]
+
+    def pm(mean, sem, unit="%"):
+        return f"{100 * mean:+.2f} {unit}" if unit == "pt" and sem is None else (
+            f"{100 * mean:.2f}" + (f" ± {100 * sem:.2f} {unit}" if sem is not None else f" {unit} (one seed)"))
+
+    print(f"test accuracy {pm(f['test_accuracy_mean'], f['test_accuracy_sem'])} (mean ± s.e. over {n} seeds: "
+          + ", ".join(f"{100 * a:.2f}" for a in f["test_accuracy_per_seed"]) + ")")
+    raw = f["raw_pixel_accuracy"]
+    if isinstance(raw, float):
+        print(f"raw pixels {100 * raw:.2f} %; gain over raw pixels "
+              f"{pm(f['gain_over_raw_mean'], f['gain_over_raw_sem'], 'pt')} (paired, same split)")
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
     return 0

@@ -235,3 +235,29 @@ def plot_convergence_pareto(study: dict[str, Any]) -> Figure:
     axes[0].set_ylabel("final test accuracy (%) (squares: streaming)")
     fig.tight_layout()
     return fig
+
+
+def plot_seed_accuracy(result: dict[str, Any]) -> Figure:
+    """``run dssm --seeds``: test accuracy vs images seen, mean ± standard error over the seeds
+    (band), each seed thin, and the raw-pixel baseline dashed."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in result["per_seed"]:
+        ax.plot([h["images_seen"] for h in r["history"]], [100 * h["test_accuracy"] for h in r["history"]],
+                "-", lw=0.7, alpha=0.5, color="C0")
+    rows = result["history_mean"]
+    xs = np.array([h["images_seen"] for h in rows], dtype=float)
+    m = np.array([100 * h["test_accuracy_mean"] for h in rows])
+    se = np.array([100 * (h["test_accuracy_sem"] or 0.0) for h in rows])
+    n = result["final"]["n_seeds"]
+    ax.plot(xs, m, "o-", color="C0", label=f"DSSM, mean ± s.e. over {n} seed{'s' if n > 1 else ''}")
+    ax.fill_between(xs, m - se, m + se, color="C0", alpha=0.25, lw=0)
+    raw = result["final"].get("raw_pixel_accuracy")
+    if isinstance(raw, float):
+        ax.axhline(100 * raw, ls="--", color="grey", label=f"raw pixels ({100 * raw:.2f} %)")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(_title(result), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

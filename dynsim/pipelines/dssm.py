@@ -383,7 +383,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
             raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
                               f"use at least {2 * ds.n_classes} or 'none' for all")
     t0 = time.perf_counter()  # raw-pixel baseline with the run's readout (LinearSVC takes minutes on 60k)
-    baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte)
+    baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
     baseline.pop("weights", None)
     baseline_seconds = time.perf_counter() - t0
 
@@ -445,6 +445,9 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     eval_seconds = sum(h.get("eval_seconds", 0.0) for h in history)
     evaluated = [h for h in history if "test_accuracy" in h]
     its = np.asarray(monitor.iterations)
+    paired = None
+    if evaluator.test_predictions is not None:
+        paired = paired_difference(evaluator.test_predictions[-1], baseline["test_predictions"], ev_yte)
     result = {
         **result_header("run dssm", config, device=str(device)),
         "data": {"name": ds.name, "n_train": len(x_train), "n_test": len(x_test), "image_shape": ds.image_shape,
@@ -458,6 +461,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
             "best_test_accuracy": max((h["test_accuracy"] for h in evaluated), default=None),
             "layer_test_accuracy": evaluated[-1].get("layer_test_accuracy") if evaluated else None,
             "raw_pixel_accuracy": baseline["accuracy"],
+            "gain_over_raw": paired,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "total_seconds": time.perf_counter() - t_start,
@@ -473,6 +477,15 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     if config.out:
         result["files"] = write_outputs(result, Path(config.out))
     return result
+
+
+def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy difference of two classifiers on the same test images, with its standard error
+    over images: ``d̄ = mean(c_i − b_i)``, ``se = std(c_i − b_i, ddof=1) / √M`` with ``c_i, b_i``
+    ∈ {0, 1} the per-image correctness (a paired comparison: the same M images)."""
+    diff = (np.asarray(pred) == y).astype(np.float64) - (np.asarray(pred_base) == y).astype(np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return {"difference": float(diff.mean()), "se_test_images": se}
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:

@@ -84,7 +84,7 @@ def measure(name: str, xtr, ytr, xte, yte, prev_svc: torch.Tensor | None, rows_d
         print(f"  {name:>10} {key:>18}: {seconds:7.2f} s  acc {100 * out[key]['test_accuracy']:.2f} %", flush=True)
     ref_obj = np.asarray(out["liblinear"]["objective"])
     ref_pred = np.asarray(out["liblinear"]["predictions"])
-    for key, row in out.items():
+    for row in out.values():
         if not isinstance(row, dict) or "objective" not in row:
             continue
         obj = np.asarray(row["objective"])

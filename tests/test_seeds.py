@@ -49,7 +49,7 @@ def test_seeds_combine_single_runs_and_resume(tmp_path, capsys):
     assert f["test_accuracy_mean"] == pytest.approx(np.mean(singles))
     assert f["test_accuracy_sem"] == pytest.approx(np.std(singles, ddof=1) / math.sqrt(2))
     raw = f["raw_pixel_accuracy_per_seed"]  # the subsets depend on the seed, so does the baseline
-    assert f["gain_over_raw_per_seed"] == pytest.approx([a - r for a, r in zip(singles, raw)])
+    assert f["gain_over_raw_per_seed"] == pytest.approx([a - r for a, r in zip(singles, raw, strict=True)])
     saved = json.loads(out.read_text())
     assert saved["final"]["test_accuracy_per_seed"] == singles and saved["seeds"] == [0, 1]
     assert (tmp_path / "run_accuracy.png").stat().st_size > 0

@@ -81,9 +81,8 @@ def seed_out(out: Path, seed: int) -> Path:
 
 def dssm_seed_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """One seed of a DSSM run (top-level, picklable for the sweep runner)."""
-    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
-
     from dynsim.checkpoint import checkpoint_path
+    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
     config = DSSMConfig.from_dict(cell["config"])
     out = Path(config.out)

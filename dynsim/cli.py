@@ -78,9 +78,13 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=_optional(int), default=d.max_steps,
                    help="iteration cap per input (default: %(default)s; 'none': no cap)")
     g.add_argument("--residual", default=d.residual, choices=("field", "increment"),
-                   help="judge T on the vector field (default) or on the last step's relative change (seed)")
+                   help="judge T on the vector field ‖du/ds‖/‖u‖ (default: the test of the authors' and the "
+                        "report's code) or on the last step's relative change ‖Δu‖/‖u‖ (looser by 1/dt)")
     g.add_argument("--stream-every", type=_optional(int), default=None,
                    help="streaming input: keep the state between inputs, switch input every K steps")
+    g.add_argument("--stream-carry", default=d.stream_carry, choices=("u", "r"),
+                   help="streaming carries the state u (default) or the rates r with u restarted at 0 "
+                        "(the reproduction report's code; needs --solver euler)")
     g.add_argument("--on-divergence", default=d.on_divergence, choices=("raise", "skip"))
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")

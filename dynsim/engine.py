@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from dynsim.callbacks import Callback, overrides
 from dynsim.errors import ConfigError, DivergenceError
-from dynsim.settle import SettleResult, StepHook, settle
+from dynsim.settle import SettleResult, StepHook, relative_norm, settle
 from dynsim.solvers.base import Solver
-from dynsim.stopping import MaxSteps, StopRule
+from dynsim.stopping import MaxSteps, Status, StopRule
 from dynsim.systems.base import System
 
 
@@ -53,6 +53,9 @@ class Batch:
 Settler = Callable[[Batch, StepHook | None], Any]
 
 
+STREAM_CARRIES = ("u", "r")
+
+
 class DynamicsSettler:
     """Settles an ODE :class:`System` on each batch with a solver and a stop rule.
 
@@ -66,6 +69,14 @@ class DynamicsSettler:
     on_divergence : {"raise", "skip"}
         What to do when a sample diverges: raise :class:`DivergenceError` naming the
         sample, step and solver, or keep going (the result marks it; plasticity skips it).
+    carry : {"u", "r"}
+        What streaming carries to the next input. ``"u"`` (default): the state; the next input
+        starts from it. ``"r"`` (the reproduction report's code): the state restarts at
+        ``u = 0`` but the first step's lateral input uses the carried rates
+        ``r′ = f(u_prev)``; that first step is the forward Euler step
+        ``u₁ = dt₀ (W x ± (L − I) r′)/τ = dt₀ (F(u_prev) + u_prev/τ)`` (the field at ``u_prev``
+        plus ``u_prev/τ`` is the field at 0 with rates ``r′``), and settling continues from
+        ``u₁`` for at most ``stream_every − 1`` more steps. Needs a fixed-step solver (Euler).
     """
 
     def __init__(
@@ -76,10 +87,19 @@ class DynamicsSettler:
         *,
         stream_every: int | None = None,
         on_divergence: str = "raise",
+        carry: str = "u",
     ):
+        if carry not in STREAM_CARRIES:
+            raise ConfigError(f"stream carry must be one of {', '.join(STREAM_CARRIES)}, got {carry!r}")
+        if carry == "r" and not hasattr(solver, "schedule"):
+            raise ConfigError(f"stream carry 'r' restarts u at 0 with one Euler step, so it needs a fixed-step "
+                              f"solver such as euler, not {solver!r}")
         self.system, self.solver = system, solver
         self.stream_every = stream_every
         self.stop = stop if stream_every is None else stop | MaxSteps(stream_every)
+        self.carry = carry
+        if carry == "r" and stream_every is not None and stream_every > 1:
+            self._stop_after_first = stop | MaxSteps(stream_every - 1)
         self.on_divergence = on_divergence
         self.state: torch.Tensor | None = None
 
@@ -101,7 +121,10 @@ class DynamicsSettler:
             if u0.shape[0] < batch.size:  # a larger batch: new rows start at rest
                 pad = u0.new_zeros(batch.size - u0.shape[0], u0.shape[1])
                 u0 = torch.cat([u0, pad])
-        result = settle(self.system, batch.x, solver=self.solver, stop=self.stop, u0=u0, on_step=on_step)
+        if self.carry == "r" and u0 is not None:
+            result = self._settle_carrying_rates(batch.x, u0, on_step)
+        else:
+            result = settle(self.system, batch.x, solver=self.solver, stop=self.stop, u0=u0, on_step=on_step)
         if self.on_divergence == "raise" and bool(result.diverged.any()):
             i = int(torch.nonzero(result.diverged)[0])
             raise DivergenceError(
@@ -112,6 +135,23 @@ class DynamicsSettler:
         if self.stream_every is not None:
             self.state = result.u.detach()
         return result
+
+
+    def _settle_carrying_rates(self, x: torch.Tensor, u_prev: torch.Tensor, on_step) -> SettleResult:
+        """``carry="r"``: one Euler step from u = 0 with the carried rates, then settle on."""
+        system = self.system
+        tau = float(getattr(system, "tau", 1.0))
+        u1 = self.solver.schedule(0) * (system.field(u_prev, system.drive(x)) + u_prev / tau)
+        if self.stream_every == 1:
+            f1 = system.field(u1, system.drive(x))
+            n = x.shape[0]
+            return SettleResult(u=u1, r=system.rates(u1), steps=torch.ones(n, dtype=torch.long, device=x.device),
+                                status=torch.full((n,), int(Status.MAX_STEPS), dtype=torch.int8, device=x.device),
+                                residual=relative_norm(f1, u1), n_evals=n)
+        rest = settle(system, x, solver=self.solver, stop=self._stop_after_first, u0=u1, on_step=on_step)
+        rest.steps += 1
+        rest.n_evals += x.shape[0]
+        return rest
 
 
 class Engine:

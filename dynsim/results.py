@@ -65,9 +65,26 @@ def _atomic_write(path: Path, write) -> Path:
     return path
 
 
+def dumps_compact(obj: Any, indent: int = 1, _level: int = 0) -> str:
+    """JSON with one key per line, but every list of plain values (a per-input array, a
+    per-seed list) on a single line: readable and diffable without one number per line."""
+    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {dumps_compact(v, indent, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(not isinstance(v, (dict, list)) for v in obj):
+            return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+        return "[\n" + ",\n".join(inner + dumps_compact(v, indent, _level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as JSON to ``path`` via a temp file + rename (tensors/arrays become lists)."""
-    text = json.dumps(_jsonable(data), indent=1, allow_nan=False)
+    """Write ``data`` as JSON to ``path`` via a temp file + rename (tensors/arrays become lists;
+    lists of plain values on one line, :func:`dumps_compact`)."""
+    text = dumps_compact(_jsonable(data))
     return _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 

@@ -6,9 +6,10 @@ sample: ``Status.RUNNING`` (0) to go on, otherwise why it stopped. Combine rules
 
 Residuals. ``on="field"`` (default) judges ``‖du/ds‖/‖u‖`` at the current state, the
 solver-independent fixed-point residual; the returned state then satisfies it exactly.
+This is the test of both Obeid et al.'s code and the reproduction report's code.
 ``on="increment"`` judges the relative change of the last step ``‖u_{n+1} − u_n‖/‖u_n‖``,
-the seed's test (for Euler that equals ``dt_n`` times the field residual, so it is looser
-by ``1/dt_n``: 5–20× with the seed's schedule).
+a looser variant (for Euler it equals ``dt_n`` times the field residual, so it is looser by
+``1/dt_n``: 5–20× with the seed's schedule).
 """
 
 from __future__ import annotations

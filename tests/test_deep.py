@@ -301,3 +301,41 @@ def test_one_explicit_step_from_rest_leaves_upper_layers_silent():
     assert bool((r1 != 0).any()) and bool((r2 == 0).all())
     r1, r2 = net.split(settle(net, x, solver=Euler(), stop=MaxSteps(2)).r)
     assert bool((r2 != 0).any())
+
+
+def test_stream_carry_r_is_one_euler_step_from_rest_with_carried_rates():
+    """--stream-carry r (the report's code): u restarts at 0, the first step's lateral input uses
+    the previous input's rates: u₁ = dt₀ (W x₂ − (L − I) tanh(u_prev)), computed here densely."""
+    from dynsim.engine import Batch, DynamicsSettler
+    from dynsim.solvers import Euler
+    from dynsim.stopping import MaxSteps
+
+    torch.manual_seed(0)
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0, tau=2.0)
+    with torch.no_grad():
+        layer.lateral.weight.add_(0.05 * torch.randn_like(layer.lateral.weight) * layer.lateral.mask)
+    x = torch.randn(2, 64)
+    for k in (1, 3):
+        settler = DynamicsSettler(layer, Euler(), MaxSteps(k), stream_every=k, carry="r")
+        first = settler(Batch(x=x[:1], y=None, index=torch.tensor([0]), epoch=0, number=0))
+        second = settler(Batch(x=x[1:], y=None, index=torch.tensor([1]), epoch=0, number=1))
+        w, lat = layer.dense_weights()
+        dt0 = Euler().schedule(0)
+        u1 = dt0 * (x[1:] @ w.T - torch.tanh(first.u) @ (lat - torch.eye(lat.shape[0])).T) / 2.0
+        expected = u1
+        for n in range(k - 1):  # then plain Euler steps (the schedule restarts at dt₀)
+            f = (-expected + x[1:] @ w.T - torch.tanh(expected) @ (lat - torch.eye(lat.shape[0])).T) / 2.0
+            expected = expected + Euler().schedule(n) * f
+        torch.testing.assert_close(second.u, expected, atol=1e-5, rtol=1e-5)
+        assert int(second.steps[0]) == k
+
+
+def test_stream_carry_r_needs_fixed_step_solver():
+    from dynsim.engine import DynamicsSettler
+    from dynsim.errors import ConfigError
+    from dynsim.solvers import SiteNewton
+    from dynsim.stopping import MaxSteps
+
+    layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
+    with pytest.raises(ConfigError, match="fixed-step"):
+        DynamicsSettler(layer, SiteNewton(), MaxSteps(3), stream_every=3, carry="r")

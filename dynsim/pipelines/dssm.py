@@ -68,6 +68,7 @@ class DSSMConfig:
     max_steps: int | None = 3000
     residual: str = "field"
     stream_every: int | None = None
+    stream_carry: str = "u"  # what streaming carries: the state u, or the rates r with u restarted (the report)
     epochs: int = 120
     images_per_epoch: int = 1000
     batch_size: int = 1
@@ -156,6 +157,14 @@ class DSSMConfig:
                               "LinearSVC's problem exactly and faster; --readout ridge is the cheap exact one")
         if self.readout not in READOUTS:
             raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        from dynsim.engine import STREAM_CARRIES
+
+        if self.stream_carry not in STREAM_CARRIES:
+            raise ConfigError(f"--stream-carry must be one of {', '.join(STREAM_CARRIES)}, got {self.stream_carry!r}")
+        if self.stream_carry == "r" and self.stream_every is not None and not self.resolved_solver().startswith(
+                ("euler", "heun", "rk4")):
+            raise ConfigError("--stream-carry r restarts u at 0 with one Euler step; it needs a fixed-step "
+                              f"--solver such as euler, not {self.resolved_solver()!r}")
         if self.on_divergence not in ("raise", "skip"):
             raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
         for name in ("eta0", "eta_decay", "eta_min"):
@@ -374,7 +383,8 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
 
     stop = stop_rule(config.threshold, config.max_steps, on=config.residual)
     solver = solver_from_spec(config.resolved_solver(), schedule=config.schedule)
-    settler = DynamicsSettler(layer, solver, stop, stream_every=config.stream_every, on_divergence=config.on_divergence)
+    settler = DynamicsSettler(layer, solver, stop, stream_every=config.stream_every,
+                              on_divergence=config.on_divergence, carry=config.stream_carry)
 
     ev_xtr, ev_ytr = _subset(x_train, y_train, config.eval_train_size, config.seed)
     ev_xte, ev_yte = _subset(x_test, y_test, config.eval_test_size, config.seed + 1)

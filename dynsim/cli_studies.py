@@ -250,3 +250,57 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
     p.set_defaults(func=cmd_study_convergence)
+
+    # --- study repro --------------------------------------------------------------------
+    from dynsim.studies.repro import REPORT_SETTINGS
+
+    p = study.add_parser("repro", help="the reproduction report's settings and its Figures 1 and 2 (DSSM)")
+    p.add_argument("--data", default="fashion-mnist", help="data set (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="directory of MNIST/CIFAR files")
+    p.add_argument("--seeds", default="0", help="seeds for every setting (T=1e-2 always adds the report's 0,1)")
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--images-per-epoch", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=15)
+    p.add_argument("--eval-train-size", type=int, default=None, help="readout train images (default: all)")
+    p.add_argument("--eval-test-size", type=int, default=None, help="readout test images (default: all)")
+    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
+    p.add_argument("--settings", default=None,
+                   help="a subset, separated by ';' (default: all): " + "; ".join(s[0] for s in REPORT_SETTINGS))
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
+    p.add_argument("--backend", default="local", choices=("local", "ray"))
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
+    p.add_argument("--out", default="runs/repro", help="output directory (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study_repro)
+
+
+def cmd_study_repro(args: argparse.Namespace) -> int:
+    from dynsim.errors import ConfigError
+    from dynsim.studies.repro import ReproConfig, run_repro
+    from dynsim.studies.seeds import parse_seeds
+
+    for name in ("epochs", "images_per_epoch", "workers"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every < 0:
+        raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
+    config = ReproConfig(
+        data=args.data, data_dir=args.data_dir, seeds=parse_seeds(args.seeds), epochs=args.epochs,
+        images_per_epoch=args.images_per_epoch, eval_every=args.eval_every, eval_train_size=args.eval_train_size,
+        eval_test_size=args.eval_test_size, readout=args.readout,
+        settings=[s.strip() for s in args.settings.split(";")] if args.settings else None,
+        workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out,
+        progress=not args.no_progress,
+    )
+    study = run_repro(config)
+    print(f"{'setting':<20} {'seeds':>6} {'final %':>16} {'best %':>16} {'best epoch':>10} {'iterations':>10}")
+    for name, s in study["settings"].items():
+        pm = (lambda m, e: f"{100 * m:.2f}" + (f" ± {100 * e:.2f}" if e is not None else " (1 seed)"))
+        print(f"{name:<20} {len(s['seeds']):>6} {pm(s['final_mean'], s['final_sem']):>16} "
+              f"{pm(s['best_mean'], s['best_sem']):>16} {str(s['best_epoch_per_seed']):>10} "
+              f"{s['mean_iterations']:>10.1f}")
+    raw = next(iter(study["settings"].values()))["raw_pixel_accuracy"]
+    print(f"raw pixels {100 * raw:.2f} %; wall {study['wall_seconds']:.0f} s")
+    for key, path in study["files"].items():
+        print(f"{key}: {path}")
+    return 0

@@ -261,3 +261,61 @@ def plot_seed_accuracy(result: dict[str, Any]) -> Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_repro_accuracy(study: dict[str, Any]) -> Figure:
+    """``study repro`` Figure 1: test accuracy vs epochs, left the thresholds and batching, right
+    the caps and streaming (mean ± s.e. band where a setting has several seeds), raw pixels dashed."""
+    from dynsim.studies.repro import PANELS
+
+    settings = study["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, names, title in zip(axes, PANELS, ("thresholds and batching", "step caps and streaming"), strict=True):
+        for i, name in enumerate(n for n in names if n in settings):
+            s = settings[name]
+            m = 100 * np.asarray(s["test_accuracy_mean"])
+            n = len(s["seeds"])
+            label = f"{name} ({'mean ± s.e., ' + str(n) + ' seeds' if n > 1 else 'one seed'})"
+            ax.plot(s["epochs"], m, "o-", ms=3, color=f"C{i}", label=label)
+            if s["test_accuracy_sem"] is not None:
+                se = 100 * np.asarray(s["test_accuracy_sem"])
+                ax.fill_between(s["epochs"], m - se, m + se, color=f"C{i}", alpha=0.25, lw=0)
+        raws = [settings[n]["raw_pixel_accuracy"] for n in names if n in settings]
+        if raws:
+            ax.axhline(100 * raws[0], ls="--", color="grey", label=f"raw pixels ({100 * raws[0]:.2f} %)")
+        ax.set_xlabel("epoch (1000 images each)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study['config']['data']}: the reproduction report's settings", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_repro_iterations(study: dict[str, Any]) -> Figure:
+    """``study repro`` Figure 2: Euler iterations to settle for each training input (log scale),
+    T = 1e-4 vs T = 1e-2, with running means."""
+    from dynsim.studies.repro import FIGURE2
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, name in enumerate(FIGURE2):
+        runs = [c for c in study["cells"] if c["setting"] == name and "iterations_per_input" in c]
+        if not runs:
+            continue
+        its = np.asarray(runs[0]["iterations_per_input"], dtype=float)
+        idx = np.arange(1, its.size + 1)
+        step = max(1, its.size // 20000)  # at most ~20k dots
+        ax.plot(idx[::step], np.maximum(its[::step], 1), ".", ms=1.5, alpha=0.25, color=f"C{i}")
+        w = max(1, min(1000, its.size // 50))
+        run = np.convolve(its, np.ones(w) / w, mode="valid")
+        ax.plot(idx[w - 1:], np.maximum(run, 1), "-", color=f"C{i}", lw=1.5,
+                label=f"{name} (seed {runs[0]['seed']}; running mean of {w})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training input")
+    ax.set_ylabel("Euler iterations to settle")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("iterations to settle per training input", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -77,6 +77,7 @@ class DSSMConfig:
     eta_decay: float = 0.5
     eta_min: float = 1e-4
     eval_every: int = 15
+    eval_solver: str | None = None  # settle the evaluation sets with another solver (same stop rule); None: same
     readout: str = "svc"
     eval_batch_size: int = 1000
     eval_train_size: int | None = None
@@ -183,6 +184,10 @@ class DSSMConfig:
         except ConfigError as exc:
             raise ConfigError(f"--schedule {self.schedule!r}: {exc}") from None
         solver_from_spec(self.resolved_solver(), schedule=self.schedule)
+        if self.eval_solver is not None:
+            if not isinstance(self.eval_solver, str):
+                raise ConfigError(f"--eval-solver must be a solver spec such as newton, got {self.eval_solver!r}")
+            solver_from_spec(self.eval_solver, schedule=self.schedule)
         try:
             torch.device(self.device)
         except (RuntimeError, ValueError):
@@ -261,7 +266,7 @@ class DSSMConfig:
 # settings that may change when a run is resumed (they do not shape the training trajectory);
 # every other DSSMConfig field, including ones added later, must match the checkpoint
 RESUME_MAY_CHANGE = (
-    "epochs", "eval_every", "readout", "eval_batch_size", "eval_train_size", "eval_test_size", "device",
+    "epochs", "eval_every", "eval_solver", "readout", "eval_batch_size", "eval_train_size", "eval_test_size", "device",
     "threads", "on_divergence", "checkpoint_every", "out", "progress",
 )
 
@@ -404,7 +409,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         y_train=ev_ytr,
         x_test=ev_xte,
         y_test=ev_yte,
-        solver=solver,
+        solver=solver if config.eval_solver is None else solver_from_spec(config.eval_solver, schedule=config.schedule),
         stop=stop,
         every=config.eval_every,
         epochs=config.epochs,

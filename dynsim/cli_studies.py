@@ -294,8 +294,10 @@ def cmd_study_repro(args: argparse.Namespace) -> int:
     )
     study = run_repro(config)
     print(f"{'setting':<20} {'seeds':>6} {'final %':>16} {'best %':>16} {'best epoch':>10} {'iterations':>10}")
+    def pm(m, e):
+        return f"{100 * m:.2f}" + (f" ± {100 * e:.2f}" if e is not None else " (1 seed)")
+
     for name, s in study["settings"].items():
-        pm = (lambda m, e: f"{100 * m:.2f}" + (f" ± {100 * e:.2f}" if e is not None else " (1 seed)"))
         print(f"{name:<20} {len(s['seeds']):>6} {pm(s['final_mean'], s['final_sem']):>16} "
               f"{pm(s['best_mean'], s['best_sem']):>16} {str(s['best_epoch_per_seed']):>10} "
               f"{s['mean_iterations']:>10.1f}")

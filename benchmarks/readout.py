@@ -54,12 +54,13 @@ def timed(fn, threads: int):
         return model, time.perf_counter() - t0
 
 
-def measure(name: str, xtr, ytr, xte, yte, prev_svc: torch.Tensor | None, rows_done: dict) -> dict:
+def measure(name: str, xtr, ytr, xte, yte, prev_svc: torch.Tensor | None, rows_done: dict,
+            liblinear: bool = True) -> dict:
     """All readouts on one feature set; returns the row dict (and the svc weights under '_w')."""
     k = int(ytr.max()) + 1
     out = dict(rows_done)
     fits = {
-        "liblinear": (lambda: fit_liblinear(xtr, ytr, n_classes=k), 1),
+        **({"liblinear": (lambda: fit_liblinear(xtr, ytr, n_classes=k), 1)} if liblinear else {}),
         "svc_cold_1thread": (lambda: fit_svc(xtr, ytr, n_classes=k), 1),
         "svc_cold_2threads": (lambda: fit_svc(xtr, ytr, n_classes=k), 2),
         "ridge": (lambda: fit_ridge(xtr, ytr, n_classes=k), 1),
@@ -82,6 +83,9 @@ def measure(name: str, xtr, ytr, xte, yte, prev_svc: torch.Tensor | None, rows_d
             "predictions": pred.to(torch.int8).numpy(),
         }
         print(f"  {name:>10} {key:>18}: {seconds:7.2f} s  acc {100 * out[key]['test_accuracy']:.2f} %", flush=True)
+    if "liblinear" not in out:
+        out["_w"] = weights.get("svc_cold_1thread")
+        return out
     ref_obj = np.asarray(out["liblinear"]["objective"])
     ref_pred = np.asarray(out["liblinear"]["predictions"])
     for row in out.values():
@@ -138,6 +142,9 @@ def main() -> None:
     p.add_argument("--evals", type=int, default=8, help="DSSM evaluations (every 15 epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--liblinear-at", default=None,
+                   help="evaluations (1-based, comma-separated) at which liblinear runs too (default: all; it "
+                        "takes ~5 min each)")
     args = p.parse_args()
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {}
@@ -166,12 +173,13 @@ def main() -> None:
         result["sets"]["raw"] = compact(rows)
         write_json_atomic(out, result)
     prev = None
+    lib_at = None if args.liblinear_at is None else {int(v) for v in args.liblinear_at.split(",")}
     for epoch, rtr, rte, ds in dssm_features(args.evals, 15, args.seed):
         name = f"dssm_epoch{epoch}"
         print(name, flush=True)
         ytr, yte = torch.from_numpy(ds.y_train).long(), torch.from_numpy(ds.y_test).long()
         rows = measure(name, torch.from_numpy(rtr), ytr, torch.from_numpy(rte), yte, prev,
-                       decode(result["sets"].get(name, {})))
+                       decode(result["sets"].get(name, {})), liblinear=lib_at is None or epoch // 15 in lib_at)
         prev = rows["_w"]
         result["sets"][name] = compact(rows)
         write_json_atomic(out, result)

@@ -99,6 +99,7 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
 # --- study convergence ---------------------------------------------------------------
 def cmd_study_convergence(args: argparse.Namespace) -> int:
     from dynsim.studies.convergence import ConvergenceConfig, run_convergence
+    from dynsim.studies.seeds import parse_seeds
 
     base = {}
     for item in args.set or []:
@@ -109,6 +110,7 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         nps=args.nps,
         seed=args.seed,
+        seeds=None if args.seeds is None else parse_seeds(args.seeds),
         thresholds=_floats(args.thresholds),
         caps=_caps(args.caps),
         streams=_streams(args.streams),
@@ -127,16 +129,11 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_convergence(config)
-    for cell in result["cells"]:
-        f = cell["final"]
-        acc = f.get("test_accuracy")
-        print(
-            f"T={cell['cell']['threshold']!s:<7} cap={cell['cell']['max_steps']!s:<5} "
-            f"stream={cell['cell']['stream_every']!s:<5} "
-            f"acc={'-' if acc is None else f'{100 * acc:.2f} %'} "
-            f"iters={f['mean_iterations']:.1f} train={f['train_seconds']:.1f}s "
-            f"evals={cell['train_evals']}"
-        )
+    for row in result["summary"]:
+        m, s = row["test_accuracy_mean"], row["test_accuracy_sem"]
+        acc = "-" if m is None else f"{100 * m:.2f}" + (f" ± {100 * s:.2f} %" if s is not None else " % (one seed)")
+        print(f"T={row['threshold']!s:<7} cap={row['max_steps']!s:<5} stream={row['stream_every']!s:<5} "
+              f"acc={acc} iters={row['mean_iterations']:.1f}")
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
     return 0
@@ -239,6 +236,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-train-size", type=int, default=None)
     p.add_argument("--eval-test-size", type=int, default=None)
     p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="a seed axis, e.g. 0,1,2: every setting once per seed, mean ± s.e. (default: --seed alone)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any other DSSM setting for every cell"
     )

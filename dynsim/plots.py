@@ -145,23 +145,33 @@ def _cell_label(cell: dict[str, Any]) -> str:
 
 
 def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
-    """Test accuracy vs epoch, one line per grid cell (colour = T, line style = cap), one
-    panel per streaming setting (the reproduction report's Figure 1)."""
+    """Test accuracy vs epoch, one line per grid setting (colour = T, line style = cap), one
+    panel per streaming setting (the reproduction report's Figure 1); with several seeds per
+    setting the line is their mean and the band ± one standard error."""
     cells = study["cells"]
     streams = sorted({c["cell"].get("stream_every") or 0 for c in cells})
     ts = sorted({c["cell"]["threshold"] for c in cells}, reverse=True)
     caps = sorted({c["cell"]["max_steps"] or 10**9 for c in cells})
     styles = ["-", "--", "-.", ":", (0, (1, 3))]
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        cell = c["cell"]
+        groups.setdefault((cell["threshold"], cell["max_steps"], cell.get("stream_every") or 0), []).append(c)
     fig, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4.5), squeeze=False, sharey=True)
     for ax, stream in zip(axes[0], streams, strict=True):
-        for c in cells:
-            cell = c["cell"]
-            if (cell.get("stream_every") or 0) != stream:
+        for (t, cap, s), runs in groups.items():
+            if s != stream:
                 continue
-            ev = [h for h in c["history"] if h.get("test_accuracy") is not None]
-            ax.plot([h["epoch"] + 1 for h in ev], [100 * h["test_accuracy"] for h in ev], marker="o", ms=3,
-                    color=f"C{ts.index(cell['threshold']) % 10}",
-                    ls=styles[caps.index(cell["max_steps"] or 10**9) % len(styles)], label=_cell_label(cell))
+            evs = [[h for h in c["history"] if h.get("test_accuracy") is not None] for c in runs]
+            xs = [h["epoch"] + 1 for h in evs[0]]
+            acc = 100 * np.array([[h["test_accuracy"] for h in ev] for ev in evs])
+            colour = f"C{ts.index(t) % 10}"
+            label = _cell_label(runs[0]["cell"]) + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+            ax.plot(xs, acc.mean(0), marker="o", ms=3, color=colour,
+                    ls=styles[caps.index(cap or 10**9) % len(styles)], label=label)
+            if len(runs) > 1:
+                se = acc.std(0, ddof=1) / np.sqrt(len(runs))
+                ax.fill_between(xs, acc.mean(0) - se, acc.mean(0) + se, color=colour, alpha=0.2, lw=0)
         raw = cells[0].get("baseline", {}).get("raw_pixel_accuracy")
         if raw is not None:
             ax.axhline(100 * raw, color="grey", ls="--", lw=0.8, label="raw pixels")

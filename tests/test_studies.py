@@ -177,3 +177,15 @@ def test_solver_specs():
     with pytest.raises(ConfigError, match="unknown solver"):
         solver_from_spec("euler2")
     assert DSSMConfig(solver="anderson,beta=0.3").validate().solver_options() == {"beta": 0.3}
+
+
+def test_convergence_seed_axis_and_summary():
+    from dynsim.studies.convergence import ConvergenceConfig, summarize_over_seeds
+
+    cells = ConvergenceConfig(thresholds=[1e-2], caps=[10], streams=[None, 10], seeds=[0, 1, 2]).cells()
+    assert len(cells) == 6 and sorted({c["seed"] for c in cells}) == [0, 1, 2]
+    fake = [{"cell": c, "final": {"test_accuracy": 0.8 + 0.01 * c["seed"], "mean_iterations": 10.0}} for c in cells]
+    rows = summarize_over_seeds(fake)
+    assert len(rows) == 2
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(0.81)
+    assert rows[0]["test_accuracy_sem"] == pytest.approx(0.01 / 3**0.5)  # sd 0.01 over 3 seeds

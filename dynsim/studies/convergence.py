@@ -42,6 +42,7 @@ class ConvergenceConfig:
     backend: str = "local"
     ray_address: str | None = None
     seed: int = 0
+    seeds: list[int] | None = None  # a seed axis (mean ± s.e. per setting); None: ``seed`` alone
     out: str | None = None
     progress: bool = True
 
@@ -66,9 +67,10 @@ class ConvergenceConfig:
             "seed": self.seed,
             **base,
         }
+        seeds = self.seeds or [self.seed]
         return [
-            {**common, "threshold": t, "max_steps": cap, "stream_every": stream}
-            for t, cap, stream in itertools.product(self.thresholds, self.caps, self.streams)
+            {**common, "threshold": t, "max_steps": cap, "stream_every": stream, "seed": seed}
+            for t, cap, stream, seed in itertools.product(self.thresholds, self.caps, self.streams, seeds)
         ]
 
 
@@ -135,11 +137,34 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
     study = {
         **result_header("study convergence", config),
         "cells_dir": str(results_dir),
+        "summary": summarize_over_seeds(results),
         "cells": results,
     }
     if out:
         study["files"] = write_convergence_outputs(study, out)
     return study
+
+
+def setting_key(cell: dict[str, Any]) -> tuple:
+    """(T, cap, streaming): a grid setting, whatever the seed."""
+    return cell["threshold"], cell["max_steps"], cell.get("stream_every")
+
+
+def summarize_over_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting: final test accuracy mean ± s.e. over its seeds, and mean iterations."""
+    from dynsim.studies.seeds import mean_sem
+
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault(setting_key(r["cell"]), []).append(r)
+    rows = []
+    for (t, cap, stream), runs in groups.items():
+        m, s = mean_sem([r["final"]["test_accuracy"] for r in runs])
+        rows.append({"threshold": t, "max_steps": cap, "stream_every": stream,
+                     "seeds": [r["cell"].get("seed") for r in runs], "test_accuracy_mean": m,
+                     "test_accuracy_sem": s, "mean_iterations": mean_sem([r["final"]["mean_iterations"]
+                                                                          for r in runs])[0]})
+    return rows
 
 
 def write_convergence_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:

@@ -199,6 +199,22 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argp
 def cmd_run_ssl(args: argparse.Namespace) -> int:
     from dynsim.pipelines.ssl import run_from_args
 
+    if args.seeds is not None:
+        from dynsim.pipelines.ssl import _config_from_args
+        from dynsim.studies.seeds import parse_seeds, run_ssl_seeds
+
+        seeds = parse_seeds(args.seeds)
+        result = run_ssl_seeds(_config_from_args(args), seeds, workers=args.workers)
+        f = result["final"]
+
+        def pm(m, s):
+            return "-" if m is None else f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if s is not None else " (one seed)")
+
+        print(f"test accuracy {pm(f['test_accuracy_mean'], f['test_accuracy_sem'])} %, random encoder "
+              f"{pm(f['random_encoder_accuracy_mean'], f['random_encoder_accuracy_sem'])} %, gain "
+              f"{pm(f['gain_over_random_mean'], f['gain_over_random_sem'])} pt (mean ± s.e. over {f['n_seeds']} seeds)")
+        print(f"result: {result['files']['result']}")
+        return 0
     result = run_from_args(args)
     f = result["final"]
     print(f"test accuracy {100 * f['test_accuracy']:.2f} % (linear probe on the frozen encoder), "
@@ -221,6 +237,9 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
 
     run = run_sub.add_parser("ssl", help="self-supervised encoder with local learning rules (Tang et al. 2022)")
     ssl.add_run_arguments(run)
+    run.add_argument("--seeds", default=None, metavar="LIST",
+                     help="run once per seed (e.g. 0,1,2), in parallel, and report mean ± s.e.; needs --out")
+    run.add_argument("--workers", type=int, default=None, help="with --seeds: processes (default: min(seeds, 2))")
     run.set_defaults(func=cmd_run_ssl)
     study = command_group(sub, "study", help="parameter studies").add_parser(
         "ssl", help="the learning-schedule x update-rule grid of Tang et al. Table 1")

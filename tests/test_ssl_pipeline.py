@@ -10,6 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from dynsim.callbacks import Callback
+from dynsim.cli import main
 from dynsim.errors import ConfigError
 from dynsim.pipelines.ssl import (
     STUDY_GRID,
@@ -352,3 +353,17 @@ def test_a_diverging_run_names_epoch_and_batch_and_keeps_the_good_checkpoint(tmp
     ckpt = load_checkpoint(tmp_path / "d.ckpt.pt")
     assert ckpt["completed_epochs"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["modules"]["encoder"].values())
+
+
+def test_run_ssl_seeds_mean_and_paired_gain(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "ssl.json"
+    args = [*RESUME_ARGS, "--seeds", "0,1", "--workers", "1", "--out", str(out)]
+    assert main(args) == 0
+    f = json.loads(out.read_text())["final"]
+    acc, rnd = f["test_accuracy_per_seed"], f["random_encoder_accuracy_per_seed"]
+    assert len(acc) == 2 and f["test_accuracy_mean"] == pytest.approx(sum(acc) / 2)
+    assert f["gain_over_random_per_seed"] == pytest.approx([a - b for a, b in zip(acc, rnd, strict=True)])
+    assert f["test_accuracy_sem"] == pytest.approx(abs(acc[0] - acc[1]) / 2)  # s / √2 with two values
+    assert "mean ± s.e. over 2 seeds" in capsys.readouterr().out

@@ -177,3 +177,45 @@ def run_dssm_seeds(config, seeds: list[int], *, workers: int | None = None, back
 
     plt.close(fig)
     return result
+
+
+def ssl_seed_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One seed of an SSL run (top-level, picklable for the sweep runner)."""
+    from dynsim.checkpoint import checkpoint_path
+    from dynsim.pipelines.ssl import SSLConfig, run_ssl
+
+    config = SSLConfig(**cell["config"])
+    result = run_ssl(config, progress=False, resume=checkpoint_path(config.out).exists())
+    return {"seed": config.seed, "file": config.out, "final": result["final"]}
+
+
+def run_ssl_seeds(config, seeds: list[int], *, workers: int | None = None) -> dict[str, Any]:
+    """``run ssl --seeds``: one cell per seed; the trained encoder's probe accuracy, the random
+    encoder's, and their paired difference, each as mean ± s.e. over the seeds."""
+    from dynsim.results import write_json_atomic
+    from dynsim.sweeps import run_grid
+
+    if not config.out:
+        raise ConfigError("--seeds needs --out PATH: each seed's result and checkpoint lie beside it")
+    out = Path(config.out)
+    cells = [{"config": {**asdict(config), "seed": s, "out": str(seed_out(out, s))}} for s in seeds]
+    per_seed = run_grid(cells, ssl_seed_cell, results_dir=out.with_name(out.stem + "_seeds") / "cells",
+                        workers=workers or min(len(seeds), 2), progress=True)
+    acc = [r["final"]["test_accuracy"] for r in per_seed]
+    rnd = [r["final"].get("random_encoder_accuracy") for r in per_seed]
+    gain = [a - b if b is not None else None for a, b in zip(acc, rnd, strict=True)]
+    m, s = mean_sem(acc)
+    rm, rs = mean_sem(rnd)
+    gm, gs = mean_sem(gain)
+    result = {
+        **result_header("run ssl", config),
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "final": {"n_seeds": len(seeds), "test_accuracy_mean": m, "test_accuracy_sem": s,
+                  "test_accuracy_per_seed": acc, "random_encoder_accuracy_mean": rm,
+                  "random_encoder_accuracy_sem": rs, "random_encoder_accuracy_per_seed": rnd,
+                  "gain_over_random_mean": gm, "gain_over_random_sem": gs, "gain_over_random_per_seed": gain},
+        "files": {"result": str(out)},
+    }
+    write_json_atomic(out, result)
+    return result

@@ -6,8 +6,10 @@ After each settled batch, with settled rates ``r`` (B, N) and inputs ``x`` (B, D
     ΔL = (η/2) c (⟨r rᵀ⟩ − L) ⊙ mask_L      (anti-Hebbian, lateral)
 
 where ``⟨·⟩`` is the mean over the batch and ``c`` is the batch rule: ``"sum"`` (c = B,
-the default: the sum of B online updates computed at the same weights, as the authors'
-batched code does) or ``"mean"`` (c = 1: one online-sized step per batch). With B = 1
+the default: the sum of B online updates computed at the same weights) or ``"mean"``
+(c = 1: one online-sized step per batch). The authors' published code (Obeid et al. 2019)
+updates after every image and has no batched rule; batch 100 is a setting of the
+reproduction report, whose batched update we could not inspect, so ``"sum"`` is our choice. With B = 1
 both equal the online rule ``ΔW = η (r xᵀ − W)``. Only stored (structural) weights change.
 """
 

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loop import dense_masks, load_dense, reference_settle, reference_train  # noqa: E402
 
 from dynsim import settle  # noqa: E402
-from dynsim.evaluation import linear_probe_accuracy, linear_svc_accuracy, settle_dataset  # noqa: E402
+from dynsim.evaluation import settle_dataset  # noqa: E402
+from dynsim.readouts import readout_accuracy  # noqa: E402
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data, run_dssm  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
 from dynsim.solvers import Euler, SiteNewton  # noqa: E402
@@ -135,7 +136,7 @@ def main(argv=None):
             kw = dict(solver=SiteNewton(), stop=stop, batch_size=args.eval_batch)
             rtr = settle_dataset(lay, xtr[:n_acc], **kw)
             rte = settle_dataset(lay, xte[:n_acc_te], **kw)
-            pr = linear_probe_accuracy(rtr.r, ds.y_train[:n_acc], rte.r, ds.y_test[:n_acc_te])
+            pr = readout_accuracy("svc", rtr.r, ds.y_train[:n_acc], rte.r, ds.y_test[:n_acc_te])
             pr.pop("weights")
             acc[name] = {**pr, "fraction_converged": float(np.mean(np.concatenate([rtr.status, rte.status]) == 1))}
         out["sections"]["b_two_epochs"]["matched_accuracy"] = {"n_train": n_acc, "n_test": n_acc_te, **acc}
@@ -186,7 +187,7 @@ def main(argv=None):
         rep_tr = settle_dataset(layer, xtr[:n_tr], **kw)
         rep_te = settle_dataset(layer, xte[:n_te], **kw)
         t_settle = time.perf_counter() - t0
-        probe = linear_probe_accuracy(rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
+        probe = readout_accuracy("svc", rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
         probe.pop("weights")
         sec_d[f"threads_{threads}"] = {
             "settle_seconds": t_settle, "n_images": n_tr + n_te,
@@ -197,7 +198,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     best = min(sec_d.values(), key=lambda v: v["total_seconds"])
     if args.svc:
-        svc = linear_svc_accuracy(rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
+        svc = readout_accuracy("liblinear", rep_tr.r, ds.y_train[:n_tr], rep_te.r, ds.y_test[:n_te])
         sec_d["svc"] = svc
     ref_eval = ref_per_input * (n_tr + n_te) + sec_d.get("svc", {}).get("readout_seconds", 0.0)
     sec_d["reference_extrapolated_seconds"] = ref_eval

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dynsim import settle
-from dynsim.evaluation import linear_probe_accuracy, settle_dataset
+from dynsim.evaluation import settle_dataset
+from dynsim.readouts import readout_accuracy
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
 from dynsim.plasticity import hebbian_update
 from dynsim.solvers import SiteNewton
@@ -33,7 +34,7 @@ t0 = time.perf_counter()
 rtr = settle_dataset(layer, xtr, solver=SiteNewton(), stop=stop, batch_size=1000)
 rte = settle_dataset(layer, xte, solver=SiteNewton(), stop=stop, batch_size=1000)
 t_settle = time.perf_counter() - t0
-pr = linear_probe_accuracy(rtr.r, ds.y_train, rte.r, ds.y_test, max_iter=100)
+pr = readout_accuracy("svc", rtr.r, ds.y_train, rte.r, ds.y_test)
 pr.pop("weights")
 out = {
     "epoch_seconds": t_epoch,

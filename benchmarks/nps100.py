@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dynsim.evaluation import linear_probe_accuracy, settle_dataset
+from dynsim.evaluation import settle_dataset
+from dynsim.readouts import readout_accuracy
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
 from dynsim.plasticity import hebbian_update
 from dynsim.settle import settle
@@ -51,7 +52,7 @@ def main(argv=None):
     rep_tr = settle_dataset(layer, xtr[: args.eval_images], **kw)
     rep_te = settle_dataset(layer, xte[: args.eval_images], **kw)
     eval_per_image = (time.perf_counter() - t0) / (2 * args.eval_images)
-    probe = linear_probe_accuracy(rep_tr.r, ds.y_train[: args.eval_images], rep_te.r, ds.y_test[: args.eval_images])
+    probe = readout_accuracy("svc", rep_tr.r, ds.y_train[: args.eval_images], rep_te.r, ds.y_test[: args.eval_images])
     probe.pop("weights")
     out = {
         "nps": args.nps, "neurons": layer.state_size, "ff_nonzeros": layer.ff.nnz,

@@ -40,9 +40,9 @@ from reference_loop import dense_masks, load_dense, reference_settle, reference_
 
 from dynsim import settle  # noqa: E402
 from dynsim.evaluation import settle_dataset  # noqa: E402
-from dynsim.readouts import readout_accuracy  # noqa: E402
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data, run_dssm  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
+from dynsim.readouts import readout_accuracy  # noqa: E402
 from dynsim.solvers import Euler, SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402
 

@@ -11,9 +11,9 @@ import torch
 
 from dynsim import settle
 from dynsim.evaluation import settle_dataset
-from dynsim.readouts import readout_accuracy
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
 from dynsim.plasticity import hebbian_update
+from dynsim.readouts import readout_accuracy
 from dynsim.solvers import SiteNewton
 from dynsim.stopping import stop_rule
 

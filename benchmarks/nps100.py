@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from dynsim.evaluation import settle_dataset
-from dynsim.readouts import readout_accuracy
 from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
 from dynsim.plasticity import hebbian_update
+from dynsim.readouts import readout_accuracy
 from dynsim.settle import settle
 from dynsim.solvers import SiteNewton
 from dynsim.stopping import stop_rule

@@ -10,7 +10,8 @@ Rows (ratio = torch time / compiled time, > 1: the kernels are faster):
 4. the per-site M × M elimination: site by site vs site-last (vectorised over sites), M = 2, 4, 8;
 5. compile time: a fresh process with an empty numba cache vs one that finds the cache;
 6. the probe's two products on 60,000 × 785 features, ``X W`` and ``Xᵀ G`` (a transposed view)
-   vs the "wide" ``Wᵀ Xᵀ`` and ``Gᵀ X`` that the removed L-BFGS probe used (the ``svc`` readout's gradient uses the same layout),
+   vs the "wide" ``Wᵀ Xᵀ`` and ``Gᵀ X`` that the removed L-BFGS probe used (as does the ``svc``
+   readout's gradient),
    1 and 2 threads (not a kernel: a layout choice measured here with the rest);
 7. the torch path's Newton lateral term ``s·A_k r_k`` (used on GPU and for NpS > 16): a
    broadcast ``matmul`` (copies A per sample) vs one ``bmm`` over sites;

@@ -367,3 +367,17 @@ def test_run_ssl_seeds_mean_and_paired_gain(tmp_path, capsys):
     assert f["gain_over_random_per_seed"] == pytest.approx([a - b for a, b in zip(acc, rnd, strict=True)])
     assert f["test_accuracy_sem"] == pytest.approx(abs(acc[0] - acc[1]) / 2)  # s / √2 with two values
     assert "mean ± s.e. over 2 seeds" in capsys.readouterr().out
+
+
+def test_study_rows_mean_and_sem_over_seeds():
+    from dynsim.pipelines.ssl import study_cells, study_rows
+
+    base = SSLConfig(data="digits", epochs=3)
+    cells = study_cells(base, [0, 1, 2])
+    assert len(cells) == 3 * len(study_cells(base))
+    fake = [{"config": c, "final": {"test_accuracy": 0.5 + 0.01 * c["seed"], "train_seconds": 1.0},
+             "history": [{"loss": 2.0}]} for c in cells]
+    rows = study_rows(fake)
+    assert len(rows) == len(study_cells(base))
+    assert rows[0]["accuracy"] == pytest.approx(51.0) and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["accuracy_sem"] == pytest.approx(1.0 / 3**0.5)

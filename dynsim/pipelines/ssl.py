@@ -523,17 +523,19 @@ def run_from_args(args: argparse.Namespace) -> dict:
 # -------------------------------------------------------------- CLI: dynsim study ssl
 
 
-def study_cells(base: SSLConfig) -> list[dict]:
-    """One cell (config dict plus ``name``) per row of :data:`STUDY_GRID`."""
+def study_cells(base: SSLConfig, seeds: list[int] | None = None) -> list[dict]:
+    """One cell (config dict plus ``name``) per row of :data:`STUDY_GRID` and seed
+    (``seeds``; default: ``base.seed`` alone)."""
     cells = []
     for schedule, rule in STUDY_GRID:
-        cfg = dataclasses.asdict(base)
-        cfg.update(random_baseline=False, out=None)
-        if schedule == "random":
-            cfg.update(schedule="e2e", rule="bp", epochs=0)
-        else:
-            cfg.update(schedule=schedule, rule=rule)
-        cells.append({"name": f"{schedule}-{rule}".replace("--", ""), **cfg})
+        for seed in seeds or [base.seed]:
+            cfg = dataclasses.asdict(base)
+            cfg.update(random_baseline=False, out=None, seed=seed)
+            if schedule == "random":
+                cfg.update(schedule="e2e", rule="bp", epochs=0)
+            else:
+                cfg.update(schedule=schedule, rule=rule)
+            cells.append({"name": f"{schedule}-{rule}".replace("--", ""), **cfg})
     return cells
 
 
@@ -546,22 +548,33 @@ def run_study_cell(cell: dict) -> dict:
 
 
 def study_rows(results: list[dict]) -> list[dict]:
-    """Table rows (learning, update, accuracy %, published CIFAR %, seconds) from results."""
-    rows = []
+    """Table rows (learning, update, accuracy % as mean and s.e. over the seeds of the row,
+    published CIFAR %, seconds) from results, in the order rows first appear."""
+    from dynsim.studies.seeds import mean_sem
+
+    groups: dict[tuple, list] = {}
     for r in results:
         cfg = r["config"]
         key = ("random", "-") if cfg["epochs"] == 0 else (cfg["schedule"], cfg["rule"])
-        acc = r["final"]["test_accuracy"]
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for key, runs in groups.items():
+        accs = [r["final"]["test_accuracy"] for r in runs]
+        m, s = mean_sem(accs)
         pub = PUBLISHED_CIFAR.get(key, (None, None))
+        losses = [r["history"][-1]["loss"] for r in runs if r["history"]]
         rows.append(
             {
                 "learning": "random encoder" if key[0] == "random" else key[0].upper(),
                 "update": key[1].upper() if key[1] != "-" else "",
-                "accuracy": None if acc is None else 100 * acc,
+                "accuracy": None if m is None else 100 * m,
+                "accuracy_sem": None if s is None else 100 * s,
+                "accuracy_per_seed": [None if a is None else 100 * a for a in accs],
+                "seeds": [r["config"]["seed"] for r in runs],
                 "published": pub[0],
                 "published_block5": pub[1],
-                "train_seconds": r["final"]["train_seconds"],
-                "final_loss": r["history"][-1]["loss"] if r["history"] else None,
+                "train_seconds": mean_sem([r["final"]["train_seconds"] for r in runs])[0],
+                "final_loss": mean_sem(losses)[0] if losses else None,
             }
         )
     return rows
@@ -580,8 +593,11 @@ def study_table(rows: list[dict], header: str = "") -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        acc = fmt(r["accuracy"])
+        if r.get("accuracy_sem") is not None:
+            acc += f" ± {r['accuracy_sem']:.2f} ({len(r['seeds'])} seeds)"
         lines.append(
-            f"| {r['learning']} | {r['update']} | {fmt(r['accuracy'])} | {fmt(r['final_loss'])} "
+            f"| {r['learning']} | {r['update']} | {acc} | {fmt(r['final_loss'])} "
             f"| {fmt(r['train_seconds'], '.0f')} | {fmt(r['published'])} "
             f"| {fmt(r['published_block5'])} |"
         )
@@ -623,6 +639,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
     parser.add_argument("--out", default=None, help="study folder (default runs/ssl-study-<data>)")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="every row once per seed (e.g. 0,1,2): mean ± s.e. per row (default: --seed alone)")
     return parser
 
 
@@ -634,15 +652,16 @@ def run_study(
     backend: str = "local",
     ray_address: str | None = None,
     progress: bool = True,
+    seeds: list[int] | None = None,
 ) -> dict:
-    """Run the Table-1 grid on ``base``'s data; write ``ssl_study.{md,json,png}`` in ``out_dir``.
+    """Run the Table-1 grid on ``base``'s data (each row once per seed of ``seeds``); write ``ssl_study.{md,json,png}`` in ``out_dir``.
 
     The cells run through :func:`dynsim.sweeps.run_grid` (one result file per cell under
     ``out_dir/cells``, reused when the same command runs again; ``backend="ray"`` or a
     ``ray_address`` sends the cells to Ray).
     """
     out_dir = Path(out_dir)
-    cells = study_cells(base)
+    cells = study_cells(base, seeds)
     results = run_grid(
         cells,
         run_study_cell,
@@ -662,7 +681,9 @@ def run_study(
         f"encoder {results[0]['encoder']['spec']}, {base.epochs} epochs (GLL: shared equally "
         f"among stages), batch {base.batch_size}, Adam lr {base.lr}, tau {base.tau}, "
         f"delta {base.delta}, negatives {neg}, grad block {base.grad_block}, "
-        f"probe {base.probe_epochs} epochs, seed {base.seed}.\n"
+        f"probe {base.probe_epochs} epochs, "
+        + (f"seed {base.seed} (one seed).\n" if not seeds or len(seeds) == 1 else
+           f"mean ± s.e. over seeds {', '.join(map(str, seeds))}.\n")
     )
     table = study_table(rows, header)
     (out_dir / "ssl_study.md").write_text(table)
@@ -680,14 +701,18 @@ def run_study(
 
 def study_from_args(args: argparse.Namespace) -> dict:
     """Run ``dynsim study ssl`` from parsed arguments."""
+    from dynsim.studies.seeds import parse_seeds
+
     base = _config_from_args(args, out=None)
     out_dir = Path(args.out or f"runs/ssl-study-{base.data}")
+    seeds = None if getattr(args, "seeds", None) is None else parse_seeds(args.seeds)
     return run_study(
         base,
         out_dir,
         workers=args.workers,
         backend=args.backend,
         ray_address=args.ray_address,
+        seeds=seeds,
     )
 
 

@@ -654,7 +654,8 @@ def run_study(
     progress: bool = True,
     seeds: list[int] | None = None,
 ) -> dict:
-    """Run the Table-1 grid on ``base``'s data (each row once per seed of ``seeds``); write ``ssl_study.{md,json,png}`` in ``out_dir``.
+    """Run the Table-1 grid on ``base``'s data (each row once per seed of ``seeds``); write
+    ``ssl_study.{md,json,png}`` in ``out_dir``.
 
     The cells run through :func:`dynsim.sweeps.run_grid` (one result file per cell under
     ``out_dir/cells``, reused when the same command runs again; ``backend="ray"`` or a

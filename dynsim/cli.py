@@ -98,6 +98,8 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta-min", type=float, default=d.eta_min)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between readouts (and at the end)")
+    g.add_argument("--eval-solver", default=None,
+                   help="settle the readout sets with this solver (same stop rule), e.g. newton (default: the run's)")
     g.add_argument("--readout", default=d.readout, choices=READOUTS,
                    help="svc: LinearSVC(C=1, balanced)'s problem solved exactly by Newton (the papers' number, "
                         "default); liblinear: sklearn's LinearSVC itself (slow, for cross-checks); ridge: exact "

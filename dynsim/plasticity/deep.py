@@ -26,22 +26,9 @@ from __future__ import annotations
 import torch
 
 from dynsim.errors import ConfigError
-from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
-from dynsim.plasticity.similarity_matching import BATCH_RULES, SimilarityMatchingRule
+from dynsim.plasticity.learning_rates import SEED_RATE, DecayingRate
+from dynsim.plasticity.similarity_matching import BATCH_RULES, SimilarityMatchingRule, structured_update
 from dynsim.systems.deep import DeepHebbianNet
-from dynsim.systems.structure import SiteLinear
-
-
-def structured_update(
-    linear: SiteLinear, post: torch.Tensor, pre: torch.Tensor, rate: float, *, decay: float = 1.0
-) -> None:
-    """``weight += rate (⟨post preᵀ⟩ − decay · weight) ⊙ mask`` on stored weights only.
-
-    Shapes: ``post`` (B, S, M) rates of the output sites, ``pre`` (B, S_in, G) input groups.
-    """
-    corr = torch.einsum("bsm,bsk->smk", post, linear.gather(pre)) / post.shape[0]
-    linear.weight.add_(rate * (corr - decay * linear.weight) * linear.mask)
-
 
 LATERAL_RULES = ("code", "scaled")
 

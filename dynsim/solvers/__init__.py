@@ -14,6 +14,8 @@ from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
 from dynsim.solvers.rk import (
+    BOGACKI_SHAMPINE,
+    RALSTON,
     RK4,
     ButcherTableau,
     Dopri5,
@@ -42,6 +44,8 @@ def register(cls: type[Solver]) -> type[Solver]:
 
 for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, TorchDiffEq, TorchODE):
     register(_cls)
+Ralston = register(register_rk("ralston", RALSTON))
+Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))
 
 
 def make_solver(name: str, **options) -> Solver:

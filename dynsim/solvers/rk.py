@@ -60,11 +60,20 @@ class ButcherTableau:
 
 EULER = ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1)
 HEUN = ButcherTableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2)
+RALSTON = ButcherTableau(c=(0.0, 2 / 3), a=((), (2 / 3,)), b=(1 / 4, 3 / 4), order=2)  # Ralston (1962)
 RK4_CLASSIC = ButcherTableau(
     c=(0.0, 0.5, 0.5, 1.0),
     a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
     b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
     order=4,
+)
+BOGACKI_SHAMPINE = ButcherTableau(  # Bogacki & Shampine (1989), 3(2), FSAL
+    c=(0.0, 0.5, 0.75, 1.0),
+    a=((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+    b=(2 / 9, 1 / 3, 4 / 9, 0.0),
+    order=3,
+    b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8),
+    low_order=2,
 )
 DORMAND_PRINCE = ButcherTableau(  # Dormand & Prince (1980), 5(4), FSAL
     c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),

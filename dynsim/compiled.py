@@ -1,9 +1,11 @@
 """Compiled (numba) CPU kernels for the site-separable Hebbian layer: settle and learn one image at a time.
 
-Online DSSM learning settles one image, updates the weights, and moves on. With the
-per-site Newton solver an image needs only ~5 steps, so the torch path spends its time
-dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computing
-(~0.1 M multiply-adds). These kernels do the same arithmetic in one compiled loop:
+A backend of :func:`dynsim.settle` and of the batch-1 Hebbian update, chosen by
+:mod:`dynsim.backend`; nothing else imports this module. Online DSSM learning settles one
+image, updates the weights, and moves on. With the per-site Newton solver an image needs a
+handful of steps, so the torch path spends its time dispatching dozens of small ops per
+image rather than computing (~0.1 M multiply-adds). These kernels do the same arithmetic in
+one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
 
 * :func:`settle_layer` — for each sample, the drive ``d = W x`` (site by site,
   ``d[s, m] = Σ_j W[s, m, j] x[index[s, j]]``), then the loop of :func:`dynsim.settle` with
@@ -12,20 +14,22 @@ dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computin
   Picard start ``u₁ = d + s·A f(u₀)`` or a Newton step ``u ← u − J⁻¹(τF)`` with
   ``J_k = −I + s·A_k diag f'(u_k)`` solved per site by Gaussian elimination with partial
   pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``. Same stop rules
-  (tolerance, cap, divergence), same status codes and step counts as the torch path, and
-  the same fixed points up to float rounding (tests: ``tests/test_compiled.py``). Float32
+  (``‖F‖ < atol + tol‖u‖``, cap, divergence), the :class:`~dynsim.stopping.Status` codes and
+  the step counts of the torch path, and the same fixed points up to float rounding (tests:
+  ``tests/test_compiled.py`` and the solver conformance table). Float32
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
   ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
-  same loop (:meth:`dynsim.solvers.Euler.settle_compiled`, with a step cap).
+  same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
-  on the stored (structural) entries, as :func:`dynsim.plasticity.hebbian_update`.
+  on the stored (structural) entries: the formula of
+  :func:`dynsim.plasticity.similarity_matching.structured_update`, tested for parity with it.
 
 They run on CPU tensors of float32/float64, in place, without copies. Used automatically
 where they apply (:func:`applies`); ``DYNSIM_COMPILED=0`` or :func:`disabled` switch them
-off (the torch path is the reference and the GPU path). Compilation takes ~10 s once per
-machine (numba caches it beside this file, or under ``NUMBA_CACHE_DIR``; loading the cache
-takes 0.3 s; benchmarks/compiled_kernels.py row 5).
+off (the torch path is the reference and the GPU path). Compilation happens once per machine
+(numba caches it beside this file, or under ``NUMBA_CACHE_DIR``; compile and load times:
+``compiled_kernels.py`` row 5).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
-# Above this the torch path (batched LAPACK) wins: at NpS 32 the compiled loop is still 1.3× (batch 1)
-# and 2.2× (batch 200) faster, at NpS 48 0.80× at batch 1 (benchmarks/compiled_kernels.py row 9)
+# Above this the torch path (batched LAPACK) wins: the kernel's elimination is O(M³) per site in
+# scalar code, LAPACK's is blocked (crossover measured by benchmarks/compiled_kernels.py row 9)
 MAX_NPS = 32
 _DTYPES = (torch.float32, torch.float64)
 METHOD_NEWTON, METHOD_PICARD_NEWTON, METHOD_EULER = 0, 1, 2
@@ -100,9 +104,8 @@ def _jit(fn):
 
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
 # rational fit to tanh(x)/x, relative error 2.2e-8, evaluated in float64 and rounded once, so
-# float32 results are within 1 ulp of libm's (max error 6e-8, as libm's tanhf; tests). Unlike a
-# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs takes 48 instead of
-# 89 µs per image (1 thread, same steps; benchmarks/compiled_kernels.py row 8).
+# float32 results are within 1 ulp of libm's (as libm's tanhf; tests). Unlike a tanh call it
+# vectorises, which is what makes it faster (benchmarks/compiled_kernels.py row 8).
 _TANH_P = (9.99999981e-01, 1.33816708e-01, 3.49634665e-03, 2.06213811e-05, 1.33713948e-08)
 _TANH_Q = (1.0, 4.67149872e-01, 2.58798861e-02, 3.28686631e-04, 7.78347625e-07)
 
@@ -142,9 +145,8 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
     Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
-    the M × M elimination included, is a loop over the 196 sites that the compiler
-    vectorises: the elimination alone is 1.7–2.0× faster than site by site (M = 2–8,
-    benchmarks/compiled_kernels.py row 4)."""
+    the M × M elimination included, is a loop over the sites that the compiler vectorises
+    (against site by site: benchmarks/compiled_kernels.py row 4)."""
     n_sites, m_per, kc = w.shape
     k_in = ff_index.shape[1]
     dt = w.dtype.type

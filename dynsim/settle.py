@@ -237,13 +237,16 @@ def settle(
     (20, [1])
     """
     _check_options(solver, stop, max_state_norm)
+    if isinstance(system, System):
+        x = _checked_input(system, x)
+        if x.shape[0] and on_step is None:
+            # the compiled backend (no autograd: it applies only to tensors without grad); same
+            # rules, steps, statuses and counts as the torch loop
+            fast = backend.compiled_settle(system, x, u0, solver, stop.limits(), max_state_norm)
+            if fast is not None:
+                return SettleResult(*fast)
     with contextlib.nullcontext() if grad else torch.no_grad():
         if isinstance(system, System):
-            x = _checked_input(system, x)
-            if x.shape[0] and on_step is None:
-                fast = backend.compiled_settle(system, x, u0, solver, stop.limits(), max_state_norm)
-                if fast is not None:  # the compiled backend: same rules, steps, statuses and counts
-                    return SettleResult(*fast)
             return _settle_torch(system, x, solver, stop, u0, max_state_norm, on_step)
         if not callable(system):
             raise ConfigError(f"system must be a dynsim System or a vector field f(t, u), got {system!r}")
@@ -320,7 +323,9 @@ def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, 
         residual = torch.linalg.vector_norm(r_vec, dim=1) / u_norm.clamp_min(_TINY)
         state_norm = torch.linalg.vector_norm(u_next, dim=1)
         if limits is not None:
-            ok = (state_norm <= bound) & limits.running(residual, u_norm)  # False for inf/NaN states and residuals
+            ok = state_norm <= bound  # False for inf and NaN states
+            if limits.rtol is not None:  # False for NaN residuals
+                ok &= residual >= (limits.threshold(u_norm) if limits.atol else limits.rtol)
             event = (limits.cap is not None and cand_steps >= limits.cap) or not bool(ok.all())
         else:
             event = True

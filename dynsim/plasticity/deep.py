@@ -1,4 +1,4 @@
-"""Plasticity of the deep structured network (DESIGN §2 "Deep version").
+"""Plasticity of the deep structured network (Obeid, Ramambason & Pehlevan 2019, eq. 15).
 
 After each settled batch, with settled rates ``r_p`` of every layer and ``r_0 = x``:
 
@@ -10,8 +10,8 @@ with ``κ_p = 1/(1+γ)`` for the hidden layers ``p < P`` and ``κ_P = 1`` for th
 ``c`` is the batch rule (``"sum"``: c = B, ``"mean"``: c = 1), as for the single layer.
 
 Convention and source: only the *lateral* updates of the *hidden* layers carry the factor
-``1/(1+γ)``; feed-forward updates and the top layer's lateral update never do (DESIGN §2,
-for eq. 15 of Obeid, Ramambason & Pehlevan 2019). *Where* the factor sits differs between
+``1/(1+γ)``; feed-forward updates and the top layer's lateral update never do (eq. 15 of
+Obeid, Ramambason & Pehlevan 2019). *Where* the factor sits differs between
 readings. The authors' code (Pehlevan-Group/Deep_Structured_SM, ``snn_multipleneurons_fast.py``,
 ``deep_network.update_weights``: ``grad = update ⊙ (r rᵀ − adjustment ⊙ weights)`` with
 ``adjustment = L_structure/(1+gamma)`` on hidden layers, ``update = L_structure/2``)

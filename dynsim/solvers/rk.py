@@ -49,6 +49,11 @@ class ButcherTableau:
             raise ValueError("tableau: b_low and low_order go together, b_low one entry per stage")
 
     @property
+    def stages_for_b(self) -> int:
+        """Stages up to the last non-zero weight of ``b`` (what a fixed step evaluates)."""
+        return max(i for i, b in enumerate(self.b) if b != 0.0) + 1
+
+    @property
     def fsal(self) -> bool:
         """First same as last: the last stage is ``F(u_{n+1})``, the next step's ``k_1``."""
         return self.b[-1] == 0.0 and self.a[-1] == self.b[:-1] and self.c[-1] == 1.0
@@ -104,12 +109,24 @@ def _combine(coeffs, ks: list[torch.Tensor]) -> torch.Tensor:
     return acc
 
 
+def _advance(u: torch.Tensor, h, coeffs, ks: list[torch.Tensor]) -> torch.Tensor:
+    """``u + h Σ_i coeffs_i k_i``: fused multiply-adds when ``h`` is a number (fixed step), else
+    ``h`` (B, 1) times the combination."""
+    if isinstance(h, torch.Tensor):
+        return u + h * _combine(coeffs, ks)
+    acc = None
+    for c, k in zip(coeffs, ks, strict=False):
+        if c != 0.0:
+            acc = torch.add(u, k, alpha=h * c) if acc is None else acc.add_(k, alpha=h * c)
+    return u.clone() if acc is None else acc
+
+
 def _stages(tableau: ButcherTableau, field, u, k1, t, h, n_stages: int, time_dependent: bool) -> list[torch.Tensor]:
     """``[k_1, ..., k_n_stages]`` given ``k_1``; ``h`` a float or (B, 1), ``t`` likewise."""
     ks = [k1]
     for i in range(1, n_stages):
         ti = t + tableau.c[i] * h if time_dependent else t
-        ks.append(field(u + h * _combine(tableau.a[i], ks), ti))
+        ks.append(field(_advance(u, h, tableau.a[i], ks), ti))
     return ks
 
 
@@ -128,10 +145,15 @@ class ExplicitRK(FixedStepSolver):
     def step(self, field, u, state, n):
         tab, dt = self.tableau, self.schedule(n)
         t = 0.0 if state is None else state
-        needed = max(i for i, b in enumerate(tab.b) if b != 0.0) + 1
+        needed = self._needed
         k1 = field(u, t)
-        ks = _stages(tab, field, u, k1, t, dt, needed, True)
-        return StepResult(u + dt * _combine(tab.b, ks), k1, t + dt, needed)
+        ks = _stages(tab, field, u, k1, t, dt, needed, True) if needed > 1 else [k1]
+        return StepResult(_advance(u, dt, tab.b, ks), k1, t + dt, needed)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "tableau" in cls.__dict__:
+            cls._needed = cls.tableau.stages_for_b
 
 
 class EmbeddedRK(Solver):

@@ -1,4 +1,4 @@
-"""Single-layer structured Hebbian network (similarity matching, DESIGN §2).
+"""Single-layer structured Hebbian network (similarity matching; Obeid, Ramambason & Pehlevan 2019).
 
     τ du/ds = −u + W x + s·(L − I) r,      r = f(u)
 
@@ -116,7 +116,7 @@ class HebbianLayer(System):
         return float(self.ff.fan_in.mean())
 
     def reset_parameters(self, seed: int = 0) -> None:
-        """``W = mask ⊙ N(0, 1)/sqrt(mean fan-in)``, ``L = I`` (DESIGN §2 "Init")."""
+        """``W = mask ⊙ N(0, 1)/sqrt(mean fan-in)``, ``L = I`` (as the authors' code of Obeid et al. 2019)."""
         gen = torch.Generator().manual_seed(seed)
         w = torch.randn(self.ff.weight.shape, generator=gen, dtype=self.ff.weight.dtype)
         self.ff.weight.copy_(w.to(self.ff.weight.device) * self.ff.mask / math.sqrt(self.mean_fan_in))

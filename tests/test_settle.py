@@ -15,7 +15,7 @@ from dynsim import (
     Status,
     settle,
 )
-from dynsim.solvers.schedules import SEED_SCHEDULE, parse_schedule
+from dynsim.solvers.step_sizes import SEED_SCHEDULE, parse_schedule
 
 
 def linear_layer(sign=-1, seed=0):
@@ -230,3 +230,19 @@ def test_deep_network_is_an_odeint_module():
                              atol=1e-12)[-1]
     torch.testing.assert_close(far, res.u, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(net(0.0, res.u), net.field(res.u, net.drive(x)))
+
+
+def test_renamed_things_keep_their_old_names():
+    """Deprecated aliases of renamed public names and modules point at the new objects."""
+    import dynsim.plasticity.schedules as old_rates
+    import dynsim.solvers.schedules as old_steps
+    import dynsim.ssl.schedules as old_plans
+    import dynsim.ssl.settler as old_settler
+    from dynsim import ResidualBelow
+    from dynsim.plasticity.learning_rates import DecayingRate
+    from dynsim.ssl.signals import ContrastiveSignals
+    from dynsim.ssl.stage_plans import StagePlanner
+
+    assert RelativeChange is ResidualBelow
+    assert old_steps.SEED_SCHEDULE is SEED_SCHEDULE and old_rates.DecayingRate is DecayingRate
+    assert old_settler.ContrastiveSettler is ContrastiveSignals and old_plans.Schedule is StagePlanner

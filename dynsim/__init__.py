@@ -3,7 +3,7 @@
 >>> import torch, dynsim
 >>> layer = dynsim.HebbianLayer((1, 8, 8), nps=4, stride=2, radius=3.0)
 >>> res = dynsim.settle(layer, torch.randn(2, 64), solver=dynsim.Euler(),
-...                     stop=dynsim.RelativeChange(1e-4) | dynsim.MaxSteps(3000))
+...                     stop=dynsim.ResidualBelow(1e-4) | dynsim.MaxSteps(3000))
 >>> res.r.shape
 torch.Size([2, 64])
 """
@@ -28,7 +28,7 @@ from dynsim.solvers import (
     SiteNewton,
     make_solver,
 )
-from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, stop_rule
+from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, ResidualBelow, Status, stop_rule
 from dynsim.systems import HebbianLayer, System
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "Heun",
     "MaxSteps",
     "RelativeChange",
+    "ResidualBelow",
     "SettleResult",
     "SiteNewton",
     "Status",

@@ -1,9 +1,11 @@
 """Compiled (numba) CPU kernels for the site-separable Hebbian layer: settle and learn one image at a time.
 
-Online DSSM learning settles one image, updates the weights, and moves on. With the
-per-site Newton solver an image needs only ~5 steps, so the torch path spends its time
-dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computing
-(~0.1 M multiply-adds). These kernels do the same arithmetic in one compiled loop:
+A backend of :func:`dynsim.settle` and of the batch-1 Hebbian update, chosen by
+:mod:`dynsim.backend`; nothing else imports this module. Online DSSM learning settles one
+image, updates the weights, and moves on. With the per-site Newton solver an image needs a
+handful of steps, so the torch path spends its time dispatching dozens of small ops per
+image rather than computing (~0.1 M multiply-adds). These kernels do the same arithmetic in
+one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
 
 * :func:`settle_layer` — for each sample, the drive ``d = W x`` (site by site,
   ``d[s, m] = Σ_j W[s, m, j] x[index[s, j]]``), then the loop of :func:`dynsim.settle` with
@@ -12,20 +14,22 @@ dispatching ~60 small ops per image (0.6 ms; benchmarks/README.md), not computin
   Picard start ``u₁ = d + s·A f(u₀)`` or a Newton step ``u ← u − J⁻¹(τF)`` with
   ``J_k = −I + s·A_k diag f'(u_k)`` solved per site by Gaussian elimination with partial
   pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``. Same stop rules
-  (tolerance, cap, divergence), same status codes and step counts as the torch path, and
-  the same fixed points up to float rounding (tests: ``tests/test_compiled.py``). Float32
+  (``‖F‖ < atol + tol‖u‖``, cap, divergence), the :class:`~dynsim.stopping.Status` codes and
+  the step counts of the torch path, and the same fixed points up to float rounding (tests:
+  ``tests/test_compiled.py`` and the solver conformance table). Float32
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
   ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
-  same loop (:meth:`dynsim.solvers.Euler.settle_compiled`, with a step cap).
+  same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
-  on the stored (structural) entries, as :func:`dynsim.plasticity.hebbian_update`.
+  on the stored (structural) entries: the formula of
+  :func:`dynsim.plasticity.similarity_matching.structured_update`, tested for parity with it.
 
 They run on CPU tensors of float32/float64, in place, without copies. Used automatically
 where they apply (:func:`applies`); ``DYNSIM_COMPILED=0`` or :func:`disabled` switch them
-off (the torch path is the reference and the GPU path). Compilation takes ~10 s once per
-machine (numba caches it beside this file, or under ``NUMBA_CACHE_DIR``; loading the cache
-takes 0.3 s; benchmarks/compiled_kernels.py row 5).
+off (the torch path is the reference and the GPU path). Compilation happens once per machine
+(numba caches it beside this file, or under ``NUMBA_CACHE_DIR``; compile and load times:
+``compiled_kernels.py`` row 5).
 """
 
 from __future__ import annotations
@@ -39,19 +43,24 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from dynsim.solvers import Euler, SiteNewton
+from dynsim.stopping import Status, StopLimits
+
 try:  # numba is a dependency, but the torch path works without it
     import numba
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
-# Above this the torch path (batched LAPACK) wins: at NpS 32 the compiled loop is still 1.3× (batch 1)
-# and 2.2× (batch 200) faster, at NpS 48 0.80× at batch 1 (benchmarks/compiled_kernels.py row 9)
+# Above this the torch path (batched LAPACK) wins: the kernel's elimination is O(M³) per site in
+# scalar code, LAPACK's is blocked (crossover measured by benchmarks/compiled_kernels.py row 9)
 MAX_NPS = 32
 _DTYPES = (torch.float32, torch.float64)
 METHOD_NEWTON, METHOD_PICARD_NEWTON, METHOD_EULER = 0, 1, 2
 ACTIVATION_CODES = {"tanh": 0, "linear": 1, "relu": 2}
 _enabled = os.environ.get("DYNSIM_COMPILED", "1") != "0"
+# status codes written by the kernel: the Status enum's values (numba freezes these globals)
+_SETTLED, _MAX_STEPS, _DIVERGED = int(Status.SETTLED), int(Status.MAX_STEPS), int(Status.DIVERGED)
 
 
 def available() -> bool:
@@ -95,9 +104,8 @@ def _jit(fn):
 
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)
 # rational fit to tanh(x)/x, relative error 2.2e-8, evaluated in float64 and rounded once, so
-# float32 results are within 1 ulp of libm's (max error 6e-8, as libm's tanhf; tests). Unlike a
-# tanh call it vectorises: settling a batch of trained Fashion-MNIST inputs takes 48 instead of
-# 89 µs per image (1 thread, same steps; benchmarks/compiled_kernels.py row 8).
+# float32 results are within 1 ulp of libm's (as libm's tanhf; tests). Unlike a tanh call it
+# vectorises, which is what makes it faster (benchmarks/compiled_kernels.py row 8).
 _TANH_P = (9.99999981e-01, 1.33816708e-01, 3.49634665e-03, 2.06213811e-05, 1.33713948e-08)
 _TANH_Q = (1.0, 4.67149872e-01, 2.58798861e-02, 3.28686631e-04, 7.78347625e-07)
 
@@ -132,14 +140,13 @@ def _slope(u, r, code):
 
 
 @_jit
-def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, cap, cap_first,
+def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, atol, cap, cap_first,
                    bound, big, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
     Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
-    the M × M elimination included, is a loop over the 196 sites that the compiler
-    vectorises: the elimination alone is 1.7–2.0× faster than site by site (M = 2–8,
-    benchmarks/compiled_kernels.py row 4)."""
+    the M × M elimination included, is a loop over the sites that the compiler vectorises
+    (against site by site: benchmarks/compiled_kernels.py row 4)."""
     n_sites, m_per, kc = w.shape
     k_in = ff_index.shape[1]
     dt = w.dtype.type
@@ -192,12 +199,13 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
                 for s in range(n_sites):
                     f2 += float(fs[i, s]) * float(fs[i, s])
                     u2 += float(us[i, s]) * float(us[i, s])
-            res = np.sqrt(f2) / tau / max(np.sqrt(u2), 1e-12)
+            u_norm = max(np.sqrt(u2), 1e-12)
+            res = np.sqrt(f2) / tau / u_norm
             residual[b] = res
-            settled = res < tol
+            settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
             capped = cap >= 0 and n >= cap
             if settled or capped:
-                status[b] = 2 if capped and (cap_first or not settled) else 1
+                status[b] = _MAX_STEPS if capped and (cap_first or not settled) else _SETTLED
                 break
             if method == METHOD_EULER:  # u ← u + dt_n F(u), F = τF/τ as the torch field computes it
                 dtn = dts[n]
@@ -228,7 +236,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
                 for s in range(n_sites):
                     n2 += float(un[i, s]) * float(un[i, s])
             if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
-                status[b] = 3
+                status[b] = _DIVERGED
                 break
             us[:, :] = un
             n += 1
@@ -241,7 +249,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
     return n_evals
 
 
-def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, cap, cap_first,
+def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, atol, cap, cap_first,
                    bound, big, u, r, steps, status, residual, n_chunks):
     """:func:`_settle_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
     b = x.shape[0]
@@ -250,7 +258,7 @@ def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
         lo = c * b // n_chunks
         hi = (c + 1) * b // n_chunks
         evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol,
-                                  cap, cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
+                                  atol, cap, cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
                                   residual[lo:hi])
     return evals.sum()
 
@@ -360,15 +368,15 @@ def can_settle(system, x: torch.Tensor, u0) -> bool:
 
 def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str, tol: float | None,
                  cap: int | None, cap_first: bool, max_state_norm: float, picard_start: bool = True,
-                 dts: np.ndarray | None = None):
+                 dts: np.ndarray | None = None, atol: float = 0.0):
     """Settle ``x`` (B, D_in) with the compiled loop (see module docstring).
 
     ``method``: ``"newton"`` (per-site Newton; ``picard_start`` as :class:`~dynsim.solvers.SiteNewton`)
     or ``"euler"`` (forward Euler, ``u ← u + dts[n]·F(u)``; ``dts`` holds at least ``cap`` step
-    sizes). ``tol``/``cap``: the stop rule's tolerance on the field residual and step cap
-    (``None``: absent; Euler needs a cap); ``cap_first``: the cap's status wins when both fire
-    on the same step; ``max_state_norm``: ``settle``'s RMS divergence bound. Call it where
-    :func:`can_settle` holds.
+    sizes). ``tol``/``atol``/``cap``: the stop rule's tolerances on the field residual
+    (``‖F‖ < atol + tol‖u‖``) and step cap (``None``: absent; Euler needs a cap);
+    ``cap_first``: the cap's status wins when both fire on the same step; ``max_state_norm``:
+    ``settle``'s RMS divergence bound. Call it where :func:`can_settle` holds.
     Returns ``(u, r, steps, status, residual, n_evals)``.
     """
     if method == "euler":
@@ -392,7 +400,7 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     args = (
         x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
         npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
-        -1.0 if tol is None else float(tol),
+        -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
         -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
         float(torch.finfo(dtype).max),
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
@@ -407,6 +415,52 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     else:
         n_evals = _settle_kernel(*args)
     return u, r, steps, status, residual, int(n_evals)
+
+
+def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits: StopLimits | None,
+                   max_state_norm: float):
+    """:func:`dynsim.settle` on the compiled kernels, or ``None`` where they do not apply.
+
+    They apply to :class:`~dynsim.solvers.SiteNewton` and to :class:`~dynsim.solvers.Euler` with
+    a step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap),
+    a stop rule with limits on the field residual and a cap > 0, and a layer and tensors that
+    :func:`can_settle` accepts. Returns ``SettleResult``'s fields ``(u, r, steps, status,
+    residual, n_evals)`` exactly as the torch loop would give them.
+    """
+    if limits is None or limits.on != "field" or limits.cap == 0:
+        return None
+    kind = type(solver)
+    if kind is Euler:
+        if limits.cap is None or limits.cap > 10_000_000:
+            return None
+        method, extra = "euler", {}
+    elif kind is SiteNewton:
+        method, extra = "newton", {"picard_start": solver.picard_start}
+    else:
+        return None
+    if not can_settle(system, x, u0):
+        return None
+    if method == "euler":
+        extra["dts"] = _step_sizes(solver.schedule, limits.cap)
+    return settle_layer(system, x, u0, method=method, tol=limits.rtol, atol=limits.atol, cap=limits.cap,
+                        cap_first=limits.cap_first, max_state_norm=max_state_norm, **extra)
+
+
+_DTS_CACHE: dict = {}
+
+
+def _step_sizes(schedule, cap: int) -> np.ndarray:
+    """``[schedule(0), ..., schedule(cap − 1)]`` (float64), kept for the last few (schedule, cap) pairs."""
+    try:
+        key = (schedule, cap)
+        hit = _DTS_CACHE.get(key)
+    except TypeError:  # an unhashable user schedule: no cache
+        return np.array([schedule(n) for n in range(cap)], dtype=np.float64)
+    if hit is None:
+        if len(_DTS_CACHE) >= 8:
+            _DTS_CACHE.pop(next(iter(_DTS_CACHE)))
+        hit = _DTS_CACHE[key] = np.array([schedule(n) for n in range(cap)], dtype=np.float64)
+    return hit
 
 
 def hebbian_update_online(layer, x: torch.Tensor, r: torch.Tensor, rate_ff: float, rate_lat: float) -> None:

@@ -1,13 +1,21 @@
 """``settle``: run a system's dynamics on a batch until each sample stops on its own rule.
 
-The loop keeps only the samples still running (the batch shrinks as samples settle), so
-settled samples stop costing and stop changing. Each sample records how many steps it
-took, why it stopped (:class:`~dynsim.stopping.Status`) and its final residual
-``‖du/ds‖/‖u‖``, evaluated the same way whatever the solver or the stop rule.
+One entry point, two backends with the same semantics, statuses and counts: the torch loop
+below (everywhere: any system, solver, stop rule, device) and the compiled CPU kernels of
+:mod:`dynsim.compiled`, chosen inside :func:`settle` where they apply (a site-separable
+:class:`~dynsim.systems.HebbianLayer` on CPU, Euler or per-site Newton, a stop rule that
+describes its limits, no step hook). The torch loop keeps only the samples still running (the
+batch shrinks as samples settle), so settled samples stop costing and stop changing. Each
+sample records how many steps it took, why it stopped (:class:`~dynsim.stopping.Status`) and
+its final residual ``‖du/ds‖/‖u‖``, evaluated the same way whatever the solver or stop rule.
+
+The system is a :class:`~dynsim.systems.System` driven by an input ``x``, or any module or
+function ``f(t, u)`` (a vector field in torchdiffeq's convention) started from ``u0``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dynsim import backend
 from dynsim.errors import ConfigError, DataError
-from dynsim.solvers.base import Solver
-from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, StopRule
+from dynsim.solvers.base import Solver, StepResult
+from dynsim.stopping import Status, StopLimits, StopRule
 from dynsim.systems.base import System
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -57,55 +66,48 @@ class SettleResult:
 
 
 class BoundField:
-    """The vector field ``v -> system.field(v, drive)`` of the running samples.
+    """The vector field ``(u, t) -> system.field(u, drive)`` of the running samples (autonomous).
 
     Solvers call it like a function; fixed-point solvers that need more than the field
     (e.g. :class:`~dynsim.solvers.SiteNewton`) read ``.system`` and ``.drive``.
     """
 
     __slots__ = ("system", "drive")
+    time_dependent = False
 
     def __init__(self, system: System, drive: torch.Tensor):
         self.system, self.drive = system, drive
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.system.field(v, self.drive)
+    def __call__(self, u: torch.Tensor, t=None) -> torch.Tensor:
+        return self.system.field(u, self.drive)
 
 
-def _simple_limits(stop: StopRule) -> tuple[float | None, int | None] | None:
-    """``(tol, cap)`` such that a sample of the built-in rules runs iff ``residual >= tol``
-    and ``steps < cap`` (``None``: that part absent); ``None`` for other rule types."""
-    rules = stop.rules if type(stop) is AnyOf else (stop,)
-    tols, caps = [], []
-    for rule in rules:
-        if type(rule) is RelativeChange:
-            tols.append(rule.tol)
-        elif type(rule) is MaxSteps:
-            caps.append(rule.n)
-        else:
-            return None
-    return (max(tols) if tols else None, min(caps) if caps else None)
+class TimeField:
+    """A user's vector field ``f(t, u)`` called as ``(u, t) -> f(t, u)`` (``t = 0`` when not given)."""
+
+    __slots__ = ("f",)
+    time_dependent = True
+    system = None
+    drive = None
+
+    def __init__(self, f: Callable[..., torch.Tensor]):
+        self.f = f
+
+    def __call__(self, u: torch.Tensor, t=None) -> torch.Tensor:
+        return self.f(0.0 if t is None else t, u)
 
 
-def _cap_wins(stop: StopRule) -> bool:
-    """True when a :class:`MaxSteps` comes before every :class:`RelativeChange` in ``stop``
-    (its status code wins when both fire on the same step)."""
-    rules = stop.rules if type(stop) is AnyOf else (stop,)
-    kinds = [type(r) for r in rules]
-    return MaxSteps in kinds and (RelativeChange not in kinds or kinds.index(MaxSteps) < kinds.index(RelativeChange))
-
-
-def _all_settle_now(limits, residual: torch.Tensor, steps: int, all_running: bool) -> bool:
+def _all_settle_now(limits: StopLimits | None, residual: torch.Tensor, state_norm: torch.Tensor, steps: int,
+                    all_running: bool) -> bool:
     """True when all samples are still running and all meet the tolerance before the cap.
 
     Then every status code is ``SETTLED`` (a settled sample is never marked diverged, and
     the cap has not fired), whatever the order of the rules."""
-    if limits is None or not all_running:
+    if limits is None or not all_running or limits.rtol is None:
         return False
-    tol, cap = limits
-    if tol is None or (cap is not None and steps >= cap):
+    if limits.cap is not None and steps >= limits.cap:
         return False
-    return bool((residual < tol).all())
+    return not bool(limits.running(residual, state_norm).any())
 
 
 def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -150,15 +152,20 @@ def _reject_non_finite(v: torch.Tensor, name: str) -> None:
         raise DataError(f"{name}[{row}] contains {what}; remove or clean that sample")
 
 
-def _checked_input(system: System, x, solver, stop, max_state_norm) -> torch.Tensor:
-    """Validate the arguments of :func:`settle`; return ``x`` on the system's device and dtype."""
+def _check_options(solver, stop, max_state_norm) -> None:
     if not isinstance(solver, Solver):
         raise ConfigError(f"solver must be a dynsim Solver (e.g. Euler()), got {solver!r}")
     if not isinstance(stop, StopRule):
-        raise ConfigError(f"stop must be a StopRule (e.g. RelativeChange(1e-4) | MaxSteps(3000)), got {stop!r}")
+        raise ConfigError(f"stop must be a StopRule (e.g. ResidualBelow(1e-4) | MaxSteps(3000)), got {stop!r}")
     if (isinstance(max_state_norm, bool) or not isinstance(max_state_norm, (int, float))
             or not (math.isfinite(max_state_norm) and max_state_norm > 0)):
         raise ConfigError(f"max_state_norm must be a finite number > 0 (e.g. 1e6), got {max_state_norm!r}")
+
+
+def _checked_input(system: System, x) -> torch.Tensor:
+    """Validate ``x``; return it on the system's device and dtype."""
+    if x is None:
+        raise ConfigError(f"settling a {type(system).__name__} needs an input x of shape (batch, features)")
     x = _as_float_tensor(x, "x", _float_tensor_of(system))
     if x.ndim != 2:
         raise ConfigError(f"x must be a (batch, features) tensor, got shape {tuple(x.shape)}; "
@@ -167,29 +174,42 @@ def _checked_input(system: System, x, solver, stop, max_state_norm) -> torch.Ten
     return x
 
 
+
+def _checked_u0(u0, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    u0 = _as_float_tensor(u0, "u0", like)
+    if tuple(u0.shape) != tuple(shape):
+        raise ConfigError(f"u0 must have shape {tuple(shape)}, got {tuple(u0.shape)}")
+    _reject_non_finite(u0, "u0")
+    return u0
+
+
 def settle(
-    system: System,
-    x: torch.Tensor,
+    system: System | Callable[..., torch.Tensor],
+    x: torch.Tensor | None = None,
     *,
     solver: Solver,
     stop: StopRule,
     u0: torch.Tensor | None = None,
     max_state_norm: float = 1e6,
     on_step: StepHook | None = None,
+    grad: bool = False,
 ) -> SettleResult:
-    """Integrate ``du/ds = system.field(u, system.drive(x))`` from ``u0`` until ``stop``.
+    """Integrate ``du/ds = system.field(u, system.drive(x))`` (or ``du/ds = f(s, u)``) from ``u0`` until ``stop``.
 
     Parameters
     ----------
-    system : System
-    x : (B, D_in) inputs, held fixed while settling.
+    system : a System, or any module/function ``f(t, u)`` -> (B, D) (then no ``x``; ``u0`` required,
+        rates ``r = u``).
+    x : (B, D_in) inputs of a System, held fixed while settling.
     solver : Solver, e.g. ``Euler(SEED_SCHEDULE)``.
-    stop : StopRule, judged per sample, e.g. ``RelativeChange(1e-4) | MaxSteps(3000)``.
+    stop : StopRule, judged per sample, e.g. ``ResidualBelow(1e-4) | MaxSteps(3000)``, or
+        ``ResidualBelow(1e-4, atol=1e-8)`` for a fixed point at ``u = 0``.
     u0 : (B, D) initial state (streaming input carries it over); zeros when ``None``.
     max_state_norm : a sample whose RMS state exceeds this, or turns non-finite, is
         marked ``Status.DIVERGED`` and keeps its last finite state.
     on_step : optional ``hook(n, u_running, residual_running)`` after each step (it costs one
         extra field evaluation per step, not counted in ``n_evals``).
+    grad : record the autograd graph through the steps (default: no, as under ``torch.no_grad()``).
 
     Raises
     ------
@@ -202,45 +222,82 @@ def settle(
 
     Examples
     --------
-    >>> from dynsim import HebbianLayer, Euler, RelativeChange, MaxSteps, settle
+    >>> from dynsim import HebbianLayer, Euler, ResidualBelow, MaxSteps, settle
     >>> layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
-    >>> res = settle(layer, torch.randn(5, 64), solver=Euler(), stop=RelativeChange(1e-4) | MaxSteps(3000))
+    >>> res = settle(layer, torch.randn(5, 64), solver=Euler(), stop=ResidualBelow(1e-4) | MaxSteps(3000))
     >>> res.r.shape, bool(res.converged.all())
     (torch.Size([5, 32]), True)
+
+    Any ``f(t, u)``: ``du/ds = −u`` from 1 settles (‖du/ds‖ < 1e-6) after ``⌈ln(1e-6)/ln(1 − 0.5)⌉`` steps of 0.5:
+
+    >>> from dynsim import ConstantStep
+    >>> res = settle(lambda t, u: -u, u0=torch.ones(1, 1), solver=Euler(ConstantStep(0.5)),
+    ...              stop=ResidualBelow(1e-4, atol=1e-6) | MaxSteps(100))
+    >>> int(res.steps[0]), res.status.tolist()
+    (20, [1])
     """
-    x = _checked_input(system, x, solver, stop, max_state_norm)
-    b = x.shape[0]
-    if b == 0:  # an empty batch settles trivially (the drive's reshape cannot infer sizes from 0 rows)
-        want = getattr(system, "input_size", x.shape[1])
-        if x.shape[1] != want:
-            raise ConfigError(f"input must have shape (batch, {want}), got {tuple(x.shape)}")
-        empty = x.new_zeros(0, system.state_size)
-        z = torch.zeros(0, dtype=torch.long, device=x.device)
-        return SettleResult(u=empty, r=empty.clone(), steps=z, status=z.to(torch.int8), residual=x.new_zeros(0),
-                            n_evals=0)
-    limits = _simple_limits(stop)
-    on = stop.on or "field"
-    if limits is not None and on == "field" and on_step is None and stop.max_steps != 0:
-        fast = solver.settle_compiled(system, x, u0, tol=limits[0], cap=limits[1], cap_first=_cap_wins(stop),
-                                      max_state_norm=max_state_norm)
-        if fast is not None:  # the solver's compiled loop: same rules, steps and status (see dynsim.compiled)
-            return SettleResult(*fast)
-    drive_all = system.drive(x)
-    if u0 is not None:
-        u0 = _as_float_tensor(u0, "u0", drive_all)
-        if u0.shape != drive_all.shape:
-            raise ConfigError(f"u0 must have shape {tuple(drive_all.shape)}, got {tuple(u0.shape)}")
+    _check_options(solver, stop, max_state_norm)
+    if isinstance(system, System):
+        x = _checked_input(system, x)
+        if x.shape[0] and on_step is None:
+            # the compiled backend (no autograd: it applies only to tensors without grad); same
+            # rules, steps, statuses and counts as the torch loop
+            fast = backend.compiled_settle(system, x, u0, solver, stop.limits(), max_state_norm)
+            if fast is not None:
+                return SettleResult(*fast)
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        if isinstance(system, System):
+            return _settle_torch(system, x, solver, stop, u0, max_state_norm, on_step)
+        if not callable(system):
+            raise ConfigError(f"system must be a dynsim System or a vector field f(t, u), got {system!r}")
+        if x is not None:
+            raise ConfigError("a vector field f(t, u) takes no input x; give the initial state as u0=")
+        if u0 is None:
+            raise ConfigError("settling a vector field f(t, u) needs the initial state u0 (batch, state)")
+        u0 = _as_float_tensor(u0, "u0")
+        if u0.ndim != 2:
+            raise ConfigError(f"u0 must be a (batch, state) tensor, got shape {tuple(u0.shape)}")
         _reject_non_finite(u0, "u0")
-    u_all = torch.zeros_like(drive_all) if u0 is None else u0.clone()
-    steps = torch.zeros(b, dtype=torch.long, device=x.device)
-    status = torch.zeros(b, dtype=torch.int8, device=x.device)
-    bound = max_state_norm * math.sqrt(drive_all.shape[1])
+        return _settle_torch(None, TimeField(system), solver, stop, u0, max_state_norm, on_step)
+
+
+def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, max_state_norm: float,
+                  on_step: StepHook | None) -> SettleResult:
+    """The torch backend: ``system`` with inputs ``x``, or (``system=None``) the TimeField ``x``."""
+    if system is None:
+        field_all = x
+        drive_all = None
+        template = u0
+        rates = lambda u: u  # noqa: E731
+    else:
+        if x.shape[0] == 0:  # an empty batch settles trivially (the drive's reshape cannot infer sizes from 0 rows)
+            want = getattr(system, "input_size", x.shape[1])
+            if x.shape[1] != want:
+                raise ConfigError(f"input must have shape (batch, {want}), got {tuple(x.shape)}")
+            empty = x.new_zeros(0, system.state_size)
+            z = torch.zeros(0, dtype=torch.long, device=x.device)
+            return SettleResult(u=empty, r=empty.clone(), steps=z, status=z.to(torch.int8), residual=x.new_zeros(0),
+                                n_evals=0)
+        drive_all = system.drive(x)
+        field_all = BoundField(system, drive_all)
+        template = drive_all
+        if u0 is not None:
+            u0 = _checked_u0(u0, drive_all, drive_all.shape)
+        rates = system.rates
+    b = template.shape[0]
+    device = template.device
+    start = torch.zeros_like(template) if u0 is None else u0
+    u_all = start.clone()  # the returned states; the loop steps from ``start`` (kept intact for autograd)
+    steps = torch.zeros(b, dtype=torch.long, device=device)
+    status = torch.zeros(b, dtype=torch.int8, device=device)
+    bound = max_state_norm * math.sqrt(template.shape[1])
     n_evals = 0
+    limits = stop.limits()
+    on = stop.on or "field"
 
-    active = torch.arange(b, device=x.device)
-    u, drive = u_all, drive_all
-
-    field = BoundField(system, drive)
+    active = torch.arange(b, device=device)
+    u, drive = start, drive_all
+    field = BoundField(system, drive) if system is not None else field_all
 
     state = solver.init(field, u)
     n = 0
@@ -248,30 +305,33 @@ def settle(
     if cap == 0:
         active = active[:0]
         status.fill_(Status.MAX_STEPS)
-    # Cheap per-step test for the built-in stop rules (exactly "some sample's code is not
-    # RUNNING"); the full status codes are computed only on steps where something stops.
-    residual_all = torch.zeros(b, dtype=drive_all.dtype, device=x.device) if on == "field" else None
+    # Cheap per-step test when the rule describes its limits (exactly "some sample's code is
+    # not RUNNING"); the full status codes are computed only on steps where something stops.
+    residual_all = torch.zeros(b, dtype=template.dtype, device=device) if on == "field" else None
     while active.numel():
-        u_next, f, state = solver.step(field, u, state, n)
-        n_evals += solver.evals_per_step * active.numel()
+        out = solver.step(field, u, state, n)
+        if isinstance(out, StepResult):
+            u_next, f, state, evals = out
+        else:  # a solver written for the older 3-tuple contract: its class's evals_per_step
+            (u_next, f, state), evals = out, getattr(solver, "evals_per_step", 1)
+        n_evals += evals * active.numel()
         if on == "field":
-            residual = relative_norm(f, u)
-            candidate, cand_steps = u, n
+            r_vec, candidate, cand_steps = f, u, n
         else:
-            residual = relative_norm(u_next - u, u)
-            candidate, cand_steps = u_next, n + 1
+            r_vec, candidate, cand_steps = u_next - u, u_next, n + 1
+        u_norm = torch.linalg.vector_norm(u, dim=1)
+        residual = torch.linalg.vector_norm(r_vec, dim=1) / u_norm.clamp_min(_TINY)
         state_norm = torch.linalg.vector_norm(u_next, dim=1)
         if limits is not None:
-            tol, cap_ = limits
             ok = state_norm <= bound  # False for inf and NaN states
-            if tol is not None:
-                ok &= residual >= tol  # False for NaN residuals
-            event = (cap_ is not None and cand_steps >= cap_) or not bool(ok.all())
+            if limits.rtol is not None:  # False for NaN residuals
+                ok &= residual >= (limits.threshold(u_norm) if limits.atol else limits.rtol)
+            event = (limits.cap is not None and cand_steps >= limits.cap) or not bool(ok.all())
         else:
             event = True
-        if event and _all_settle_now(limits, residual, cand_steps, active.numel() == b):
+        if event and _all_settle_now(limits, residual, u_norm, cand_steps, active.numel() == b):
             # every sample meets its tolerance at this step (always so at batch 1): the
-            # per-sample bookkeeping below would give exactly this, at 30 ops' cost
+            # per-sample bookkeeping below would give exactly this, at a fraction of its cost
             u_all = candidate
             status.fill_(int(Status.SETTLED))
             steps.fill_(cand_steps)
@@ -279,7 +339,7 @@ def settle(
                 residual_all = residual
             break
         if event:
-            code = stop.status(residual, cand_steps)
+            code = stop.status(residual, cand_steps, state_norm=u_norm)
             bad = ~torch.isfinite(residual) | ~torch.isfinite(u_next).all(dim=1)
             bad |= state_norm > bound
             code = torch.where(bad & (code == Status.RUNNING), int(Status.DIVERGED), code).to(torch.int8)
@@ -293,20 +353,15 @@ def settle(
                 if residual_all is not None:  # on="field": the residual of the returned state
                     residual_all[ids] = residual[done]
                 keep = ~done
-                active, u_next, drive = active[keep], u_next[keep], drive[keep]
-                field.drive = drive
+                active, u_next = active[keep], u_next[keep]
+                if drive is not None:
+                    drive = drive[keep]
+                    field.drive = drive
                 state = solver.select(state, keep)
         u = u_next
         n += 1
         if on_step is not None and active.numel():
             on_step(n, u, relative_norm(field(u), u))
     if residual_all is None or cap == 0:
-        residual_all = relative_norm(system.field(u_all, drive_all), u_all)
-    return SettleResult(
-        u=u_all,
-        r=system.rates(u_all),
-        steps=steps,
-        status=status,
-        residual=residual_all,
-        n_evals=n_evals,
-    )
+        residual_all = relative_norm(field_all(u_all), u_all)
+    return SettleResult(u=u_all, r=rates(u_all), steps=steps, status=status, residual=residual_all, n_evals=n_evals)

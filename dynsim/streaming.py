@@ -1,13 +1,14 @@
 """Streaming ("continuous") input as a data source, and a monitor of the response to switches.
 
 An :class:`InputStream` presents inputs one after another with a dwell time of at most
-``dwell`` solver steps each; the network state is *never* reset between inputs (DESIGN §2
-"Streaming"). It builds on :class:`~dynsim.engine.DynamicsSettler`, which carries the
-state across batches: :meth:`InputStream.settler` returns one with ``stream_every=dwell``,
-so an input is switched when it settles (the stop rule) or after ``dwell`` steps, whichever
-comes first. To hold every input for exactly ``dwell`` steps, use a stop rule without a
-threshold (``MaxSteps(dwell)``). Any :class:`~dynsim.systems.base.System` (single layer,
-deep net) and any registered solver work, since only ``settle`` touches the dynamics.
+``dwell`` solver steps each; the network state is *never* reset between inputs (the
+"continuous input" variant of the reproduction of Obeid et al. 2019). It builds on
+:class:`~dynsim.engine.DynamicsSettler`, which carries the state across batches:
+:meth:`InputStream.settler` returns one with ``stream_every=dwell``, so an input is switched
+when it settles (the stop rule) or after ``dwell`` steps, whichever comes first. To hold
+every input for exactly ``dwell`` steps, use a stop rule without a threshold
+(``MaxSteps(dwell)``). Any :class:`~dynsim.systems.base.System` (single layer, deep net) and
+any registered solver work, since only ``settle`` touches the dynamics.
 
 :class:`SwitchMonitor` records for every switch the residual jump the new input causes
 (``‖du/ds‖/‖u‖`` of the carried state under the new input), the steps until the state

@@ -108,8 +108,10 @@ def test_compiled_euler_divergence_matches():
 def test_compiled_euler_needs_a_cap():
     layer = coupled()
     x = torch.randn(2, 64)
-    assert Euler().settle_compiled(layer, x, None, tol=1e-4, cap=None, cap_first=False, max_state_norm=1e6) is None
-    out = Euler().settle_compiled(layer, x, None, tol=1e-4, cap=3000, cap_first=False, max_state_norm=1e6)
+    from dynsim.stopping import StopLimits
+
+    assert compiled.settle_backend(layer, x, None, Euler(), StopLimits(rtol=1e-4), 1e6) is None
+    out = compiled.settle_backend(layer, x, None, Euler(), StopLimits(rtol=1e-4, cap=3000), 1e6)
     assert out is not None and bool((out[3] == Status.SETTLED).all())
 
 

@@ -1,4 +1,4 @@
-"""Plasticity of the deep structured network (DESIGN §2 "Deep version").
+"""Plasticity of the deep structured network (Obeid, Ramambason & Pehlevan 2019, eq. 15).
 
 After each settled batch, with settled rates ``r_p`` of every layer and ``r_0 = x``:
 
@@ -10,8 +10,8 @@ with ``κ_p = 1/(1+γ)`` for the hidden layers ``p < P`` and ``κ_P = 1`` for th
 ``c`` is the batch rule (``"sum"``: c = B, ``"mean"``: c = 1), as for the single layer.
 
 Convention and source: only the *lateral* updates of the *hidden* layers carry the factor
-``1/(1+γ)``; feed-forward updates and the top layer's lateral update never do (DESIGN §2,
-for eq. 15 of Obeid, Ramambason & Pehlevan 2019). *Where* the factor sits differs between
+``1/(1+γ)``; feed-forward updates and the top layer's lateral update never do (eq. 15 of
+Obeid, Ramambason & Pehlevan 2019). *Where* the factor sits differs between
 readings. The authors' code (Pehlevan-Group/Deep_Structured_SM, ``snn_multipleneurons_fast.py``,
 ``deep_network.update_weights``: ``grad = update ⊙ (r rᵀ − adjustment ⊙ weights)`` with
 ``adjustment = L_structure/(1+gamma)`` on hidden layers, ``update = L_structure/2``)
@@ -26,22 +26,9 @@ from __future__ import annotations
 import torch
 
 from dynsim.errors import ConfigError
-from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
-from dynsim.plasticity.similarity_matching import BATCH_RULES, SimilarityMatchingRule
+from dynsim.plasticity.learning_rates import SEED_RATE, DecayingRate
+from dynsim.plasticity.similarity_matching import BATCH_RULES, SimilarityMatchingRule, structured_update
 from dynsim.systems.deep import DeepHebbianNet
-from dynsim.systems.structure import SiteLinear
-
-
-def structured_update(
-    linear: SiteLinear, post: torch.Tensor, pre: torch.Tensor, rate: float, *, decay: float = 1.0
-) -> None:
-    """``weight += rate (⟨post preᵀ⟩ − decay · weight) ⊙ mask`` on stored weights only.
-
-    Shapes: ``post`` (B, S, M) rates of the output sites, ``pre`` (B, S_in, G) input groups.
-    """
-    corr = torch.einsum("bsm,bsk->smk", post, linear.gather(pre)) / post.shape[0]
-    linear.weight.add_(rate * (corr - decay * linear.weight) * linear.mask)
-
 
 LATERAL_RULES = ("code", "scaled")
 

@@ -1,4 +1,7 @@
-"""Hebbian / anti-Hebbian similarity-matching plasticity (DESIGN §2).
+"""Hebbian / anti-Hebbian similarity-matching plasticity.
+
+Pehlevan, Sengupta & Chklovskii (2018), "Why do similarity matching objectives lead to
+Hebbian/anti-Hebbian networks?"; Obeid, Ramambason & Pehlevan (2019), structured networks.
 
 After each settled batch, with settled rates ``r`` (B, N) and inputs ``x`` (B, D_in):
 
@@ -11,16 +14,21 @@ the default: the sum of B online updates computed at the same weights) or ``"mea
 updates after every image and has no batched rule; batch 100 is a setting of the
 reproduction report, whose batched update we could not inspect, so ``"sum"`` is our choice. With B = 1
 both equal the online rule ``ΔW = η (r xᵀ − W)``. Only stored (structural) weights change.
+
+:func:`structured_update` is the one definition of the update of a structured weight
+(``weight += rate (⟨post preᵀ⟩ − decay·weight)``), used by this layer and by the deep network
+(:mod:`dynsim.plasticity.deep`); the compiled batch-1 kernel (:mod:`dynsim.backend`) computes
+the same formula and is tested for parity against it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dynsim import compiled
+from dynsim import backend
 from dynsim.callbacks import Callback
 from dynsim.errors import ConfigError
-from dynsim.plasticity.schedules import SEED_RATE, DecayingRate
+from dynsim.plasticity.learning_rates import SEED_RATE, DecayingRate
 from dynsim.systems.hebbian import HebbianLayer
 
 BATCH_RULES = ("sum", "mean")
@@ -38,18 +46,27 @@ def hebbian_update(
     """Apply ``ΔW`` and ``ΔL`` above to ``layer`` in place. Shapes: x (B, D_in), r (B, N)."""
     b = x.shape[0]
     scale = float(b) if batch_rule == "sum" else 1.0
-    if b == 1 and compiled.applies(layer, x, r):  # online learning: one compiled pass, no dispatch
-        compiled.hebbian_update_online(layer, x, r, eta, lateral_factor * eta)
-        return
+    if backend.compiled_hebbian_update(layer, x, r, eta * scale, lateral_factor * eta * scale):
+        return  # batch 1 on CPU: the same formula in one compiled pass
     rs = layer.sites(r)  # (B, S, M)
-    # Padded (absent) connections read zeros and hold zero weights, so their correlation
-    # and their update are exactly zero: no mask multiply is needed; W += a·(C − W) is lerp.
-    # feed-forward: pre = pixels in each site's receptive field
-    pre = layer.ff.gather(layer.input_groups(x))  # (B, S, K·C)
-    layer.ff.weight.lerp_(_site_correlation(rs, pre), eta * scale)
-    # lateral: pre = rates of the neighbouring sites' neurons
-    pre_l = layer.lateral.gather(rs)  # (B, S, K·M)
-    layer.lateral.weight.lerp_(_site_correlation(rs, pre_l), lateral_factor * eta * scale)
+    structured_update(layer.ff, rs, layer.input_groups(x), eta * scale)  # pre: pixels of each receptive field
+    structured_update(layer.lateral, rs, rs, lateral_factor * eta * scale)  # pre: neighbouring sites' rates
+
+
+def structured_update(linear, post: torch.Tensor, pre: torch.Tensor, rate: float, *, decay: float = 1.0) -> None:
+    """``weight += rate (⟨post ⊗ gather(pre)⟩ − decay · weight)`` on the stored weights, in place.
+
+    Shapes: ``post`` (B, S, M) rates of the output sites, ``pre`` (B, S_in, G) input groups
+    (gathered into each site's (B, S, K·G) presynaptic values); ``⟨·⟩`` the batch mean.
+    Padded (absent) connections read zeros and hold zero weights, so their correlation and
+    their update are exactly zero: no mask multiply is needed. With ``decay = 1`` the update is
+    ``lerp(weight, corr, rate)``.
+    """
+    corr = _site_correlation(post, linear.gather(pre))
+    if decay == 1.0:
+        linear.weight.lerp_(corr, rate)
+    else:
+        linear.weight.add_(rate * (corr - decay * linear.weight))
 
 
 def _site_correlation(post: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

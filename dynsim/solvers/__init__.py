@@ -1,19 +1,31 @@
 """How a system evolves: ODE solvers behind one interface, looked up by name.
 
 ``SOLVERS`` maps a name to a solver class; :func:`make_solver` builds one with typed
-keyword options. Register a new method with :func:`register`.
+keyword options. Register a new method with :func:`register`; a new explicit Runge–Kutta
+method is a tableau (:mod:`dynsim.solvers.rk`) and one line below.
 """
 
 from __future__ import annotations
 
 from dynsim.errors import ConfigError
-from dynsim.solvers.adaptive import Dopri5
-from dynsim.solvers.base import Euler, FixedStepSolver, Solver
+from dynsim.solvers.base import FixedStepSolver, Solver, StepResult
+from dynsim.solvers.controllers import PIController
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
-from dynsim.solvers.rk import RK4, Heun
-from dynsim.solvers.schedules import (
+from dynsim.solvers.rk import (
+    BOGACKI_SHAMPINE,
+    RALSTON,
+    RK4,
+    ButcherTableau,
+    Dopri5,
+    EmbeddedRK,
+    Euler,
+    ExplicitRK,
+    Heun,
+    register_rk,
+)
+from dynsim.solvers.step_sizes import (
     SEED_SCHEDULE,
     ConstantStep,
     DecayingStep,
@@ -32,6 +44,8 @@ def register(cls: type[Solver]) -> type[Solver]:
 
 for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, TorchDiffEq, TorchODE):
     register(_cls)
+Ralston = register(register_rk("ralston", RALSTON))
+Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))
 
 
 def make_solver(name: str, **options) -> Solver:
@@ -48,6 +62,12 @@ def make_solver(name: str, **options) -> Solver:
 
 __all__ = [
     "RK4",
+    "ButcherTableau",
+    "EmbeddedRK",
+    "ExplicitRK",
+    "PIController",
+    "StepResult",
+    "register_rk",
     "SEED_SCHEDULE",
     "SOLVERS",
     "Anderson",

@@ -1,55 +1,66 @@
 """The solver interface: one step of an ODE method on a batch of states.
 
-A solver holds no hidden state between calls (diffrax style): :meth:`Solver.step` gets
-the state ``u`` (B, D), its own per-sample solver state (or ``None``) and the step index,
-and returns the next state, the vector field at ``u`` (so the caller can judge the
-residual ``‖du/ds‖/‖u‖`` of ``u`` without another evaluation) and the new solver state.
-The stepping loop, stop rules and per-sample bookkeeping live in :func:`dynsim.settle`,
-so a new method writes only its step.
+A solver holds no hidden state between calls (diffrax style): :meth:`Solver.step` gets the
+vector field, the state ``u`` (B, D), its own per-sample solver state and the step index, and
+returns a :class:`StepResult`: the next state, the vector field at ``u`` (so the caller can
+judge the residual ``‖du/ds‖/‖u‖`` of ``u`` without another evaluation), the new solver
+state and the number of field evaluations the step made per sample. The stepping loop, stop
+rules and per-sample bookkeeping live in :func:`dynsim.settle`, so a new method writes only
+its step.
+
+The vector field is called as ``field(u, t)``: ``u`` (B, D), ``t`` the time (a float, or a
+(B, 1) tensor for methods with a per-sample step size); ``field.time_dependent`` is False when
+the field ignores ``t`` (every :class:`~dynsim.systems.System`), so a method may skip
+computing stage times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
 
-from dynsim.solvers.schedules import SEED_SCHEDULE, StepSchedule
+from dynsim.solvers.step_sizes import SEED_SCHEDULE, StepSchedule
 
-VectorField = Callable[[torch.Tensor], torch.Tensor]
+VectorField = Callable[..., torch.Tensor]
+
+
+class StepResult(NamedTuple):
+    """What :meth:`Solver.step` returns.
+
+    Attributes
+    ----------
+    u : (B, D) next state.
+    f : (B, D) the vector field at the step's starting state.
+    state : the solver's per-sample state after the step.
+    evals : field evaluations the step made for each sample (one batched call = 1).
+    """
+
+    u: torch.Tensor
+    f: torch.Tensor
+    state: Any
+    evals: int
 
 
 class Solver:
-    """Base class. Subclasses set ``name`` and ``evals_per_step`` and implement :meth:`step`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`step`."""
 
     name: ClassVar[str]
-    evals_per_step: ClassVar[int] = 1
 
     def init(self, field: VectorField, u0: torch.Tensor) -> Any:
         """Per-sample solver state before the first step (``None`` for one-step methods)."""
         return None
 
-    def step(
-        self, field: VectorField, u: torch.Tensor, state: Any, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Advance ``u`` (B, D) by one step; return ``(u_next, field(u), state)``."""
+    def step(self, field: VectorField, u: torch.Tensor, state: Any, n: int) -> StepResult:
+        """Advance ``u`` (B, D) by one step (``n``: its index, from 0)."""
         raise NotImplementedError
 
-    def settle_compiled(self, system, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None,
-                        cap: int | None, cap_first: bool, max_state_norm: float) -> tuple | None:
-        """A compiled whole-settle loop for the built-in stop rules, or ``None`` (the default: use
-        :func:`dynsim.settle`'s loop). When given, it must return ``SettleResult``'s fields
-        ``(u, r, steps, status, residual, n_evals)`` exactly as that loop would (field residual
-        tested before each step against ``tol``, cap ``cap``, divergence when the RMS state
-        exceeds ``max_state_norm``)."""
-        return None
-
     def select(self, state: Any, keep: torch.Tensor) -> Any:
-        """Solver state of the samples ``keep`` (a (B,) bool mask), when a batch shrinks."""
-        if state is None:
-            return None
+        """Solver state of the samples ``keep`` (a (B,) bool mask), when a batch shrinks.
+        Tensors are per-sample (first axis); plain numbers are shared by all samples."""
+        if state is None or isinstance(state, (int, float)):
+            return state
         if isinstance(state, torch.Tensor):
             return state[keep]
         if isinstance(state, (tuple, list)):
@@ -67,28 +78,3 @@ class FixedStepSolver(Solver):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule!r})"
-
-
-class Euler(FixedStepSolver):
-    """Forward Euler: ``u_{n+1} = u_n + dt_n · F(u_n)``. One field evaluation per step."""
-
-    name = "euler"
-    evals_per_step = 1
-
-    def settle_compiled(self, system, x, u0, *, tol, cap, cap_first, max_state_norm):
-        """The compiled CPU loop of :mod:`dynsim.compiled` for a site-separable
-        :class:`~dynsim.systems.HebbianLayer` (NpS ≤ 32, CPU float tensors) with a step cap
-        (the step sizes ``dt_0 .. dt_{cap-1}`` are tabulated once per cap)."""
-        from dynsim import compiled
-
-        if cap is None or cap > 10_000_000 or not compiled.can_settle(system, x, u0):
-            return None
-        key = (cap, self.schedule)
-        if getattr(self, "_dts", (None, None))[0] != key:
-            self._dts = (key, np.array([self.schedule(n) for n in range(cap)], dtype=np.float64))
-        return compiled.settle_layer(system, x, u0, method="euler", tol=tol, cap=cap, cap_first=cap_first,
-                                     max_state_norm=max_state_norm, dts=self._dts[1])
-
-    def step(self, field, u, state, n):
-        f = field(u)
-        return u + self.schedule(n) * f, f, state

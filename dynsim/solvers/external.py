@@ -12,8 +12,10 @@ Differences that matter when comparing (and that the bench reports):
 * torchdiffeq's adaptive solvers control the error of the **whole batch** with one step
   size (the batch's worst sample sets it); torchode controls it **per sample** but
   evaluates the field on the whole batch at every internal step until all are done.
-* :attr:`evals_per_step` is set after each window to the number of field calls the
-  library made (each on every running sample), so ``SettleResult.n_evals`` is exact.
+* each :meth:`step` returns the number of field calls the library made in its window
+  (each on every running sample), so ``SettleResult.n_evals`` is exact.
+
+The library's time runs from ``n·window`` to ``(n+1)·window`` in window ``n``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import torch
 
 from dynsim.errors import ConfigError
-from dynsim.solvers.base import Solver
+from dynsim.solvers.base import Solver, StepResult
 
 
 def _check(name: str, **values: float) -> None:
@@ -35,11 +37,11 @@ def _check(name: str, **values: float) -> None:
 class _Recorder:
     """Wraps ``field`` to count calls and keep the first evaluation if it is at ``u``."""
 
-    def __init__(self, field, u):
-        self.field, self.u, self.calls, self.f0 = field, u, 0, None
+    def __init__(self, field, u, t0: float):
+        self.field, self.u, self.t0, self.calls, self.f0 = field, u, t0, 0, None
 
     def __call__(self, t, y):
-        f = self.field(y)
+        f = self.field(y, self.t0 + t)
         if self.calls == 0 and y.shape == self.u.shape and torch.equal(y, self.u):
             self.f0 = f
         self.calls += 1
@@ -48,14 +50,12 @@ class _Recorder:
     def field_at_start(self):
         if self.f0 is None:  # the library did not start at u: evaluate (and count) it
             self.calls += 1
-            self.f0 = self.field(self.u)
+            self.f0 = self.field(self.u, self.t0)
         return self.f0
 
 
 class _LibrarySolver(Solver):
     """A library integrator run over windows of ``window`` time units per settle step."""
-
-    evals_per_step = 1
 
     def __init__(self, *, rtol: float, atol: float, method: str = "dopri5", window: float = 1.0):
         _check(self.name, rtol=rtol, atol=atol, window=window)
@@ -83,12 +83,11 @@ class TorchDiffEq(_LibrarySolver):
     def step(self, field, u, state, n):
         from torchdiffeq import odeint
 
-        rec = _Recorder(field, u)
+        rec = _Recorder(field, u, n * self.window)
         t = torch.tensor([0.0, self.window], dtype=u.dtype, device=u.device)
         u_next = odeint(rec, u, t, method=self.method, rtol=self.rtol, atol=self.atol)[-1]
         f = rec.field_at_start()
-        self.evals_per_step = rec.calls
-        return u_next, f, state
+        return StepResult(u_next, f, state, rec.calls)
 
 
 class TorchODE(_LibrarySolver):
@@ -106,7 +105,7 @@ class TorchODE(_LibrarySolver):
     def step(self, field, u, state, n):
         import torchode
 
-        rec = _Recorder(field, u)
+        rec = _Recorder(field, u, n * self.window)
         term = torchode.ODETerm(rec)
         controller = torchode.IntegralController(atol=self.atol, rtol=self.rtol, term=term)
         t_eval = torch.tensor([0.0, self.window], dtype=u.dtype, device=u.device).expand(
@@ -115,5 +114,4 @@ class TorchODE(_LibrarySolver):
         sol = torchode.solve_ivp(term, u, t_eval, method=self.method, controller=controller)
         u_next = sol.ys[:, -1]
         f = rec.field_at_start()
-        self.evals_per_step = rec.calls
-        return u_next, f, state
+        return StepResult(u_next, f, state, rec.calls)

@@ -20,7 +20,7 @@ import math
 import torch
 
 from dynsim.errors import ConfigError
-from dynsim.solvers.base import Solver
+from dynsim.solvers.base import Solver, StepResult
 
 
 class Anderson(Solver):
@@ -42,16 +42,15 @@ class Anderson(Solver):
     Examples
     --------
     >>> import torch
-    >>> from dynsim import HebbianLayer, settle, RelativeChange, MaxSteps
+    >>> from dynsim import HebbianLayer, settle, ResidualBelow, MaxSteps
     >>> layer = HebbianLayer((1, 8, 8), nps=2, stride=2, radius=3.0)
     >>> res = settle(layer, torch.randn(3, 64), solver=Anderson(beta=0.5),
-    ...              stop=RelativeChange(1e-6) | MaxSteps(500))
+    ...              stop=ResidualBelow(1e-6) | MaxSteps(500))
     >>> bool(res.converged.all())
     True
     """
 
     name = "anderson"
-    evals_per_step = 1
 
     def __init__(
         self, *, beta: float = 0.5, memory: int = 5, reg: float = 1e-8, restart: float | None = 1e3
@@ -72,7 +71,7 @@ class Anderson(Solver):
         return {"g": None, "r": None, "dg": None, "dr": None, "best": None, "count": 0}
 
     def step(self, field, u, state, n):
-        f = field(u)
+        f = field(u, n * self.beta)  # the damped map is an Euler step of size β: time n·β
         r = self.beta * f
         g = u + r
         count = state["count"]
@@ -81,7 +80,7 @@ class Anderson(Solver):
             b, d = u.shape
             dg = u.new_empty(b, self.memory, d)
             dr = u.new_empty(b, self.memory, d)
-            return g, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": rn, "count": 1}
+            return StepResult(g, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": rn, "count": 1}, 1)
         dg, dr = state["dg"], state["dr"]
         slot = (count - 1) % self.memory  # column order does not matter to least squares
         torch.sub(g, state["g"], out=dg[:, slot])
@@ -100,7 +99,7 @@ class Anderson(Solver):
         ok = torch.isfinite(gamma).all(dim=1) & ~plain[:, None]  # (B, 1)
         gamma = torch.where(ok[:, :, None], gamma, 0.0)
         u_next = g - torch.bmm(dgk.transpose(1, 2), gamma)[:, :, 0]
-        return u_next, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": best, "count": count + 1}
+        return StepResult(u_next, f, {"g": g, "r": r, "dg": dg, "dr": dr, "best": best, "count": count + 1}, 1)
 
     def select(self, state, keep):
         return {key: (v[keep] if isinstance(v, torch.Tensor) else v) for key, v in state.items()}

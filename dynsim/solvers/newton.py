@@ -1,36 +1,40 @@
-"""Per-site Newton: a fixed-point solver for systems whose field splits into small blocks.
+"""Block Newton: a fixed-point solver for systems whose field splits into small blocks.
 
 For a :class:`~dynsim.systems.HebbianLayer` with lateral connections inside each site only
-(lateral distance 0, the DSSM default), the fixed-point equation ``F(u) = 0`` separates
-into one ``nps``-dimensional problem per site. :class:`SiteNewton` takes full Newton
-steps ``u_{n+1} = u_n − J(u_n)⁻¹ F(u_n)`` on all sites at once (one batched nps × nps
-solve), converging quadratically: a handful of steps reach ``‖F‖/‖u‖ < 1e-4`` where the
-seed's Euler schedule needs hundreds. It settles to the same fixed point, judged by the
-same solver-independent residual, so it is a drop-in for training and evaluation.
+(lateral distance 0, the DSSM default), the fixed-point equation ``F(u) = 0`` separates into
+one ``nps``-dimensional problem per site. :class:`SiteNewton` takes full Newton steps
+``u_{n+1} = u_n − J(u_n)⁻¹ F(u_n)`` on all blocks at once (one batched M × M solve),
+converging quadratically: a handful of steps reach ``‖F‖/‖u‖ < 1e-4`` where the seed's Euler
+schedule needs hundreds. It settles to the same fixed point, judged by the same
+solver-independent residual, so it is a drop-in for training and evaluation.
 
-For a tanh layer the first step (``picard_start``, default True) is one Picard/Euler step with ``dt = τ``,
-``u_1 = d + s·A f(u_0)`` — from rest exactly ``u_1 = W x``, the drive — and Newton
-starts from there: on trained Fashion-MNIST weights this cuts Newton steps from 6.9 to
-4.7 per image (1.25× faster settling) because Newton from ``u = 0`` first has to undo
-tanh's saturation. Any start is legitimate: a sample stops only when its own field
-residual passes the test, and the inhibitory DSSM layer has one fixed point.
+The system is reached through the :class:`~dynsim.systems.base.BlockJacobian` protocol:
+``jacobian_blocks(u, drive)`` gives ``G = τF(u)`` and ``∂G/∂u`` per block, and
+``newton_safeguard(u_next, drive)`` brings a wild step back (for the tanh layer, a projection
+onto the box that holds every fixed point).
 
-It reaches the system through the vector field that :func:`dynsim.settle` passes (which
-carries ``.system`` and ``.drive``); the system must provide
-``newton_step(u, drive) -> (u_next, F(u))``.
+For a tanh layer the first step (``picard_start``, default True) is one Picard/Euler step with
+``dt = τ``, ``u_1 = d + s·A f(u_0)`` — from rest exactly ``u_1 = W x``, the drive — and Newton
+starts from there: Newton from ``u = 0`` first has to undo tanh's saturation, so this saves
+steps on trained weights (benchmarks/README.md). Any start is legitimate: a sample stops only
+when its own field residual passes the test, and the inhibitory DSSM layer has one fixed point.
 """
 
 from __future__ import annotations
 
+import torch
+
 from dynsim.errors import ConfigError
-from dynsim.solvers.base import Solver
+from dynsim.solvers.base import Solver, StepResult
+from dynsim.systems.base import BlockJacobian
+
+_JACOBIAN_BUDGET = 1 << 25  # Jacobian entries built at once (128 MiB in float32): larger batches go in chunks
 
 
 class SiteNewton(Solver):
     """Newton's method on the fixed-point equation, block by block (see module docstring)."""
 
     name = "newton"
-    evals_per_step = 1
 
     def __init__(self, picard_start: bool | str | int = True):
         if isinstance(picard_start, str):  # from a spec string, e.g. "newton,picard_start=false"
@@ -42,26 +46,33 @@ class SiteNewton(Solver):
     def __repr__(self) -> str:
         return "SiteNewton()" if self.picard_start else "SiteNewton(picard_start=False)"
 
-    def settle_compiled(self, system, x, u0, *, tol, cap, cap_first, max_state_norm):
-        """The compiled CPU loop of :mod:`dynsim.compiled` where it applies (a site-separable
-        :class:`~dynsim.systems.HebbianLayer` with NpS ≤ 32, CPU float tensors, numba installed)."""
-        from dynsim import compiled
-
-        if not compiled.can_settle(system, x, u0):
-            return None
-        return compiled.settle_layer(system, x, u0, method="newton", tol=tol, cap=cap, cap_first=cap_first,
-                                     max_state_norm=max_state_norm, picard_start=self.picard_start)
-
     def step(self, field, u, state, n):
         system = getattr(field, "system", None)
-        if system is None or not hasattr(system, "newton_step"):
+        if not callable(getattr(system, "jacobian_blocks", None)):  # the BlockJacobian protocol (isinstance is slow)
             raise ConfigError(
-                "the newton solver needs a system with newton_step (a HebbianLayer with lateral "
-                "distance 0), run through dynsim.settle; use --solver euler otherwise"
+                "the newton solver needs a system with Jacobian blocks (jacobian_blocks, e.g. a HebbianLayer "
+                "with lateral distance 0), run through dynsim.settle; use --solver euler otherwise"
             )
+        tau = float(getattr(system, "tau", 1.0))
         if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
-            # u_1 = u_0 + τ F(u_0) = d + s·A f(u_0): from rest, the drive
-            f = field(u)
-            return u + system.tau * f, f, state
-        u_next, f = system.newton_step(u, field.drive)
-        return u_next, f, state
+            f = field(u)  # u_1 = u_0 + τ F(u_0) = d + s·A f(u_0): from rest, the drive
+            return StepResult(u + tau * f, f, state, 1)
+        return StepResult(*newton_step(system, u, field.drive, tau), state, 1)
+
+
+def newton_step(system: BlockJacobian, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0):
+    """``(u − J⁻¹G, F(u))`` with ``G = τF`` and ``J = ∂G/∂u`` per block, the safeguard applied.
+
+    Shapes: u, drive (B, D) -> (B, D), (B, D). Batches whose Jacobians exceed a memory budget
+    are done in chunks."""
+    b = u.shape[0]
+    per_sample = system.state_size * system.block_size  # Jacobian entries per sample
+    if b > 1 and b * per_sample > _JACOBIAN_BUDGET:
+        chunk = max(1, _JACOBIAN_BUDGET // per_sample)
+        parts = [newton_step(system, u[i : i + chunk], drive[i : i + chunk], tau) for i in range(0, b, chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    g, jac = system.jacobian_blocks(u, drive)  # (B, S, M), (B, S, M, M)
+    z = torch.linalg.solve_ex(jac, g)[0]
+    u_next = system.newton_safeguard(u.reshape(g.shape) - z, drive)
+    f = g if tau == 1.0 else g / tau
+    return u_next.reshape(b, -1), f.reshape(b, -1)

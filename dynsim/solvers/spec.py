@@ -12,7 +12,7 @@ from typing import Any
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import FixedStepSolver, Solver
-from dynsim.solvers.schedules import parse_schedule
+from dynsim.solvers.step_sizes import parse_schedule
 
 _SPLIT = re.compile(r",(?=\s*[A-Za-z_]\w*\s*=)")
 

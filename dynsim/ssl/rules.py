@@ -1,7 +1,7 @@
 """Learning rules as plasticity callbacks: BP, RF, URF and DTP.
 
-One callback per plastic unit (``s<l>`` a stage, ``h<l>`` a head). After each batch has
-settled (:class:`~dynsim.ssl.settler.ContrastiveSettler`) the callback reads the unit's
+One callback per plastic unit (``s<l>`` a stage, ``h<l>`` a head). After each batch's
+learning signals are computed (:class:`~dynsim.ssl.signals.ContrastiveSignals`) the callback reads the unit's
 input ``pre`` (2B, n_in, ...) and its post-synaptic error ``err`` (2B, n_out, ...) and
 forms the local update
 
@@ -44,7 +44,7 @@ class LocalRule(Callback):
     ----------
     name : unit name in the settler's result (``"s0"``, ``"h2"``, ...).
     unit : the :class:`Conv3x3` or :class:`Dense` it updates.
-    stage : the stage index the unit belongs to (schedules switch by stage).
+    stage : the stage index the unit belongs to (stage planners switch by stage).
     lr : Adam learning rate.
     """
 

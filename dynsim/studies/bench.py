@@ -24,7 +24,7 @@ from dynsim.errors import ConfigError
 from dynsim.results import result_header
 from dynsim.settle import relative_norm, settle
 from dynsim.solvers import ConstantStep, make_solver, solver_from_spec
-from dynsim.stopping import MaxSteps, RelativeChange, Status
+from dynsim.stopping import MaxSteps, ResidualBelow, Status
 
 DEFAULT_SETTINGS = (
     "euler,schedule=seed",
@@ -97,7 +97,7 @@ def reference_fixed_points(layer, x: torch.Tensor, *, tol: float, max_steps: int
         ref_layer,
         x.double(),
         solver=make_solver("euler", schedule=ConstantStep(0.2)),
-        stop=RelativeChange(tol) | MaxSteps(max_steps),
+        stop=ResidualBelow(tol) | MaxSteps(max_steps),
     )
     return res.u, res
 
@@ -109,7 +109,7 @@ def train_layer(config: BenchConfig, layer, x_train: torch.Tensor) -> dict[str, 
     from dynsim.plasticity import SEED_RATE, SimilarityMatchingRule
     from dynsim.solvers import Euler
 
-    stop = RelativeChange(config.train_threshold) | MaxSteps(3000)
+    stop = ResidualBelow(config.train_threshold) | MaxSteps(3000)
     settler = DynamicsSettler(layer, Euler(), stop, on_divergence="skip")
     rule = SimilarityMatchingRule(layer, rate=SEED_RATE)
     engine = Engine(settler, [rule], progress=config.progress, desc="bench: train")
@@ -127,7 +127,7 @@ def run_setting(
     layer, x: torch.Tensor, u_ref: torch.Tensor, spec: str, config: BenchConfig
 ) -> dict[str, Any]:
     """Settle ``x`` with one solver setting; measure it against ``u_ref``."""
-    stop = RelativeChange(config.threshold) | MaxSteps(config.max_steps)
+    stop = ResidualBelow(config.threshold) | MaxSteps(config.max_steps)
     best = None
     for _ in range(config.repeats):
         solver = solver_from_spec(spec)

@@ -17,7 +17,7 @@ from dynsim.monitors import TrajectoryMonitor
 from dynsim.results import result_header
 from dynsim.settle import settle
 from dynsim.solvers import solver_from_spec
-from dynsim.stopping import MaxSteps, RelativeChange
+from dynsim.stopping import MaxSteps, ResidualBelow
 
 DEFAULT_TRAJECTORY_SOLVERS = (
     "euler,schedule=seed",
@@ -64,7 +64,7 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
             progress=config.progress,
         )
         training = train_layer(bcfg, layer, torch.as_tensor(x_train))
-    stop = RelativeChange(config.threshold) | MaxSteps(config.max_steps)
+    stop = ResidualBelow(config.threshold) | MaxSteps(config.max_steps)
     inputs = []
     with torch.no_grad():
         for index in config.inputs:

@@ -1,4 +1,4 @@
-"""Deep structured Hebbian network with feedback (DESIGN §2 "Deep version").
+"""Deep structured Hebbian network with feedback (Obeid, Ramambason & Pehlevan 2019, eq. 15).
 
 Layers ``p = 1 … P``, each a structured :class:`~dynsim.systems.hebbian.HebbianLayer`
 (its own stride, receptive-field radius, NpS and lateral distance), settle together as one
@@ -61,8 +61,8 @@ def site_linear_transpose(
     ``x[b, index[s, k], g] += Σ_m weight[s, m, k·G + g] · y[b, s, m]``, i.e. ``Wᵀ y`` for the
     dense ``W = linear.to_dense(n_in_groups)``. Each site's contributions come from one
     batched matmul; they are summed per input group by gathering through ``inverse``
-    (:func:`transpose_index`, computed here when not given; a gather is ~10× faster than
-    ``index_add_`` on CPU). No dense matrix is formed.
+    (:func:`transpose_index`, computed here when not given; a gather reads in parallel where
+    ``index_add_`` would serialise its scatter on CPU). No dense matrix is formed.
     """
     b = y.shape[0]
     g = linear.group_size

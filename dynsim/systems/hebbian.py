@@ -1,4 +1,4 @@
-"""Single-layer structured Hebbian network (similarity matching, DESIGN §2).
+"""Single-layer structured Hebbian network (similarity matching; Obeid, Ramambason & Pehlevan 2019).
 
     τ du/ds = −u + W x + s·(L − I) r,      r = f(u)
 
@@ -37,7 +37,6 @@ def _relu_and_slope(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.relu(u), (u > 0).to(u.dtype)
 
 
-_JACOBIAN_BUDGET = 1 << 25  # entries (128 MiB in float32) of per-site Jacobians built at once
 _DERIVATIVES = {"tanh": _tanh_and_slope, "linear": _linear_and_slope, "relu": _relu_and_slope}
 
 
@@ -117,7 +116,7 @@ class HebbianLayer(System):
         return float(self.ff.fan_in.mean())
 
     def reset_parameters(self, seed: int = 0) -> None:
-        """``W = mask ⊙ N(0, 1)/sqrt(mean fan-in)``, ``L = I`` (DESIGN §2 "Init")."""
+        """``W = mask ⊙ N(0, 1)/sqrt(mean fan-in)``, ``L = I`` (as the authors' code of Obeid et al. 2019)."""
         gen = torch.Generator().manual_seed(seed)
         w = torch.randn(self.ff.weight.shape, generator=gen, dtype=self.ff.weight.dtype)
         self.ff.weight.copy_(w.to(self.ff.weight.device) * self.ff.mask / math.sqrt(self.mean_fan_in))
@@ -168,7 +167,7 @@ class HebbianLayer(System):
         """True when ``L`` only joins neurons of the same site (block-diagonal lateral map).
 
         The fixed-point equation then splits into ``S`` independent ``nps``-dimensional
-        problems, which :meth:`newton_step` solves site by site.
+        problems (:meth:`jacobian_blocks`), which :class:`~dynsim.solvers.SiteNewton` solves site by site.
         """
         return self.lateral.is_identity_gather and self.activation in _DERIVATIVES
 
@@ -188,52 +187,51 @@ class HebbianLayer(System):
         self._lateral_blocks()
         return self._row_sums
 
-    def newton_step(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Newton step on ``F(u) = 0`` per site; returns ``(u_next, F(u))``.
+    @property
+    def block_size(self) -> int:
+        """States per block of the fixed-point problem (:class:`~dynsim.systems.base.BlockJacobian`): nps."""
+        return self.nps
 
-        ``F(u) = (−u + d + s·A f(u))/τ`` with ``A`` the per-site blocks of ``L − I``; the
-        Jacobian of site ``k`` is ``J_k = (−I + s·A_k diag f'(u_k))/τ`` (nps × nps), so
-        ``u_next = u − J⁻¹ F(u)`` costs one batched nps × nps solve per site.
-        Shapes: u, drive (B, N) -> (B, N), (B, N). Requires :attr:`site_separable`.
+    def jacobian_blocks(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G = τF(u)`` per site and its Jacobian (the :class:`~dynsim.systems.base.BlockJacobian` protocol).
+
+        ``G_k = −u_k + d_k + s·A_k f(u_k)`` with ``A_k`` the site's block of ``L − I``, and
+        ``J_k = ∂G_k/∂u_k = −I + s·A_k diag f'(u_k)``. Shapes: u, drive (B, N) ->
+        (B, S, nps), (B, S, nps, nps). Requires :attr:`site_separable`.
         """
         if not self.site_separable:
             raise ConfigError(
                 "the per-site Newton solver needs lateral_distance 0 and a tanh/linear/relu rate; "
                 "use --solver euler for this layer"
             )
-        b = u.shape[0]
-        per_sample = self.n_sites * self.nps * self.nps  # Jacobian entries per sample
-        if b > 1 and b * per_sample > _JACOBIAN_BUDGET:  # large NpS: bound the memory
-            chunk = max(1, _JACOBIAN_BUDGET // per_sample)
-            parts = [self.newton_step(u[i : i + chunk], drive[i : i + chunk]) for i in range(0, b, chunk)]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         a, a_t = self._lateral_blocks()
         us = self.sites(u)
         r, fp = _DERIVATIVES[self.activation](us)  # (B, S, M) each
         # s·A_k r_k for every sample: one bmm over sites, (S, M, M) @ (S, M, B) -> (B, S, M); a
-        # broadcast matmul would copy A for every sample (8× slower at NpS 4, B = 1000; 48× at NpS 100)
+        # broadcast matmul would copy A for every sample
         lat = torch.bmm(a, r.permute(1, 2, 0)).permute(2, 0, 1)
-        f = self.sites(drive) - us + lat
-        # J = −I + s·A diag f', built transposed (row j of Jᵀ = f'_j · column j of s·A) so
-        # that J = jacᵀ.mT is column-major: LAPACK factorises it without a transposing copy
-        # (Jacobian + solve 18 ms instead of 25 ms at B = 1000, NpS 4)
+        g = self.sites(drive) - us + lat
+        # J built transposed (row j of Jᵀ = f'_j · column j of s·A), so that J = (Jᵀ).mT is
+        # column-major and LAPACK factorises it without a transposing copy
         jac_t = a_t * fp.unsqueeze(-1)  # (B, S, M, M)
         jac_t.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-        step = torch.linalg.solve_ex(jac_t.mT, f)[0]  # J⁻¹ (τ F) with τ cancelling
-        u_next = us - step
-        # Safeguard: a site whose Jacobian is (nearly) singular — e.g. J(0) = −L_k once a
-        # corner site's L_k has become rank-deficient after many epochs — takes a huge or
-        # non-finite step. Every fixed point of a tanh layer lies in the box
-        # |u_k| ≤ |d_k| + Σ_j |s·A_kj| (since u = d + s·A r and |r| ≤ 1), so projecting the
-        # iterate onto it changes nothing near the solution and brings a wild step back
-        # (tanh then saturates and the next step is a fixed-point iteration). NaN restarts at 0.
+        return g, jac_t.mT
+
+    def newton_safeguard(self, u_next: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+        """A Newton iterate (B, S, nps) made safe: NaN → 0 and, for tanh, the box that holds every fixed point.
+
+        A site whose Jacobian is (nearly) singular — e.g. ``J(0) = −L_k`` once a corner site's
+        ``L_k`` has become rank-deficient after many epochs — takes a huge or non-finite step.
+        Every fixed point of a tanh layer lies in the box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|`` (since
+        ``u = d + s·A r`` and ``|r| ≤ 1``), so projecting onto it changes nothing near the
+        solution and brings a wild step back (tanh then saturates and the next step is a
+        fixed-point iteration). NaN restarts at 0.
+        """
         u_next = torch.nan_to_num(u_next, nan=0.0)
         if self.activation == "tanh":
             box = self.sites(drive).abs().add_(self._abs_row_sums())
             u_next = torch.clamp(u_next, min=-box, max=box)
-        if self.tau != 1.0:
-            f = f / self.tau
-        return u_next.reshape(b, -1), f.reshape(b, -1)
+        return u_next
 
     # --- dense views (tests, references; small sizes only) --------------------------
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

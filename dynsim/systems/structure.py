@@ -11,10 +11,10 @@ where ``index[s, :]`` lists the (at most K) input groups site ``s`` sees, padded
 dummy all-zero group. Storage is S × M × K·G numbers instead of a dense N × D matrix:
 for 28×28 MNIST with NpS = 4 that is 196 × 4 × 52 instead of 784 × 784.
 
-Geometry (DESIGN §2): with stride ``t`` the sites form an ``(H // t) × (W // t)`` grid; site
-``(i, j)`` is centred at ``(t·i + t/2, t·j + t/2)`` in pixel coordinates, where pixel
-``(k, l)`` sits at ``(k + 0.5, l + 0.5)``; a site sees every pixel (all channels) whose
-centre lies within Euclidean distance ``radius`` of its own. Lateral connections join
+Geometry (Obeid, Ramambason & Pehlevan 2019, and their code): with stride ``t`` the sites
+form an ``(H // t) × (W // t)`` grid; site ``(i, j)`` is centred at ``(t·i + t/2, t·j + t/2)``
+in pixel coordinates, where pixel ``(k, l)`` sits at ``(k + 0.5, l + 0.5)``; a site sees every
+pixel (all channels) whose centre lies within Euclidean distance ``radius`` of its own. Lateral connections join
 sites whose grid distance ``‖(i, j) − (i', j')‖`` is at most ``lateral_distance``
 (0: only the neurons of the same site, i.e. block-diagonal NpS × NpS blocks).
 """

@@ -76,6 +76,26 @@ def run_engine(layer, x, images, which, xte, yte, epoch=0):
     return CLOCK() - t0, {}
 
 
+def run_loop_only(layer, x, images, which, xte, yte, epoch=0):
+    """The event loop alone: a settler that returns one precomputed result (no dynamics) and a
+    rule whose update does nothing, with the monitor and evaluator of ``engine_full``: the
+    per-image cost of the Engine's dispatch and the monitors, without the settle's noise."""
+    fixed = settle(layer, x[:1], solver=SiteNewton(), stop=STOP)
+    cbs = engine_callbacks(layer, which, xte, yte)
+    cbs[0].update = lambda x, r: None
+    engine_cls, settler_cls = (LegacyEngine, LegacySettler) if which == "legacy" else (Engine, DynamicsSettler)
+
+    class Fixed(settler_cls):
+        def __call__(self, batch, on_step=None):
+            return self._checked(batch, fixed)
+
+    engine = engine_cls(Fixed(layer, SiteNewton(), STOP), cbs, progress=False)
+    batches = epoch_batches(x, images=images, batch_size=1, seed=0)
+    t0 = CLOCK()
+    engine.fit(batches, epoch + 1, start_epoch=epoch)
+    return CLOCK() - t0, {}
+
+
 def run_settle_update(layer, x, images, epoch=0):
     eta, solver = SEED_RATE(epoch), SiteNewton()
     t0 = CLOCK()
@@ -212,7 +232,9 @@ def main(argv=None):
     }
     if args.legacy:
         variants = {"engine_full_legacy": lambda lay: run_engine(lay, x, args.images, "legacy", xte, ds.y_test),
-                    **variants}
+                    **variants,
+                    "loop_only_legacy": lambda lay: run_loop_only(lay, x, args.images, "legacy", xte, ds.y_test),
+                    "loop_only": lambda lay: run_loop_only(lay, x, args.images, "full", xte, ds.y_test)}
     times = {k: [] for k in variants}
     info = {}
     finals = {}
@@ -231,7 +253,7 @@ def main(argv=None):
     # the variants follow one trajectory: same weights at the end
     ref = finals["engine_full"]
     same = {k: float((v - ref).norm() / ref.norm()) for k, v in finals.items()
-            if k not in ("tight_numpy_euler", "batches")}
+            if k not in ("tight_numpy_euler", "batches", "loop_only", "loop_only_legacy")}
     ar = arithmetic(layer0, mean_steps)
     lim_settle = machine_peak.limit_seconds(ar["settle_flop"], ar["settle_bytes"], peak)
     lim_update = machine_peak.limit_seconds(ar["update_flop"], ar["update_bytes"], peak)
@@ -252,6 +274,9 @@ def main(argv=None):
     if args.legacy:
         parts.append(("(before) legacy Engine dispatch + list monitor, vs engine_full",
                       per_image["engine_full_legacy"] - per_image["engine_full"], 0.0, ""))
+        parts.append(("event loop alone (fixed result, no-op update), before the safe wins",
+                      per_image["loop_only_legacy"], 0.0, ""))
+        parts.append(("event loop alone (fixed result, no-op update), after", per_image["loop_only"], 0.0, ""))
     print(f"\nper image, median of {args.repeats} runs of {args.images} images (epoch 0, NpS 4, Newton "
           f"{mean_steps:.2f} steps + Picard):")
     print(f"{'variant':22s} {'µs/image':>10s}")
@@ -352,7 +377,10 @@ class LegacySettler(DynamicsSettler):
     comparison with the Status enum)."""
 
     def __call__(self, batch, on_step=None):
-        result = settle(self.system, batch.x, solver=self.solver, stop=self.stop, on_step=on_step)
+        return self._checked(batch, settle(self.system, batch.x, solver=self.solver, stop=self.stop,
+                                           on_step=on_step))
+
+    def _checked(self, batch, result):
         if self.on_divergence == "raise" and bool(result.diverged.any()):
             raise RuntimeError("diverged")
         return result

@@ -102,6 +102,10 @@ class DynamicsSettler:
                 pad = u0.new_zeros(batch.size - u0.shape[0], u0.shape[1])
                 u0 = torch.cat([u0, pad])
         result = settle(self.system, batch.x, solver=self.solver, stop=self.stop, u0=u0, on_step=on_step)
+        return self._checked(batch, result)
+
+    def _checked(self, batch: Batch, result: SettleResult) -> SettleResult:
+        """Raise on divergence (``on_divergence="raise"``); carry the state when streaming."""
         if self.on_divergence == "raise" and _any_diverged(result.status):
             i = int(torch.nonzero(result.diverged)[0])
             raise DivergenceError(

@@ -24,15 +24,16 @@ L2_BYTES = 1 << 20  # per core on this machine (lscpu: 2 MiB over 2 instances)
 
 def _best(fn, repeats):
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    for _ in range(repeats):  # this thread's CPU time: other jobs on a shared machine do not count
+        t0 = time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     return min(times), statistics.median(times)
 
 
 def measure(repeats: int = 5) -> dict:
-    """Measured peaks: ``{sgemm_gflops, dram_gbps, l2_gbps, threads}`` (best of ``repeats``)."""
+    """Measured peaks: ``{sgemm_gflops, dram_gbps, l2_gbps, threads}`` (best of ``repeats``, CPU time
+    of this thread; the sgemm at 1 thread is what this measures: call with torch at 1 thread)."""
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.empty(n, n)

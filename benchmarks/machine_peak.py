@@ -3,10 +3,12 @@
 * ``sgemm_gflops``: a float32 matrix product of two ``n × n`` matrices (``torch.mm``, the
   current thread count), 2n³ flop per product: the peak a dense kernel can reach.
 * ``dram_gbps``: copying a 256 MiB float32 array (``np.copyto``): bytes read + written per second.
-* ``l2_gbps``: the same for a 256 KiB array copied many times (it stays in the L2 cache).
+* ``l2_gbps``: the same for a 256 KiB array copied many times (it stays in the L2 cache);
+* ``l3_gbps``: the same for an 8 MiB array (it stays in the shared 32 MiB L3).
 
 A part's *arithmetic limit* is ``max(flop / sgemm peak, bytes / bandwidth)`` with the
-bandwidth of the level its working set fits in (L2 up to 1 MiB per core here, else DRAM):
+bandwidth of the level its working set fits in (L2 up to 1 MiB per core here, L3 up to
+16 MiB — half of the L3 the other core's jobs share — else DRAM):
 no code can be faster than that on this machine, and most small-matrix work cannot reach
 the sgemm peak, so it is a lower bound, not a target.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 L2_BYTES = 1 << 20  # per core on this machine (lscpu: 2 MiB over 2 instances)
+L3_BYTES = 16 << 20  # half of the shared 32 MiB L3
 
 
 def _best(fn, repeats):
@@ -53,19 +56,35 @@ def measure(repeats: int = 5) -> dict:
 
     copy_small()
     t_small, _ = _best(copy_small, repeats)
+    mid = np.ones(2 << 20, np.float32)  # 8 MiB
+    mid_out = np.empty_like(mid)
+    reps_mid = 50
+
+    def copy_mid():
+        for _ in range(reps_mid):
+            np.copyto(mid_out, mid)
+
+    copy_mid()
+    t_mid, _ = _best(copy_mid, repeats)
     return {
         "threads": torch.get_num_threads(),
         "sgemm_gflops": 2 * n**3 / t_mm / 1e9,
         "dram_gbps": 2 * big.nbytes / t_big / 1e9,
         "l2_gbps": 2 * small.nbytes * reps / t_small / 1e9,
+        "l3_gbps": 2 * mid.nbytes * reps_mid / t_mid / 1e9,
     }
 
 
 def limit_seconds(flop: float, nbytes: float, peak: dict, working_set: float | None = None) -> float:
     """``max(flop / sgemm peak, bytes / bandwidth)``; the bandwidth is L2's when ``working_set``
-    (bytes, default ``nbytes``) fits in one core's L2, else DRAM's."""
+    (bytes, default ``nbytes``) fits in one core's L2, L3's up to ``L3_BYTES``, else DRAM's."""
     ws = nbytes if working_set is None else working_set
-    bw = peak["l2_gbps"] if ws <= L2_BYTES else peak["dram_gbps"]
+    if ws <= L2_BYTES:
+        bw = peak["l2_gbps"]
+    elif ws <= L3_BYTES and "l3_gbps" in peak:
+        bw = peak["l3_gbps"]
+    else:
+        bw = peak["dram_gbps"]
     return max(flop / (peak["sgemm_gflops"] * 1e9), nbytes / (bw * 1e9))
 
 

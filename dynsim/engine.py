@@ -144,6 +144,10 @@ class Engine:
     ----------
     epoch, batches_seen, images_seen : counters.
     should_stop : set by a callback to end training after the current batch.
+
+    The per-batch hooks (``on_input``, ``on_settled``, ``on_batch_end``) are looked up at the
+    start of every epoch and called only on the callbacks that override them (on the class or
+    the instance); a callback added to :attr:`callbacks` mid-epoch joins at the next epoch.
     history : list of per-epoch dicts (epoch, images_seen, train_seconds, + logged metrics).
     """
 

@@ -67,7 +67,7 @@ class SettlingMonitor(Callback):
 
     def on_batch_end(self, engine, batch, result):
         self.record(result.steps, result.status, result.n_evals)
-        if engine.batches_seen % self.postfix_every == 0 and engine.progress:
+        if engine.batches_seen % self.postfix_every == 0 and getattr(engine, "progress", True):
             recent = self._its[max(self._n - 200, 0) : self._n]
             engine.set_postfix(iters=f"{recent.mean():.0f}")
 

@@ -221,6 +221,7 @@ def main(argv=None):
             print(f"  readout {name}: {t_ro / n_tr * 1e6:9.1f} µs per train image (limit {lim * 1e6:.2f}), "
                   f"{n_tr} train × {rtr.r.shape[1]} features, iterations {iters}, acc {res['accuracy']:.3f}",
                   flush=True)
+        write_partial(args, peak, rows, readout_rows)  # a long run keeps what it has measured
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     out = {"args": vars(args), "clock": args.clock, "machine_peak": peak, "uptime_at_end": uptime,
            "rows": rows, "readout_rows": readout_rows}
@@ -233,6 +234,13 @@ def main(argv=None):
         fig = plot(out)
         fig.savefig(args.plot, dpi=110, bbox_inches="tight")
         print("wrote", args.plot)
+
+
+def write_partial(args, peak, rows, readout_rows):
+    out = {"args": vars(args), "clock": args.clock, "machine_peak": peak, "partial": True, "rows": rows,
+           "readout_rows": readout_rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 def print_table(rows, readout_rows):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from dynsim.callbacks import Callback
@@ -13,52 +14,82 @@ from dynsim.stopping import Status
 class SettlingMonitor(Callback):
     """Records, for every training input, the steps it took to settle and why it stopped.
 
+    The numbers go into preallocated NumPy arrays (grown by doubling), written once per batch
+    by :meth:`record`, which takes any number of inputs at once (a batch, or a chunk of
+    inputs from a backend that runs many online steps per call).
+
     Attributes
     ----------
-    iterations : list[int], one entry per training input, in presentation order.
-    status : list[int], :class:`~dynsim.stopping.Status` per input.
+    iterations : (n,) int64 array, steps per training input, in presentation order.
+    status : (n,) int8 array, :class:`~dynsim.stopping.Status` per input.
     Per epoch it logs ``mean_iterations``, ``max_iterations``, ``fraction_converged``,
     ``diverged`` and ``n_evals`` into ``engine.history``.
     """
 
-    def __init__(self, postfix_every: int = 25):
-        self.iterations: list[int] = []
-        self.status: list[int] = []
+    def __init__(self, postfix_every: int = 25, capacity: int = 1024):
+        self._its = np.zeros(max(capacity, 1), dtype=np.int64)
+        self._sts = np.zeros(max(capacity, 1), dtype=np.int8)
+        self._n = 0
         self.postfix_every = postfix_every
         self._epoch_start = 0
         self._evals = 0
 
+    @property
+    def iterations(self) -> np.ndarray:
+        return self._its[: self._n]
+
+    @property
+    def status(self) -> np.ndarray:
+        return self._sts[: self._n]
+
+    def record(self, steps, status, n_evals: int = 0) -> None:
+        """Append inputs' steps and status codes ((k,) tensors, arrays or lists, in order)."""
+        steps = steps.tolist() if isinstance(steps, torch.Tensor) else steps
+        status = status.tolist() if isinstance(status, torch.Tensor) else status
+        k = len(steps)
+        n = self._n
+        if n + k > self._its.size:
+            size = max(2 * self._its.size, n + k)
+            self._its = np.concatenate([self._its[:n], np.zeros(size - n, dtype=np.int64)])
+            self._sts = np.concatenate([self._sts[:n], np.zeros(size - n, dtype=np.int8)])
+        if k == 1:  # batch 1: two scalar stores
+            self._its[n] = steps[0]
+            self._sts[n] = status[0]
+        else:
+            self._its[n : n + k] = steps
+            self._sts[n : n + k] = status
+        self._n = n + k
+        self._evals += n_evals
+
     def on_epoch_start(self, engine, epoch):
-        self._epoch_start = len(self.iterations)
+        self._epoch_start = self._n
         self._evals = 0
 
     def on_batch_end(self, engine, batch, result):
-        self.iterations.extend(result.steps.tolist())
-        self.status.extend(result.status.tolist())
-        self._evals += result.n_evals
-        if engine.batches_seen % self.postfix_every == 0:
-            recent = self.iterations[-200:]
-            engine.set_postfix(iters=f"{sum(recent) / len(recent):.0f}")
+        self.record(result.steps, result.status, result.n_evals)
+        if engine.batches_seen % self.postfix_every == 0 and getattr(engine, "progress", True):
+            recent = self._its[max(self._n - 200, 0) : self._n]
+            engine.set_postfix(iters=f"{recent.mean():.0f}")
 
     def on_epoch_end(self, engine, epoch):
-        its = torch.tensor(self.iterations[self._epoch_start :], dtype=torch.float64)
-        st = torch.tensor(self.status[self._epoch_start :])
-        if its.numel() == 0:
+        its = self._its[self._epoch_start : self._n]
+        st = self._sts[self._epoch_start : self._n]
+        if its.size == 0:
             return
         engine.log(
-            mean_iterations=float(its.mean()),
+            mean_iterations=float(its.mean(dtype=np.float64)),
             max_iterations=int(its.max()),
-            fraction_converged=float((st == Status.SETTLED).double().mean()),
-            diverged=int((st == Status.DIVERGED).sum()),
+            fraction_converged=float(np.mean(st == Status.SETTLED)),
+            diverged=int(np.sum(st == Status.DIVERGED)),
             n_evals=self._evals,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iterations": list(self.iterations), "status": list(self.status)}
+        return {"iterations": self.iterations.tolist(), "status": self.status.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iterations = list(state["iterations"])
-        self.status = list(state["status"])
+        self._n = 0
+        self.record(list(state["iterations"]), list(state["status"]))
 
 
 class TrajectoryMonitor(Callback):

@@ -193,10 +193,13 @@ def print_table(result: dict) -> None:
         for key, r in rows.items():
             if not isinstance(r, dict) or "seconds" not in r:
                 continue
-            print(f"{name:>14} {key:>18} {r['seconds']:8.2f} {r.get('speedup_vs_liblinear', 0):8.1f} "
-                  f"{r.get('newton_iterations') or 0:6d} {100 * r['test_accuracy']:7.2f} "
-                  f"{r.get('objective_rel_to_liblinear', 0):11.2e} {r.get('worst_class_objective_rel', 0):10.2e} "
-                  f"{100 * r.get('same_predictions_as_liblinear', 0):8.2f}%")
+            if "speedup_vs_liblinear" in r:
+                vs = (f"{r['speedup_vs_liblinear']:8.1f} {r.get('newton_iterations') or 0:6d} "
+                      f"{100 * r['test_accuracy']:7.2f} {r['objective_rel_to_liblinear']:11.2e} "
+                      f"{r['worst_class_objective_rel']:10.2e} {100 * r['same_predictions_as_liblinear']:8.2f}%")
+            else:  # no liblinear fit at this evaluation
+                vs = f"{'–':>8} {r.get('newton_iterations') or 0:6d} {100 * r['test_accuracy']:7.2f} {'–':>11} {'–':>10} {'–':>9}"
+            print(f"{name:>14} {key:>18} {r['seconds']:8.2f} {vs}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return num / den.clamp_min(_TINY)  # 0 where f = 0; large where u = 0 only
 
 
+def residual_norm_of(system: System) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-sample residual ``(f, u) -> (B,)`` that stop rules judge for ``system``: its own
+    ``residual_norm`` when it defines one (a deep network judges every layer's ``‖f_p‖/‖u_p‖``,
+    :meth:`~dynsim.systems.deep.DeepHebbianNet.residual_norm`), else :func:`relative_norm`."""
+    return getattr(system, "residual_norm", relative_norm)
+
+
 def _as_float_tensor(v, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """``v`` as a floating tensor (``like``'s dtype and device when given; else its own float
     dtype, integers becoming the default float); :class:`DataError` if it is not real numbers."""
@@ -251,14 +258,15 @@ def settle(
     # Cheap per-step test for the built-in stop rules (exactly "some sample's code is not
     # RUNNING"); the full status codes are computed only on steps where something stops.
     residual_all = torch.zeros(b, dtype=drive_all.dtype, device=x.device) if on == "field" else None
+    norm = residual_norm_of(system)
     while active.numel():
         u_next, f, state = solver.step(field, u, state, n)
         n_evals += solver.evals_per_step * active.numel()
         if on == "field":
-            residual = relative_norm(f, u)
+            residual = norm(f, u)
             candidate, cand_steps = u, n
         else:
-            residual = relative_norm(u_next - u, u)
+            residual = norm(u_next - u, u)
             candidate, cand_steps = u_next, n + 1
         state_norm = torch.linalg.vector_norm(u_next, dim=1)
         if limits is not None:
@@ -299,9 +307,9 @@ def settle(
         u = u_next
         n += 1
         if on_step is not None and active.numel():
-            on_step(n, u, relative_norm(field(u), u))
+            on_step(n, u, norm(field(u), u))
     if residual_all is None or cap == 0:
-        residual_all = relative_norm(system.field(u_all, drive_all), u_all)
+        residual_all = norm(system.field(u_all, drive_all), u_all)
     return SettleResult(
         u=u_all,
         r=system.rates(u_all),

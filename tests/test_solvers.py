@@ -21,6 +21,7 @@ TIGHT = {
     "dopri5": {"rtol": 1e-10, "atol": 1e-12},
     "anderson": {"beta": 0.5},
     "newton": {},
+    "block": {},
     "torchdiffeq": {"rtol": 1e-10, "atol": 1e-12},
     "torchode": {"rtol": 1e-10, "atol": 1e-12},
 }

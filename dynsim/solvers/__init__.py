@@ -9,6 +9,7 @@ from __future__ import annotations
 from dynsim.errors import ConfigError
 from dynsim.solvers.adaptive import Dopri5
 from dynsim.solvers.base import Euler, FixedStepSolver, Solver
+from dynsim.solvers.block import BlockNewton
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
@@ -30,7 +31,7 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, TorchDiffEq, TorchODE):
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, BlockNewton, TorchDiffEq, TorchODE):
     register(_cls)
 
 
@@ -51,6 +52,7 @@ __all__ = [
     "SEED_SCHEDULE",
     "SOLVERS",
     "Anderson",
+    "BlockNewton",
     "ConstantStep",
     "DecayingStep",
     "Dopri5",

@@ -40,8 +40,10 @@ _NEEDS = ("split", "layer_rates", "feedforward_input", "layer_feedback", "layer_
 class BlockNewton(SiteNewton):
     """Block Gauss–Seidel sweeps over layers, per-site Newton inside each (module docstring).
 
-    One step = one sweep: every layer's field once, ``P − 1`` extra feed-forward maps and
-    one batched nps × nps solve per site of every layer (counted as one field evaluation).
+    One step = one sweep: every layer's field once and one batched nps × nps solve per site
+    of every layer (counted as one field evaluation). The feed-forward inputs
+    ``W_p r_{p−1}/m_p`` computed in a sweep are the solver state: they are the next sweep's
+    inputs at its starting state, so each sweep maps every layer's rates up once.
 
     Examples
     --------
@@ -84,13 +86,14 @@ class BlockNewton(SiteNewton):
         old = [system.layer_rates(p, v) for p, v in enumerate(us)]
         new = list(old)
         picard = n == 0 and self.picard_start and system.activation == "tanh"
-        u_next, f_at_u = [], []
+        u_next, f_at_u, carried = [], [], []
         for p, u_p in enumerate(us):
             if p == 0:
                 ff_old = ff_new = drive[:, : u_p.shape[1]]
-            else:
-                ff_old = system.feedforward_input(p, old[p - 1])
+            else:  # the last sweep's W_p r_{p-1}/m_p is this sweep's input at u (solver state)
+                ff_old = state[p - 1] if state is not None else system.feedforward_input(p, old[p - 1])
                 ff_new = system.feedforward_input(p, new[p - 1])
+                carried.append(ff_new)
             fb = system.layer_feedback(p, new)  # layers above still hold their old rates
             b_new = ff_new if fb is None else ff_new + fb
             if picard:
@@ -102,4 +105,4 @@ class BlockNewton(SiteNewton):
             f_at_u.append(f_new if p == 0 else f_new + (ff_old - ff_new) / tau)  # F_p at the given u
             u_next.append(v)
             new[p] = system.layer_rates(p, v)
-        return torch.cat(u_next, dim=1), torch.cat(f_at_u, dim=1), state
+        return torch.cat(u_next, dim=1), torch.cat(f_at_u, dim=1), carried

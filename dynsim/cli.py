@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynsim import cli_studies
 
     cli_studies.register(sub)
+    from dynsim import cli_deep
+
+    cli_deep.register(sub)
     register_ssl(sub, run_sub)
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser

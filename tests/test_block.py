@@ -113,3 +113,54 @@ def test_config_auto_picks_block_for_deep_and_checks_factors():
         DSSMConfig(layers=2, gains=[1.0, -1.0]).validate()
     with pytest.raises(ConfigError, match="--layer-stop must be one of"):
         DSSMConfig(layers=2, layer_stop="all").validate()
+
+
+def test_layer_monitor_logs_activity_and_weight_norms():
+    """Without plasticity L stays I (‖L − I‖ = 0) and ‖W_p‖ is the initial weights' norm;
+    mean |r_p| is the settled rates' mean absolute value."""
+    from dynsim import Engine
+    from dynsim.engine import DynamicsSettler
+    from dynsim.layer_monitor import LayerMonitor
+
+    net, x = net_with(gamma=0.0, perturb=0.0), x_batch(3)
+    monitor = LayerMonitor(net, tol=1e-6)
+    engine = Engine(DynamicsSettler(net, BlockNewton(), stop_rule(1e-8, 50)), [monitor], progress=False)
+    with torch.no_grad():
+        engine.fit(lambda epoch: iter([_batch(x)]), 1)
+    h = engine.history[-1]
+    (w1, l1), (w2, l2) = net.dense_weights()
+    assert h["layer_l_norm"] == [0.0, 0.0]
+    assert h["layer_w_norm"] == pytest.approx([float(w1.norm()), float(w2.norm())], rel=1e-9)
+    r = settle(net, x, solver=BlockNewton(), stop=stop_rule(1e-8, 50)).r
+    r1, r2 = net.split(r)
+    expected = [float(v) for v in (r1.abs().mean(), r2.abs().mean())]
+    assert h["layer_mean_abs_rate"] == pytest.approx(expected, rel=1e-6)
+
+
+def _batch(x):
+    from dynsim.engine import Batch
+
+    return Batch(x=x, y=None, index=torch.arange(len(x)), epoch=0, number=0)
+
+
+def test_dense_feedforward_for_large_batches_matches_structured_map_and_follows_updates():
+    net = DeepHebbianNet((1, 8, 8), SPECS).double()
+    r = torch.tanh(torch.randn(40, net.sizes[0], dtype=torch.float64))
+    big = net.feedforward_input(1, r)  # batch 40: the cached dense W_2
+    rows = torch.cat([net.feedforward_input(1, r[i : i + 1]) for i in range(40)])  # structured gather
+    torch.testing.assert_close(big, rows)
+    w2, _ = net.dense_weights()[1]
+    torch.testing.assert_close(big, r @ w2.T)
+    with torch.no_grad():
+        net.layers[1].ff.weight.mul_(3.0)  # an in-place update (as plasticity does) invalidates the cache
+    torch.testing.assert_close(net.feedforward_input(1, r), 3.0 * big)
+
+
+def test_dense_feedback_for_large_batches_matches_structured_transpose():
+    net = DeepHebbianNet((1, 8, 8), SPECS).double()
+    r2 = torch.tanh(torch.randn(40, net.sizes[1], dtype=torch.float64))
+    big = net.feedback_input(0, r2)
+    rows = torch.cat([net.feedback_input(0, r2[i : i + 1]) for i in range(40)])
+    torch.testing.assert_close(big, rows)
+    w2, _ = net.dense_weights()[1]
+    torch.testing.assert_close(big, r2 @ w2)

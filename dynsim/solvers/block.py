@@ -34,7 +34,7 @@ import torch
 from dynsim.errors import ConfigError
 from dynsim.solvers.newton import SiteNewton
 
-_NEEDS = ("split", "layer_rates", "feedforward_input", "layer_feedback", "layer_newton_step")
+_NEEDS = ("split", "layer_rates", "feedforward_input", "layer_feedback", "layer_newton_step", "gamma")
 
 
 class BlockNewton(SiteNewton):
@@ -83,26 +83,36 @@ class BlockNewton(SiteNewton):
         system = self._system(field)
         drive, tau = field.drive, system.tau
         us = system.split(u)
-        old = [system.layer_rates(p, v) for p, v in enumerate(us)]
-        new = list(old)
+        last = len(us) - 1
+        old: list[torch.Tensor | None] = [None] * len(us)  # rates at u, computed where needed
+
+        def old_rate(p: int) -> torch.Tensor:
+            if old[p] is None:
+                old[p] = system.layer_rates(p, us[p])
+            return old[p]
+
         picard = n == 0 and self.picard_start and system.activation == "tanh"
         u_next, f_at_u, carried = [], [], []
+        r_below = None  # the newest rates of the layer below
         for p, u_p in enumerate(us):
             if p == 0:
                 ff_old = ff_new = drive[:, : u_p.shape[1]]
             else:  # the last sweep's W_p r_{p-1}/m_p is this sweep's input at u (solver state)
-                ff_old = state[p - 1] if state is not None else system.feedforward_input(p, old[p - 1])
-                ff_new = system.feedforward_input(p, new[p - 1])
+                ff_old = state[p - 1] if state is not None else system.feedforward_input(p, old_rate(p - 1))
+                ff_new = system.feedforward_input(p, r_below)
                 carried.append(ff_new)
-            fb = system.layer_feedback(p, new)  # layers above still hold their old rates
+            fb = None
+            if system.gamma and p < last:  # the layer above still holds its rates at u
+                fb = system.layer_feedback(p, {p + 1: old_rate(p + 1)})
             b_new = ff_new if fb is None else ff_new + fb
             if picard:
                 layer = system.layers[p]
-                f_new = (b_new - u_p + system.lateral_sign * layer.lateral_input(old[p])) / tau
+                f_new = (b_new - u_p + system.lateral_sign * layer.lateral_input(old_rate(p))) / tau
                 v = u_p + tau * f_new
             else:
                 v, f_new = system.layer_newton_step(p, u_p, b_new)
             f_at_u.append(f_new if p == 0 else f_new + (ff_old - ff_new) / tau)  # F_p at the given u
             u_next.append(v)
-            new[p] = system.layer_rates(p, v)
+            if p < last:
+                r_below = system.layer_rates(p, v)
         return torch.cat(u_next, dim=1), torch.cat(f_at_u, dim=1), carried

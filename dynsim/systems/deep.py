@@ -87,6 +87,8 @@ def site_linear_transpose(
 
 
 LAYER_STOPS = ("each", "state")
+_DENSE_MIN_BATCH = 32  # feed-forward maps of layers above the first: dense matmul from this batch size
+_DENSE_MAX_ENTRIES = 1 << 22  # ... when the dense W_p has at most this many entries (16 MiB in float32)
 
 
 def _per_layer_factors(name: str, values: Sequence[float] | None, n: int) -> tuple[float, ...]:
@@ -243,14 +245,38 @@ class DeepHebbianNet(System):
         return self._f(u_p) if self.gains[p] == 1.0 else self._f(self.gains[p] * u_p)
 
     def feedforward_input(self, p: int, r_prev: torch.Tensor) -> torch.Tensor:
-        """``W_p r_{p−1} / m_p`` for ``p ≥ 1`` (0-based): (B, N_{p−1}) -> (B, N_p)."""
+        """``W_p r_{p−1} / m_p`` for ``p ≥ 1`` (0-based): (B, N_{p−1}) -> (B, N_p).
+
+        For large batches of small layers the map runs as one dense matmul with a cached
+        dense copy of ``W_p`` (see :meth:`_dense_ff`): the structured gather would copy every
+        input ~``fan-in/NpS`` times; the values are the same up to summation order."""
         layer = self.layers[p]
-        out = layer.ff(self.layers[p - 1].sites(r_prev)).reshape(r_prev.shape[0], -1)
+        dense = self._dense_ff(p) if r_prev.shape[0] >= _DENSE_MIN_BATCH else None
+        if dense is not None:
+            out = r_prev @ dense.T
+        else:
+            out = layer.ff(self.layers[p - 1].sites(r_prev)).reshape(r_prev.shape[0], -1)
         return out if self.mult_factors[p] == 1.0 else out / self.mult_factors[p]
+
+    def _dense_ff(self, p: int) -> torch.Tensor | None:
+        """Dense ``W_p`` (N_p, N_{p−1}) for ``p ≥ 1``, rebuilt when the weights change in place;
+        ``None`` when it would exceed :data:`_DENSE_MAX_ENTRIES` (e.g. NpS 100)."""
+        layer, below = self.layers[p], self.layers[p - 1]
+        if layer.state_size * below.state_size > _DENSE_MAX_ENTRIES:
+            return None
+        w = layer.ff.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        if cache.get(p, (None,))[0] != key:
+            cache[p] = (key, layer.ff.to_dense(below.n_sites))
+        return cache[p][1]
 
     def feedback_input(self, p: int, r_next: torch.Tensor) -> torch.Tensor:
         """``W_{p+1}ᵀ r_{p+1}`` (0-based ``p < P−1``): (B, N_{p+1}) -> (B, N_p), structured."""
         upper = self.layers[p + 1]
+        dense = self._dense_ff(p + 1) if r_next.shape[0] >= _DENSE_MIN_BATCH else None
+        if dense is not None:  # large batch, small layers: the cached dense W_{p+1} (feedforward_input)
+            return r_next @ dense
         inverse = getattr(self, f"_feedback_index_{p + 1}")
         back = site_linear_transpose(upper.ff, upper.sites(r_next), self.layers[p].n_sites, inverse)
         return back.reshape(r_next.shape[0], -1)
@@ -264,8 +290,9 @@ class DeepHebbianNet(System):
         fb = self.layer_feedback(p, rs)
         return b if fb is None else b + fb
 
-    def layer_feedback(self, p: int, rs: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-        """``γ m_{p+1} W_{p+1}ᵀ r_{p+1}`` into layer ``p`` (0-based), or ``None`` (top layer, γ = 0)."""
+    def layer_feedback(self, p: int, rs) -> torch.Tensor | None:
+        """``γ m_{p+1} W_{p+1}ᵀ r_{p+1}`` into layer ``p`` (0-based), or ``None`` (top layer, γ = 0).
+        ``rs[p + 1]`` (a list or a dict by layer index) holds the rates of the layer above."""
         if not self.gamma or p + 1 >= self.n_layers:
             return None
         return (self.gamma * self.mult_factors[p + 1]) * self.feedback_input(p, rs[p + 1])

@@ -81,6 +81,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--gammas", default="0,0.1", help="feedback strengths to measure (0: the authors' default)")
+    p.add_argument("--mult-factors", default="1,1", help="m_1,m_2 (1,1: the authors' default)")
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--inputs", type=int, default=100, help="test images settled at batch 1")
     p.add_argument("--batch", type=int, default=1000, help="test images settled as one batch")
@@ -93,7 +94,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     load = os.getloadavg()
     stop = stop_rule(a.threshold, 3000)
-    base = DSSMConfig(data=a.data, layers=2, nps=[4, 4], stride=[2, 1], radius=[4.0, 2.0], threshold=a.threshold)
+    mult = [float(v) for v in a.mult_factors.split(",")]
+    base = DSSMConfig(data=a.data, layers=2, nps=[4, 4], stride=[2, 1], radius=[4.0, 2.0], threshold=a.threshold,
+                      mult_factors=mult)
     _, x_train, x_test = prepare_data(base)
     x_train, x_test = (torch.as_tensor(v, dtype=torch.float32) for v in (x_train, x_test))
     x1, xb = x_test[: a.inputs], x_test[: a.batch]
@@ -103,7 +106,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         net = train_deep(config, x_train, a.train_images)
         train_s = time.perf_counter() - t0
-        one = net.layers[0]
+        one = net.layers[0]  # W_1 x / m_1 is the deep net's layer-1 drive only for m_1 = 1
+        if mult[0] != 1.0:
+            raise SystemExit("--mult-factors: m_1 must be 1 so that the first layer alone is the same system")
         methods = [
             ("1 layer, newton (compiled)", one, SiteNewton(), None, x1),
             ("1 layer, newton (torch path)", one, SiteNewton(), "torch", x1),

@@ -164,3 +164,22 @@ def test_dense_feedback_for_large_batches_matches_structured_transpose():
     torch.testing.assert_close(big, rows)
     w2, _ = net.dense_weights()[1]
     torch.testing.assert_close(big, r2 @ w2)
+
+
+def test_block_solver_options_from_spec():
+    from dynsim.solvers import solver_from_spec
+
+    solver = solver_from_spec("block,damp_after=5,picard_start=false")
+    assert (solver.damp_after, solver.picard_start) == (5, False)
+    with pytest.raises(ConfigError, match="damp_after must be an integer >= 1"):
+        solver_from_spec("block,damp_after=0")
+
+
+def test_damped_sweeps_still_reach_the_fixed_point():
+    """From sweep ``damp_after`` on the steps are halved: slower (linear) but the same fixed point."""
+    net, x = net_with(gamma=0.0, mult=(1.5, 1.0)), x_batch()
+    full = settle(net, x, solver=BlockNewton(), stop=stop_rule(1e-10, 200))
+    damped = settle(net, x, solver=BlockNewton(damp_after=1), stop=stop_rule(1e-10, 200))
+    assert bool(damped.converged.all())
+    torch.testing.assert_close(damped.u, full.u, atol=1e-8, rtol=0)
+    assert int(damped.steps.min()) > int(full.steps.max())

@@ -16,7 +16,12 @@ which converges linearly at a rate of order γ‖W_{p+1}‖² f'.
 
 The first sweep (``picard_start``, default True) is a Picard sweep ``u_p ← b_p + s·A_p r_p``
 (from rest: ``u_1 = W_1 x/m_1``, then ``u_2 = W_2 f(g_1 u_1)/m_2`` …), the deep analogue of
-:class:`~dynsim.solvers.SiteNewton`'s start. Each step returns the vector field at the
+:class:`~dynsim.solvers.SiteNewton`'s start. Safeguard: from sweep ``damp_after`` (default 20)
+on, a sample still running takes half steps ``u ← u + ½Δu``. With saturated rates
+(``f' ≈ 0``) the Newton step is nearly a Picard step ``u ← b + s·A f(u)``, which can cycle
+between two states when the lateral coupling is strong (seen on the authors' default
+settings after 3000 training images: 3 of 1000 test images hit the 3000-sweep cap);
+halving the step averages such a cycle away. Each step returns the vector field at the
 state it was given, so :func:`dynsim.settle` judges the same residual (every layer's
 ``‖du_p/ds‖/‖u_p‖`` by default) as for any other solver.
 
@@ -58,8 +63,14 @@ class BlockNewton(SiteNewton):
     name = "block"
     evals_per_step = 1
 
+    def __init__(self, picard_start: bool | str | int = True, damp_after: int = 20):
+        super().__init__(picard_start)
+        if isinstance(damp_after, bool) or not isinstance(damp_after, int) or damp_after < 1:
+            raise ConfigError(f"damp_after must be an integer >= 1 (sweeps), got {damp_after!r}")
+        self.damp_after = damp_after
+
     def __repr__(self) -> str:
-        return "BlockNewton()" if self.picard_start else "BlockNewton(picard_start=False)"
+        return f"BlockNewton(picard_start={self.picard_start}, damp_after={self.damp_after})"
 
     @staticmethod
     def _system(field):
@@ -111,6 +122,8 @@ class BlockNewton(SiteNewton):
                 v = u_p + tau * f_new
             else:
                 v, f_new = system.layer_newton_step(p, u_p, b_new)
+                if n >= self.damp_after:  # safeguard: halve the step of a sample still running
+                    v = u_p + 0.5 * (v - u_p)
             f_at_u.append(f_new if p == 0 else f_new + (ff_old - ff_new) / tau)  # F_p at the given u
             u_next.append(v)
             if p < last:

@@ -14,6 +14,7 @@ MODULES = [
     "dynsim.settle",
     "dynsim.sklearn",
     "dynsim.solvers.adaptive",
+    "dynsim.solvers.block",
     "dynsim.solvers.fixed_point",
     "dynsim.solvers.rk",
     "dynsim.ssl.augment",

@@ -12,7 +12,8 @@ def _list(kind, none_words=()):
         try:
             return [None if v.strip().lower() in none_words else kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+            msg = f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
     return parse
 
 

@@ -55,6 +55,12 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, default=d.gamma, help="feedback strength of a deep network (default: 0)")
     g.add_argument("--lateral-rule", default=d.lateral_rule, choices=("code", "scaled"),
                    help="deep: 1/(1+γ) on the hidden lateral decay term (authors code, default) or whole update")
+    g.add_argument("--gains", type=_per_layer(float), default=d.gains,
+                   help="deep: g_p in r_p = tanh(g_p u_p), one value or one per layer (authors' tanh_factors; 1)")
+    g.add_argument("--mult-factors", type=_per_layer(float), default=d.mult_factors,
+                   help="deep: m_p in W_p r_{p-1}/m_p and γ m_{p+1} W_{p+1}ᵀ r_{p+1} (authors' mult_factors; 1)")
+    g.add_argument("--layer-stop", default=d.layer_stop, choices=("each", "state"),
+                   help="deep: stop when every layer's ‖du_p/ds‖/‖u_p‖ < T (authors, default) or the whole state's")
     g.add_argument("--nps", type=_per_layer(int), default=d.nps, help="neurons per site, e.g. 4 or 4,4 (default: 4)")
     g.add_argument("--stride", type=_per_layer(int), default=None,
                    help="site spacing in pixels (default: 2; upper layers 1), e.g. 2,1")
@@ -69,7 +75,8 @@ def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", default=d.solver,
                    help="solver spec NAME[,KEY=VALUE...]: auto, euler, newton, heun, rk4, dopri5,rtol=..,atol=.., "
                    "anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=.. (default: %(default)s = per-site "
-                   "newton for one layer with lateral distance 0 and a field-residual threshold, else euler; "
+                   "newton for one layer (block: Gauss–Seidel over layers + per-site newton for a deep net) "
+                   "with lateral distance 0 and a field-residual threshold, else euler; "
                    "'euler' gives the seed's method)")
     g.add_argument("--schedule", default=d.schedule,
                    help="Euler step sizes: 'seed' = max(0.2/(1+0.005n), 0.05), 'constant:DT', 'decaying:DT0,DECAY,MIN'")
@@ -262,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynsim import cli_studies
 
     cli_studies.register(sub)
+    from dynsim import cli_deep
+
+    cli_deep.register(sub)
     register_ssl(sub, run_sub)
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser

@@ -327,5 +327,34 @@ def plot_repro_iterations(study: dict[str, Any]) -> Figure:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("iterations to settle per training input", fontsize=10)
+
+
+def plot_deep_study(study: dict[str, Any]) -> Figure:
+    """``dynsim study deep``: each layer's readout accuracy (mean ± s.e. over seeds) per setting,
+    the raw-pixel baseline (dashed), and each layer's mean |r| (saturation, right panel)."""
+    rows = study["rows"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['layers']}L {'reset' if not r['stream_every'] else 'stream'} cap {r['cap']}" for r in rows]
+    depth = max(r["layers"] for r in rows)
+    width = 0.8 / depth
+    for p in range(depth):
+        xs = [i + (p - (depth - 1) / 2) * width for i, r in enumerate(rows) if r["layers"] > p]
+        ys = [100 * r["layer_accuracy"][p] for r in rows if r["layers"] > p]
+        es = [100 * (r["layer_accuracy_se"][p] or 0) for r in rows if r["layers"] > p]
+        ax.bar(xs, ys, width, yerr=es, color=f"C{p}", label=f"layer {p + 1}", capsize=2)
+        acts = [(i, r["layer_mean_abs_rate"][p]) for i, r in enumerate(rows)
+                if r["layers"] > p and r.get("layer_mean_abs_rate")]
+        if acts:
+            ax2.plot([a[0] for a in acts], [a[1] for a in acts], "o", color=f"C{p}", label=f"layer {p + 1}")
+    raw = [100 * r["raw_pixel_accuracy"] for r in rows]
+    ax.axhline(sum(raw) / len(raw), color="grey", ls="--", lw=0.8, label="raw pixels")
+    for a in (ax, ax2):
+        a.set_xticks(range(len(rows)))
+        a.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax2.set_ylabel("mean |r| over training (1 = saturated)")
+    ax2.set_ylim(0, 1)
     fig.tight_layout()
     return fig

@@ -117,6 +117,13 @@ def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return num / den.clamp_min(_TINY)  # 0 where f = 0; large where u = 0 only
 
 
+def residual_norm_of(system: System) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-sample residual ``(f, u) -> (B,)`` that stop rules judge for ``system``: its own
+    ``residual_norm`` when it defines one (a deep network judges every layer's ``‖f_p‖/‖u_p‖``,
+    :meth:`~dynsim.systems.deep.DeepHebbianNet.residual_norm`), else :func:`relative_norm`."""
+    return getattr(system, "residual_norm", relative_norm)
+
+
 def _as_float_tensor(v, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """``v`` as a floating tensor (``like``'s dtype and device when given; else its own float
     dtype, integers becoming the default float); :class:`DataError` if it is not real numbers."""
@@ -308,6 +315,7 @@ def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, 
     # Cheap per-step test when the rule describes its limits (exactly "some sample's code is
     # not RUNNING"); the full status codes are computed only on steps where something stops.
     residual_all = torch.zeros(b, dtype=template.dtype, device=device) if on == "field" else None
+    norm = relative_norm if system is None else residual_norm_of(system)
     while active.numel():
         out = solver.step(field, u, state, n)
         if isinstance(out, StepResult):
@@ -320,7 +328,7 @@ def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, 
         else:
             r_vec, candidate, cand_steps = u_next - u, u_next, n + 1
         u_norm = torch.linalg.vector_norm(u, dim=1)
-        residual = torch.linalg.vector_norm(r_vec, dim=1) / u_norm.clamp_min(_TINY)
+        residual = norm(r_vec, u)
         state_norm = torch.linalg.vector_norm(u_next, dim=1)
         if limits is not None:
             ok = state_norm <= bound  # False for inf and NaN states
@@ -361,7 +369,7 @@ def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, 
         u = u_next
         n += 1
         if on_step is not None and active.numel():
-            on_step(n, u, relative_norm(field(u), u))
+            on_step(n, u, norm(field(u), u))
     if residual_all is None or cap == 0:
-        residual_all = relative_norm(field_all(u_all), u_all)
+        residual_all = norm(field_all(u_all), u_all)
     return SettleResult(u=u_all, r=rates(u_all), steps=steps, status=status, residual=residual_all, n_evals=n_evals)

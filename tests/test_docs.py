@@ -14,6 +14,7 @@ MODULES = [
     "dynsim.settle",
     "dynsim.stopping",
     "dynsim.sklearn",
+    "dynsim.solvers.block",
     "dynsim.solvers.controllers",
     "dynsim.solvers.fixed_point",
     "dynsim.solvers.rk",

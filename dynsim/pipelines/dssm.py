@@ -35,7 +35,7 @@ from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.stopping import Status, stop_rule
 from dynsim.streaming import SwitchMonitor
 from dynsim.systems import ACTIVATIONS, HebbianLayer
-from dynsim.systems.deep import DeepHebbianNet, LayerSpec
+from dynsim.systems.deep import LAYER_STOPS, DeepHebbianNet, LayerSpec
 
 # receptive-field geometry per image size when the user gives none: (stride, radius)
 DEFAULT_GEOMETRY = {
@@ -59,6 +59,9 @@ class DSSMConfig:
     layers: int = 1  # > 1: DeepHebbianNet; nps/stride/radius/lateral_distance may be per-layer lists
     gamma: float = 0.0  # feedback strength of the deep network
     lateral_rule: str = "code"  # deep: where 1/(1+γ) enters hidden lateral updates (plasticity/deep.py)
+    gains: float | list[float] = 1.0  # deep: g_p in r_p = f(g_p u_p), the authors' tanh_factors
+    mult_factors: float | list[float] = 1.0  # deep: W_p r_{p-1}/m_p, γ m_{p+1} W_{p+1}ᵀ r_{p+1} (authors' mult_factors)
+    layer_stop: str = "each"  # deep: stop when every layer's residual < T (authors) or the whole state's ("state")
     lateral_sign: int = -1
     activation: str = "tanh"
     tau: float = 1.0
@@ -145,6 +148,15 @@ class DSSMConfig:
             raise ConfigError(f"--lateral-rule must be one of {', '.join(LATERAL_RULES)}, got {self.lateral_rule!r}")
         if not (isinstance(self.gamma, (int, float)) and np.isfinite(self.gamma) and self.gamma >= 0):
             raise ConfigError(f"--gamma (feedback strength) must be a number >= 0, got {self.gamma!r}")
+        for name in ("gains", "mult_factors"):
+            flag = "--" + name.replace("_", "-")
+            for v in self.per_layer(name):
+                if isinstance(v, bool) or not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+                    raise ConfigError(f"{flag} must be finite numbers > 0 (default 1, the authors'), got {v!r}")
+            if self.layers == 1 and any(v != 1 for v in self.per_layer(name)):
+                raise ConfigError(f"{flag} applies to deep networks only (--layers > 1); drop it for one layer")
+        if self.layer_stop not in LAYER_STOPS:
+            raise ConfigError(f"--layer-stop must be one of {', '.join(LAYER_STOPS)}, got {self.layer_stop!r}")
         if self.lateral_sign not in (-1, 1):
             raise ConfigError(f"--lateral-sign must be -1 or +1, got {self.lateral_sign!r}")
         if self.activation not in ACTIVATIONS:
@@ -230,7 +242,8 @@ class DSSMConfig:
         return out
 
     def resolved_solver(self) -> str:
-        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` — the per-site
+        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (``"block"`` for a deep
+        network: Gauss–Seidel over layers, per-site Newton inside each) — the per-site
         Newton solver, which reaches the same field-residual tolerance in 3–6 steps where
         the seed's Euler schedule needs hundreds (measured, benchmarks/README.md) — for a
         single layer with lateral distance 0, a field residual, a threshold, no streaming
@@ -239,15 +252,17 @@ class DSSMConfig:
         if self.solver != "auto":
             return self.solver
         newton = (
-            self.layers == 1
-            and self.per_layer("lateral_distance")[0] == 0
+            all(d == 0 for d in self.per_layer("lateral_distance"))
             and self.activation in ACTIVATIONS
             and self.residual == "field"
             and self.threshold is not None
             and self.stream_every is None
             and self.schedule == "seed"
         )
-        return "newton" if newton else "euler"
+        if not newton:
+            return "euler"
+        # deep: block Gauss–Seidel over layers with per-site Newton (benchmarks/deep_settle.py)
+        return "newton" if self.layers == 1 else "block"
 
     def solver_options(self) -> dict[str, Any]:
         """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step
@@ -307,6 +322,9 @@ def build_system(config: DSSMConfig, image_shape: tuple[int, int, int]) -> Hebbi
         image_shape,
         specs,
         gamma=config.gamma,
+        gains=config.per_layer("gains"),
+        mult_factors=config.per_layer("mult_factors"),
+        layer_stop=config.layer_stop,
         lateral_sign=config.lateral_sign,
         activation=config.activation,
         tau=config.tau,
@@ -317,7 +335,8 @@ def build_system(config: DSSMConfig, image_shape: tuple[int, int, int]) -> Hebbi
 def describe_system(system: HebbianLayer | DeepHebbianNet) -> dict[str, Any]:
     """Structure summary for the result file (per layer for a deep network)."""
     if isinstance(system, DeepHebbianNet):
-        return {"n_neurons": system.state_size, "gamma": system.gamma, "layers": system.describe()}
+        return {"n_neurons": system.state_size, "gamma": system.gamma, "layer_stop": system.layer_stop,
+                "layers": system.describe()}
     return {
         "n_neurons": system.state_size,
         "n_sites": system.n_sites,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import FixedStepSolver, Solver, StepResult
+from dynsim.solvers.block import BlockNewton
 from dynsim.solvers.controllers import PIController
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
@@ -42,7 +43,7 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, TorchDiffEq, TorchODE):
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, BlockNewton, TorchDiffEq, TorchODE):
     register(_cls)
 Ralston = register(register_rk("ralston", RALSTON))
 Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))
@@ -71,6 +72,7 @@ __all__ = [
     "SEED_SCHEDULE",
     "SOLVERS",
     "Anderson",
+    "BlockNewton",
     "ConstantStep",
     "DecayingStep",
     "Dopri5",

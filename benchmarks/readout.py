@@ -198,7 +198,8 @@ def print_table(result: dict) -> None:
                       f"{100 * r['test_accuracy']:7.2f} {r['objective_rel_to_liblinear']:11.2e} "
                       f"{r['worst_class_objective_rel']:10.2e} {100 * r['same_predictions_as_liblinear']:8.2f}%")
             else:  # no liblinear fit at this evaluation
-                vs = f"{'–':>8} {r.get('newton_iterations') or 0:6d} {100 * r['test_accuracy']:7.2f} {'–':>11} {'–':>10} {'–':>9}"
+                vs = (f"{'–':>8} {r.get('newton_iterations') or 0:6d} {100 * r['test_accuracy']:7.2f} "
+                      f"{'–':>11} {'–':>10} {'–':>9}")
             print(f"{name:>14} {key:>18} {r['seconds']:8.2f} {vs}")
 
 

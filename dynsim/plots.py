@@ -327,6 +327,8 @@ def plot_repro_iterations(study: dict[str, Any]) -> Figure:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("iterations to settle per training input", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def plot_deep_study(study: dict[str, Any]) -> Figure:

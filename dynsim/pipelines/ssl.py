@@ -545,6 +545,11 @@ def run_study_cell(cell: dict) -> dict:
     return result
 
 
+def resolve_study_cell(cell: dict) -> dict:
+    """A study cell's full :class:`SSLConfig` (every default filled in; hashed into its file)."""
+    return {"name": cell["name"], **dataclasses.asdict(SSLConfig(**{k: v for k, v in cell.items() if k != "name"}))}
+
+
 def study_rows(results: list[dict]) -> list[dict]:
     """Table rows (learning, update, accuracy %, published CIFAR %, seconds) from results."""
     rows = []
@@ -651,6 +656,7 @@ def run_study(
         backend=backend,
         ray_address=ray_address,
         progress=progress,
+        resolve=resolve_study_cell,
     )
     order = {c["name"]: i for i, c in enumerate(cells)}
     results = sorted(results, key=lambda r: order.get(r.get("name"), 0))

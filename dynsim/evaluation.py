@@ -255,14 +255,15 @@ def linear_probe_accuracy(
 
 def readout_accuracy(
     readout: str, f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, *, seed: int = 0,
-    w0: torch.Tensor | None = None, max_iter: int = 150,
+    w0: torch.Tensor | None = None, max_iter: int = 150, device: str | torch.device = "cpu",
 ) -> dict:
     """Test accuracy of a linear readout by name (``svc`` or ``probe``; ``w0`` warm-starts the
-    probe, ``max_iter`` caps its L-BFGS iterations)."""
+    probe, ``max_iter`` caps its L-BFGS iterations, ``device`` is where the probe is fitted:
+    the run's device; LinearSVC runs on the CPU)."""
     if readout == "svc":
         return linear_svc_accuracy(f_train, y_train, f_test, y_test)
     if readout == "probe":
-        return linear_probe_accuracy(f_train, y_train, f_test, y_test, w0=w0, max_iter=max_iter)
+        return linear_probe_accuracy(f_train, y_train, f_test, y_test, w0=w0, max_iter=max_iter, device=device)
     raise ConfigError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
 
 
@@ -348,7 +349,8 @@ class Evaluator(Callback):
         for i, sl in enumerate(slices):
             w0 = self._w.get(i) if self.warm_start else None
             o = readout_accuracy(self.readout, rep_train.r[:, sl], y_train, rep_test.r[:, sl], y_test,
-                                 seed=self.seed, w0=w0, max_iter=150 if w0 is None else self.warm_probe_iter)
+                                 seed=self.seed, w0=w0, max_iter=150 if w0 is None else self.warm_probe_iter,
+                                 device=self.device)
             if self.warm_start and "weights" in o:
                 self._w[i] = o["weights"]
             outs.append(o)

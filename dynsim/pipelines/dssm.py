@@ -385,7 +385,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
             raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
                               f"use at least {2 * ds.n_classes} or 'none' for all")
     t0 = time.perf_counter()  # raw-pixel baseline with the run's readout (LinearSVC takes minutes on 60k)
-    baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte)
+    baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
     baseline.pop("weights", None)
     baseline_seconds = time.perf_counter() - t0
 

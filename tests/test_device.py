@@ -179,3 +179,30 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
     cpu_layer = torch.nn.Linear(3, 2)
     Checkpoint(ck.path, modules={"system": cpu_layer}).restore(_Engine())
     torch.testing.assert_close(cpu_layer.weight, layer.weight.cpu())
+
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "g.json"
+    assert _gpu_check().main(["--device", "cpu", "--only", "solver:euler,solver:newton", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["check"], r["ok"]) for r in rows] == [("solver:euler", True), ("solver:newton", True)]
+    assert "64/64 settled" in rows[1]["device"]["detail"] and "2/2 checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path, capsys):
+    assert _gpu_check().main(["--out", str(tmp_path / "g.json")]) == 2
+    assert "CUDA is not available here; run with --device cpu" in capsys.readouterr().err

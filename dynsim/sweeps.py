@@ -21,7 +21,8 @@ Backends
 ``"local"`` : a pool of ``workers`` processes started with ``spawn`` (not ``fork``: a
     child of a process that has touched CUDA cannot use CUDA, and a forked child inherits
     locks held by the parent's threads). Each worker watches its parent and exits when the
-    parent is gone, so killing a sweep does not leave its workers running.
+    parent is gone, so killing a sweep does not leave its workers running. When cells run
+    on CUDA, worker k sees only GPU k mod (number of GPUs) (``CUDA_VISIBLE_DEVICES``).
     ``workers=1`` runs in this process (no pickling; easiest to debug).
 ``"ray"`` : each cell is a Ray task asking for ``num_cpus=1`` and, when the cell's
     ``device`` setting is CUDA, ``num_gpus=1`` (Ray then gives the task its own GPU through
@@ -137,9 +138,22 @@ def _watch_parent(parent: int) -> None:
         time.sleep(PARENT_POLL_SECONDS)
 
 
-def _worker_init(parent: int) -> None:
-    """Pool-worker start-up: exit as soon as the parent process has died (even by SIGKILL)."""
+def gpu_for_worker(k: int, n_gpus: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for local worker number ``k``: the GPUs in turn (within the
+    parent's own ``CUDA_VISIBLE_DEVICES`` list, if it has one)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n_gpus)]
+    return ids[k % len(ids)]
+
+
+def _worker_init(parent: int, counter=None, n_gpus: int = 0) -> None:
+    """Pool-worker start-up: exit as soon as the parent process has died (even by SIGKILL);
+    with ``n_gpus`` > 0, see one GPU only (worker k gets GPU k mod n), before CUDA starts."""
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="dynsim-parent-watch").start()
+    if counter is not None and n_gpus > 0:
+        with counter.get_lock():
+            k = counter.value
+            counter.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_for_worker(k, n_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 # --- cell files ------------------------------------------------------------------------------
@@ -262,11 +276,23 @@ def run_grid(
     return list(book.results)
 
 
+def _local_gpus(cells: list[dict]) -> int:
+    """GPUs to share among local workers: those of this machine if a cell runs on CUDA."""
+    if not any(cell_resources(c)["num_gpus"] for c in cells):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()  # counts devices without creating a CUDA context
+
+
 def _run_pool(book: _Book, fn, todo: list[int], workers: int) -> None:
-    """The local backend: a spawn-context process pool whose workers die with this process."""
+    """The local backend: a spawn-context process pool whose workers die with this process;
+    CUDA cells are spread over the GPUs (one per worker, in turn)."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    n_gpus = _local_gpus([book.cells[i] for i in todo])
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(), ctx.Value("i", 0), n_gpus))
+    try:
         pending = {pool.submit(_run_cell, fn, book.cells[i]): i for i in todo}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -277,6 +303,10 @@ def _run_pool(book: _Book, fn, todo: list[int], workers: int) -> None:
                 except BrokenProcessPool as exc:  # a worker was killed (out of memory, signal)
                     outcome = {"status": "failed", "error": f"worker process died ({exc})", "seconds": 0.0}
                 book.record(i, outcome)
+    except BaseException:  # Ctrl-C, a full disk: do not wait for the queued cells
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 # --- Ray ---------------------------------------------------------------------------------------

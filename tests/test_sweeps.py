@@ -184,3 +184,10 @@ def test_killing_the_parent_ends_its_workers(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
+
+
+def test_local_workers_take_the_gpus_in_turn():
+    from dynsim.sweeps import gpu_for_worker
+
+    assert [gpu_for_worker(k, 2, None) for k in range(5)] == ["0", "1", "0", "1", "0"]
+    assert [gpu_for_worker(k, 2, "3,5") for k in range(3)] == ["3", "5", "3"]  # within the parent's list

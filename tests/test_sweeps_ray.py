@@ -29,6 +29,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", "1")  # CI containers may have a tiny /dev/shm
 if os.environ.get("DYNSIM_REQUIRE_RAY"):  # CI (.ci/run): a missing Ray is a failure, not a skip
     import ray
 else:

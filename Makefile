@@ -7,10 +7,11 @@ STAMP  := $(VENV)/.dynsim-installed
 .PHONY: setup demo test test-all lint bench clean
 
 # torch first and pinned: 2.13.0 is a CPU build on these machines; an unpinned torch would pull CUDA.
+# The ray extra is installed too, so that `make test` runs the Ray backend's tests (tests/test_sweeps_ray.py).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,6 +18,7 @@ depend only on ``(seed, e)`` (as :func:`dynsim.pipelines.dssm.epoch_batches` doe
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,15 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".ckpt.pt")
 
 
+def _cuda_in_use() -> bool:
+    """True when this process has initialised CUDA (a run on a GPU); asking does not initialise it."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def get_rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU and CUDA), NumPy's global generator and Python's ``random``."""
+    """RNG states of torch (CPU, and CUDA per device when this process uses CUDA), NumPy's
+    global generator and Python's ``random``. A CPU run never touches CUDA here, even on a
+    machine with GPUs (initialising it costs seconds and memory on every GPU)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -49,21 +57,32 @@ def get_rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if _cuda_in_use():
+        state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`get_rng_state` returned."""
+    """Restore what :func:`get_rng_state` returned, on a machine with any number of GPUs.
+
+    The CUDA generators are restored only when this process uses CUDA (a CPU resume of a GPU
+    run leaves CUDA alone), and only for the devices both machines have: resuming on fewer
+    GPUs restores the first ones and warns that the others' streams start afresh.
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    if saved and _cuda_in_use():
+        have = torch.cuda.device_count()
+        for i, s in enumerate(saved[:have]):
+            torch.cuda.set_rng_state(s, i)
+        if len(saved) > have:
+            warnings.warn(f"the checkpoint holds CUDA random states of {len(saved)} GPUs, this machine has {have}: "
+                          f"restored the first {have}; the others' random streams start afresh", stacklevel=2)
 
 
 def _plain(obj: Any) -> Any:
@@ -80,7 +99,12 @@ def _plain(obj: Any) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file (tensors and plain Python values only: ``weights_only``)."""
+    """Read a checkpoint file (tensors and plain Python values only: ``weights_only``).
+
+    Every tensor is loaded onto the CPU (``map_location="cpu"``), whatever device wrote it, so
+    a checkpoint of a GPU run loads on a machine with fewer GPUs or none; the modules copy
+    their weights to their own device in ``load_state_dict``.
+    """
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -547,6 +547,11 @@ def run_study_cell(cell: dict) -> dict:
     return result
 
 
+def resolve_study_cell(cell: dict) -> dict:
+    """A study cell's full :class:`SSLConfig` (every default filled in; hashed into its file)."""
+    return {"name": cell["name"], **dataclasses.asdict(SSLConfig(**{k: v for k, v in cell.items() if k != "name"}))}
+
+
 def study_rows(results: list[dict]) -> list[dict]:
     """Table rows (learning, update, accuracy % as mean and s.e. over the seeds of the row,
     published CIFAR %, seconds) from results, in the order rows first appear."""
@@ -671,6 +676,7 @@ def run_study(
         backend=backend,
         ray_address=ray_address,
         progress=progress,
+        resolve=resolve_study_cell,
     )
     order = {c["name"]: i for i, c in enumerate(cells)}
     results = sorted(results, key=lambda r: order.get(r.get("name"), 0))

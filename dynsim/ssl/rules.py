@@ -220,10 +220,16 @@ class DTP(LocalRule):
 def build_inverses(
     encoder: Encoder, image_shape: tuple[int, int, int], generator=None
 ) -> dict[str, Inverse]:
-    """Inverses ``g`` for stages 1..L−1 (h_l -> h_{l−1}) and every head (z -> h_l)."""
+    """Inverses ``g`` for stages 1..L−1 (h_l -> h_{l−1}) and every head (z -> h_l).
+
+    The shapes are found by passing one zero image through ``encoder`` on the encoder's own
+    device (a GPU encoder must not be given a CPU tensor); the inverses are built on the CPU
+    (move them with ``.to(device)``).
+    """
     shapes: list[tuple[int, ...]] = []
+    w = next(encoder.parameters())
     with torch.no_grad():
-        h = torch.zeros(1, *image_shape)
+        h = torch.zeros(1, *image_shape, dtype=w.dtype, device=w.device)
         for s in encoder.stages:
             h = s(h)[1]
             shapes.append(tuple(h.shape[1:]))

@@ -226,7 +226,7 @@ def downstream_accuracy(config: BenchConfig) -> list[dict[str, Any]]:
     bench's T and cap, same seed) and read it out; one :func:`run_grid` cell per solver."""
     import tempfile
 
-    from dynsim.studies.convergence import train_cell
+    from dynsim.studies.convergence import resolve_cell, train_cell
     from dynsim.sweeps import run_grid
 
     cells = [
@@ -254,7 +254,8 @@ def downstream_accuracy(config: BenchConfig) -> list[dict[str, Any]]:
     rows = []
     for cell, res in zip(
         cells,
-        run_grid(cells, train_cell, results_dir=cells_dir, workers=1, progress=config.progress),
+        run_grid(cells, train_cell, results_dir=cells_dir, workers=1, progress=config.progress,
+                 resolve=resolve_cell),
         strict=True,
     ):
         f = res["final"]

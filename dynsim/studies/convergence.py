@@ -83,11 +83,11 @@ def _parse_value(v: Any) -> Any:
         return v
 
 
-def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    """Train one DSSM cell (top-level and picklable for :func:`run_grid`)."""
-    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+def cell_config(cell: dict[str, Any]):
+    """The :class:`~dynsim.pipelines.dssm.DSSMConfig` a cell trains with (quiet, no files, one thread)."""
+    from dynsim.pipelines.dssm import DSSMConfig
 
-    config = DSSMConfig.from_dict(
+    return DSSMConfig.from_dict(
         {
             **cell,
             "progress": False,
@@ -96,7 +96,20 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "on_divergence": cell.get("on_divergence", "skip"),
         }
     )
-    result = run_dssm(config)
+
+
+def resolve_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell's settings with every default filled in (hashed into its result file)."""
+    import dataclasses
+
+    return dataclasses.asdict(cell_config(cell))
+
+
+def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Train one DSSM cell (top-level and picklable for :func:`run_grid`)."""
+    from dynsim.pipelines.dssm import run_dssm
+
+    result = run_dssm(cell_config(cell))
     its = result["iterations_per_input"]
     stride = max(1, -(-len(its) // ITERATIONS_KEPT))
     return {
@@ -133,6 +146,7 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
         backend=config.backend,
         ray_address=config.ray_address,
         progress=config.progress,
+        resolve=resolve_cell,
     )
     study = {
         **result_header("study convergence", config),

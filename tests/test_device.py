@@ -120,7 +120,7 @@ def test_dtp_inverses_probe_the_encoder_on_its_own_device():
     assert inverses["s1"].out_shape == (16, 8, 8)
 
 
-def test_the_evaluator_fits_the_probe_on_the_run_device(monkeypatch):
+def test_the_evaluator_fits_the_readout_on_the_run_device(monkeypatch):
     from dynsim import evaluation
     from dynsim.solvers import Heun
     from dynsim.stopping import MaxSteps
@@ -130,14 +130,15 @@ def test_the_evaluator_fits_the_probe_on_the_run_device(monkeypatch):
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("device"))
-        return {"accuracy": 0.5, "train_accuracy": 0.5, "readout_converged": True}
+        return {"accuracy": 0.5, "train_accuracy": 0.5, "readout_converged": True, "readout_iterations": 1,
+                "test_predictions": np.zeros(6, dtype=np.int8), "weights": torch.zeros(2, 2)}
 
-    monkeypatch.setattr(evaluation, "linear_probe_accuracy", spy)
+    monkeypatch.setattr(evaluation, "readout_accuracy", spy)
     layer = HebbianLayer((1, 4, 4), nps=1, stride=2, radius=1.0)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((6, 16)).astype(np.float32), np.array([0, 1] * 3)
     ev = evaluation.Evaluator(layer, x_train=x, y_train=y, x_test=x, y_test=y, solver=Heun(), stop=MaxSteps(3),
-                              every=1, epochs=1, readout="probe", device="cpu", progress=False)
+                              every=1, epochs=1, readout="svc", device="cpu", progress=False)
     ev.evaluate()
     assert calls == ["cpu"]
 

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint
 from dynsim.engine import Batch, DynamicsSettler, Engine
-from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError
+from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError, OutputError
 from dynsim.settle import SettleResult, settle
 from dynsim.solvers import (
     RK4,
@@ -58,6 +58,7 @@ __all__ = [
     "SiteNewton",
     "Status",
     "System",
+    "OutputError",
     "make_solver",
     "settle",
     "stop_rule",

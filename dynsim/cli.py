@@ -8,14 +8,17 @@ names the value and the fix.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
 
 from dynsim.config import add_config_argument, add_config_everywhere, parse_args_with_config, reject_unknown
 from dynsim.errors import ConfigError, DynsimError
+from dynsim.outputs import OutputSpec, timestamped
 
 
 def _optional(kind):
@@ -182,11 +185,14 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
 
     run = run_sub.add_parser("ssl", help="self-supervised encoder with local learning rules (Tang et al. 2022)")
     ssl.add_run_arguments(run)
-    run.set_defaults(func=cmd_run_ssl)
+    run.set_defaults(func=cmd_run_ssl, output=OutputSpec(timestamped("ssl", "data", "schedule", "rule"),
+                                                         related=_checkpoint_of, can_resume=True, plots=False))
     study = command_group(sub, "study", help="parameter studies").add_parser(
         "ssl", help="the learning-schedule x update-rule grid of Tang et al. Table 1")
     ssl.add_study_arguments(study)
-    study.set_defaults(func=cmd_study_ssl)
+    study.set_defaults(func=cmd_study_ssl, output=OutputSpec(
+        lambda args: f"runs/ssl-study-{args.data}", directory=True, can_resume=True,
+        result=lambda out: out / "ssl_study.json", related=lambda out: [out / "cells"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,13 +204,68 @@ def build_parser() -> argparse.ArgumentParser:
     add_dssm_arguments(dssm)
     from dynsim.pipelines.dssm import DSSMConfig
 
-    dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)))
+    dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)),
+                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True))
     from dynsim import cli_studies
 
     cli_studies.register(sub)
     register_ssl(sub, run_sub)
+    add_output_flags(parser)  # --overwrite, --resume, --plot-format on every command that writes
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser
+
+
+def _checkpoint_of(out):
+    from dynsim.checkpoint import checkpoint_path
+
+    return [checkpoint_path(out)]
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every command with an :class:`~dynsim.outputs.OutputSpec` (``set_defaults(output=...)``)
+    ``--overwrite``, ``--resume`` where it can continue a run, and ``--plot-format`` where it
+    draws plots (unless it defines them itself)."""
+    from dynsim.config import _leaves
+    from dynsim.results import PLOT_FORMATS
+
+    for leaf in _leaves(parser):
+        spec = leaf.get_default("output")
+        if spec is None:
+            continue
+        dests = {a.dest for a in leaf._actions}
+        if "overwrite" not in dests:
+            leaf.add_argument("--overwrite", action="store_true",
+                              help="replace the result in --out (and delete its checkpoint or cells); "
+                                   "without it an existing result or unfinished run is refused")
+        if spec.can_resume and "resume" not in dests:
+            leaf.add_argument("--resume", action="store_true",
+                              help="continue the unfinished run in --out (finished cells are reused)")
+        if spec.plots and "plot_format" not in dests:
+            leaf.add_argument("--plot-format", default="png", metavar="FMT[,FMT]",
+                              help=f"plot file formats, among {', '.join(PLOT_FORMATS)} (default: %(default)s)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command with its output claimed (checked, locked) and plot formats set."""
+    from dynsim.results import plot_formats
+
+    with ExitStack() as stack:
+        if getattr(args, "plot_format", None):
+            stack.enter_context(plot_formats(args.plot_format.split(",")))
+        spec = getattr(args, "output", None)
+        if spec is not None:
+            stack.enter_context(spec.claim(args))
+        return args.func(args)
+
+
+def _configure_logging() -> None:
+    """Library messages (``logging``) go to stderr as plain lines; the CLI prints results."""
+    logger = logging.getLogger("dynsim")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,9 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = parse_args_with_config(parser, argv)
-        return args.func(args)
+        _configure_logging()
+        return _run(args)
     except DynsimError as exc:
         print(f"dynsim: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an I/O error no check foresaw: one line, not a traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"dynsim: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resumable = getattr(args, "checkpoint_every", 0) and getattr(args, "out", None)

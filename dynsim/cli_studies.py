@@ -7,6 +7,15 @@ import argparse
 import time
 from pathlib import Path
 
+from dynsim.outputs import OutputSpec, timestamped
+
+
+def cells_dir(out: Path) -> Path:
+    """The per-cell result folder of a convergence study writing ``out``."""
+    from dynsim.studies.convergence import cells_dir as study_cells_dir
+
+    return study_cells_dir(out)
+
 
 def _default_out(kind: str, data: str) -> str:
     return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -187,7 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
     p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
-    p.set_defaults(func=cmd_bench_solvers)
+    p.set_defaults(func=cmd_bench_solvers, output=OutputSpec(
+        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")]))
 
     plot = command_group(sub, "plot", "plots of settling dynamics")
     p = plot.add_parser(
@@ -212,7 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
     )
-    p.set_defaults(func=cmd_plot_trajectories)
+    p.set_defaults(func=cmd_plot_trajectories, output=OutputSpec(timestamped("trajectories", "data")))
 
     study = command_group(sub, "study", "studies over grids of settings")
     p = study.add_parser(
@@ -247,4 +257,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
-    p.set_defaults(func=cmd_study_convergence)
+    p.set_defaults(func=cmd_study_convergence, output=OutputSpec(
+        timestamped("convergence", "data"), related=lambda out: [cells_dir(out)], can_resume=True))

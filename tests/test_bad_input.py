@@ -73,7 +73,7 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path, capsys, monkeypatc
     assert load_checkpoint(checkpoint_path(out))["completed_epochs"] == 1
     assert not out.exists()
 
-    assert main([*argv, "--on-divergence", "skip"]) == 0
+    assert main([*argv, "--on-divergence", "skip", "--overwrite"]) == 0
     res = json.loads(out.read_text())
     assert res["final"]["diverged_skipped"] > 0
     assert sum(h["diverged"] for h in res["history"]) == res["final"]["diverged_skipped"]

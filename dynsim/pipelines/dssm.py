@@ -478,22 +478,10 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
-    """Write ``out`` (JSON) and the two plots beside it; return their paths."""
+    """Write ``out`` (JSON) and the two plots beside it as one set; return their paths."""
     from dynsim.plots import plot_accuracy, plot_iterations
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    stem = out.with_suffix("")
-    files = {
-        "result": str(out),
-        "accuracy_plot": str(stem) + "_accuracy.png",
-        "iterations_plot": str(stem) + "_iterations.png",
-    }
-    result["files"] = files
-    write_json_atomic(out, result)
-    for key, plot in (("accuracy_plot", plot_accuracy), ("iterations_plot", plot_iterations)):
-        fig = plot(result)
-        save_figure_atomic(fig, files[key])
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return files
+    plots = {"accuracy_plot": ("_accuracy", plot_accuracy(result)),
+             "iterations_plot": ("_iterations", plot_iterations(result))}
+    return write_result(out, result, plots)

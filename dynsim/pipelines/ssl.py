@@ -32,7 +32,7 @@ from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.probe import fit_linear_probe
-from dynsim.results import result_header, write_json_atomic
+from dynsim.results import result_header, write_result
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
@@ -424,7 +424,7 @@ def run_ssl(
     if ckpt is not None:
         result["checkpoint"] = str(ckpt.path)
     if config.out:
-        write_json_atomic(Path(config.out), result)
+        write_result(Path(config.out), result)
     return result
 
 
@@ -665,15 +665,14 @@ def run_study(
         f"probe {base.probe_epochs} epochs, seed {base.seed}.\n"
     )
     table = study_table(rows, header)
-    (out_dir / "ssl_study.md").write_text(table)
     summary = {
         **result_header("study ssl", base),
         "dataset": ds,
         "rows": rows,
     }
-    write_json_atomic(out_dir / "ssl_study.json", summary)
-    fig = plot_study(rows, ours=f"ours ({ds['name']})")
-    fig.savefig(out_dir / "ssl_study.png", dpi=120)
+    # the table, the JSON and the plot as one set (the JSON last)
+    write_result(out_dir / "ssl_study.json", summary, {"plot": ("", plot_study(rows, ours=f"ours ({ds['name']})"))},
+                 extra={"table": (out_dir / "ssl_study.md", table)})
     summary["table"] = table
     return summary
 

@@ -325,15 +325,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_bench_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
+    """The bench JSON and its Pareto plot, written as one set."""
     from dynsim.plots import plot_solver_pareto
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    files = {"result": str(out), "pareto_plot": str(out.with_suffix("")) + "_pareto.png"}
-    result["files"] = files
-    write_json_atomic(out, result)
-    fig = plot_solver_pareto(result)
-    save_figure_atomic(fig, files["pareto_plot"])
-    plt.close(fig)
-    return files
+    return write_result(out, result, {"pareto_plot": ("_pareto", plot_solver_pareto(result))})

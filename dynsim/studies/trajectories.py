@@ -118,15 +118,7 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
     }
     if config.out:
         from dynsim.plots import plot_trajectories
-        from dynsim.results import save_figure_atomic, write_json_atomic
+        from dynsim.results import write_result
 
-        out = Path(config.out)
-        files = {"result": str(out), "trajectories_plot": str(out.with_suffix("")) + ".png"}
-        result["files"] = files
-        write_json_atomic(out, result)
-        fig = plot_trajectories(result)
-        save_figure_atomic(fig, files["trajectories_plot"])
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        write_result(Path(config.out), result, {"trajectories_plot": ("", plot_trajectories(result))})
     return result

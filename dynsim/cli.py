@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stdout
 from dataclasses import fields
 from pathlib import Path
 
@@ -175,8 +175,21 @@ def cmd_run_ssl(args: argparse.Namespace) -> int:
 def cmd_study_ssl(args: argparse.Namespace) -> int:
     from dynsim.pipelines.ssl import study_from_args
 
-    print(study_from_args(args)["table"])
+    summary = study_from_args(args)
+    print_table(args, summary, summary["table"])
     return 0
+
+
+def print_table(args: argparse.Namespace, result: dict, text: str) -> None:
+    """Print a command's table: ``text`` (Markdown), or with ``--format csv`` the result's
+    rows (:func:`dynsim.results.table`) as CSV on the standard output, which then holds
+    nothing else (progress went to stderr)."""
+    if getattr(args, "format", "text") == "csv":
+        from dynsim.results import table
+
+        table(result).to_csv(getattr(args, "_stdout", None) or sys.stdout, index=False)
+    else:
+        print(text)
 
 
 def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersAction) -> None:
@@ -250,6 +263,9 @@ def _run(args: argparse.Namespace) -> int:
     from dynsim.results import plot_formats
 
     with ExitStack() as stack:
+        if getattr(args, "format", "text") == "csv":  # stdout holds the CSV table only
+            args._stdout = sys.stdout
+            stack.enter_context(redirect_stdout(sys.stderr))
         if getattr(args, "plot_format", None):
             stack.enter_context(plot_formats(args.plot_format.split(",")))
         spec = getattr(args, "output", None)

@@ -32,6 +32,10 @@ from dynsim.errors import ConfigError, DataError
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "stl10")
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {  # (C, H, W) of each data set, known before loading
+    "digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "stl10": (3, 96, 96),
+}
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -275,3 +275,110 @@ def write_result(out: str | Path, result: dict[str, Any], plots: dict[str, tuple
         for _, fig in (plots or {}).values():
             plt.close(fig)
     return files
+
+
+# --- reading results back as tables ------------------------------------------------------------
+def _scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The scalar (non-list, non-dict) entries of ``d``; lists of scalars become strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            continue
+        if isinstance(v, (list, tuple)):
+            if all(not isinstance(x, (list, tuple, dict)) for x in v) and len(v) <= 16:
+                out[prefix + k] = ",".join(map(str, v))
+            continue
+        out[prefix + k] = v
+    return out
+
+
+def _with_settings(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``row`` plus the scalar ``settings`` it does not already have (a clash gets ``config.``)."""
+    out = dict(row)
+    for k, v in _scalars(settings).items():
+        out[k if k not in out else f"config.{k}"] = v
+    return out
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one result dict (see :func:`load`)."""
+    command = result.get("command", "")
+    config = result.get("config", {}) if isinstance(result.get("config"), dict) else {}
+    if "cell" in result and "result" in result and "command" not in result:  # a sweep's cell file
+        inner = result["result"] if isinstance(result["result"], dict) else {}
+        final = inner.get("final", {}) if isinstance(inner.get("final"), dict) else {}
+        return [_with_settings({**_scalars(inner), **_scalars(final), "seconds": result.get("seconds")},
+                               result["cell"])]
+    if command == "study convergence":
+        return [_with_settings({**_scalars(c["final"]), "train_evals": c.get("train_evals")}, c["cell"])
+                for c in result.get("cells", [])]
+    if command == "bench solvers":
+        return [{"state": state, **_scalars(r)} for state, block in result.get("states", {}).items()
+                for r in block["rows"]]
+    if command == "study ssl":
+        return [_with_settings(_scalars(r), config) for r in result.get("rows", [])]
+    if command == "plot trajectories":
+        return [{"input": item["index"], "label": item["label"], "solver": run["solver"],
+                 "steps": run["steps"][-1], "status": run["status"], "n_evals": run["n_evals"],
+                 "final_residual": run["residual"][-1]}
+                for item in result.get("inputs", []) for run in item["runs"]]
+    for key in ("seeds", "runs"):  # several runs in one file: one block of rows per run
+        if isinstance(result.get(key), list) and all(isinstance(r, dict) and "history" in r for r in result[key]):
+            return [row for r in result[key] for row in table_rows({"command": command, **r})]
+    if isinstance(result.get("history"), list):  # one run: one row per epoch
+        seed = {"seed": config.get("seed")} if "seed" in config else {}
+        return [_with_settings({**seed, **_scalars(h)}, config) for h in result["history"]]
+    if isinstance(result.get("final"), dict):
+        return [_with_settings(_scalars(result["final"]), config)]
+    return []
+
+
+def table(result: dict[str, Any]):
+    """One result dict as a pandas ``DataFrame`` (see :func:`load`)."""
+    import pandas as pd
+
+    return pd.DataFrame(table_rows(result))
+
+
+def load(path: str | Path, *, pattern: str = "*.json"):
+    """Result file(s) as one pandas ``DataFrame``.
+
+    ``path``: a result JSON, or a folder whose JSON files (``pattern``, searched recursively,
+    e.g. a study's cells) are read and stacked, with a ``file`` column. Rows:
+
+    * ``run dssm`` / ``run ssl``: one per epoch (the history: images seen, iterations,
+      accuracy when evaluated, ...) with the run's settings as columns (``seed``, ``data``, ...);
+      a file holding several runs (``seeds``/``runs``) gives one block per run;
+    * ``study convergence``: one per cell (T, cap, streaming, ..., final accuracy, train time,
+      field evaluations); a sweep's cell file: one row (its settings and final block);
+    * ``bench solvers``: one per (network state, solver setting);
+    * ``study ssl``: one per table row; ``plot trajectories``: one per (input, solver).
+
+    >>> df = load("runs/conv.json")                             # doctest: +SKIP
+    >>> df.pivot_table("test_accuracy", "threshold", "max_steps")  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from dynsim.errors import DataError
+
+    path = Path(path)
+    if path.is_dir():
+        frames = []
+        for file in sorted(path.rglob(pattern)):
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # not a (complete) result: a folder may hold other files
+            rows = table_rows(data) if isinstance(data, dict) else []
+            if rows:
+                frames.append(pd.DataFrame(rows).assign(file=str(file)))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such result file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not a readable result JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a dynsim result (a JSON object with a history, cells or rows)")
+    return table(data)

@@ -8,8 +8,7 @@
 torch.Size([2, 64])
 """
 
-__version__ = "0.1.0"
-
+from dynsim._version import __version__
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint
 from dynsim.engine import Batch, DynamicsSettler, Engine
@@ -32,6 +31,7 @@ from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, Status, stop_rule
 from dynsim.systems import HebbianLayer, System
 
 __all__ = [
+    "__version__",
     "SEED_SCHEDULE",
     "SOLVERS",
     "RK4",

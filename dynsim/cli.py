@@ -22,8 +22,11 @@ from dynsim.outputs import OutputSpec, timestamped
 
 
 def _optional(kind):
+    """``kind``, or None for 'none'/'off' (each flag's help says what None means; 'inf' is a
+    number, refused by the range check where it would mean nothing)."""
+
     def parse(text: str):
-        return None if text.lower() in ("none", "off", "inf") else kind(text)
+        return None if text.lower() in ("none", "off") else kind(text)
 
     parse.__name__ = kind.__name__
     return parse
@@ -123,7 +126,10 @@ def _config_from_args(args: argparse.Namespace):
     reject_unknown(from_file, names, source=f"config file {args.config}")
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(from_file)  # settings without a flag (tau, extra, progress)
-    values["progress"] = not args.no_progress and bool(from_file.get("progress", True))
+    if not isinstance(from_file.get("progress", True), bool):
+        raise ConfigError(f"config file {args.config}: progress = {from_file['progress']!r} must be a boolean "
+                          "(true or false, no quotes)")
+    values["progress"] = not args.no_progress and from_file.get("progress", True)
     if getattr(args, "resume", False) and not values.get("out"):
         raise ConfigError("--resume needs --out PATH: the result file of the run to continue "
                           "(its checkpoint <out>.ckpt.pt lies beside it)")
@@ -162,6 +168,10 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argp
 
 def cmd_run_ssl(args: argparse.Namespace) -> int:
     from dynsim.pipelines.ssl import run_from_args
+
+    if args.epochs == 0:
+        logging.getLogger("dynsim").warning(
+            "dynsim: --epochs 0 trains nothing: the result is the random-encoder baseline")
 
     result = run_from_args(args)
     f = result["final"]
@@ -209,7 +219,10 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynsim import __version__
+
     parser = argparse.ArgumentParser(prog="dynsim", description="Continuous-time Hebbian network simulator")
+    parser.add_argument("--version", action="version", version=f"dynsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate a pipeline")
     run_sub = run.add_subparsers(dest="pipeline", required=True)
@@ -218,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dynsim.pipelines.dssm import DSSMConfig
 
     dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)),
-                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True))
+                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True),
+                      kernels=True)
     from dynsim import cli_studies
 
     cli_studies.register(sub)
@@ -271,6 +285,10 @@ def _run(args: argparse.Namespace) -> int:
         spec = getattr(args, "output", None)
         if spec is not None:
             stack.enter_context(spec.claim(args))
+        if getattr(args, "kernels", False) and str(getattr(args, "device", "cpu")).startswith("cpu"):
+            from dynsim.warmup import warm_up
+
+            warm_up()  # compile (announced) or load the kernels before any progress bar starts
         return args.func(args)
 
 
@@ -293,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except DynsimError as exc:
         print(f"dynsim: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        extra = {"torchdiffeq": "adapters", "torchode": "adapters", "ray": "ray", "pandas": ""}.get(exc.name or "")
+        hint = f"pip install 'dynsim[{extra}]'" if extra else f"pip install {exc.name}"
+        print(f"dynsim: error: this needs the package {exc.name!r}, which is not installed: {hint}", file=sys.stderr)
         return 2
     except OSError as exc:  # an I/O error no check foresaw: one line, not a traceback
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dynsim.outputs import OutputSpec, timestamped
+from dynsim.settings import parse_list
 
 
 def cells_dir(out: Path) -> Path:
@@ -22,15 +23,18 @@ def _default_out(kind: str, data: str) -> str:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+    """``--thresholds``: comma-separated T values, each > 0 (dynsim.settings)."""
+    return parse_list("thresholds", text, item="threshold")
 
 
 def _caps(text: str) -> list[int | None]:
-    return [None if v.lower() in ("none", "inf") else int(v) for v in text.split(",") if v]
+    """``--caps``: comma-separated step caps, each >= 1, or 'none'."""
+    return parse_list("caps", text, item="max_steps")
 
 
 def _streams(text: str) -> list[int | None]:
-    return [None if v.lower() in ("off", "none", "0") else int(v) for v in text.split(",") if v]
+    """``--streams``: 'off' or steps per input k >= 1, comma-separated."""
+    return parse_list("streams", text, item="stream_every")
 
 
 def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
@@ -48,14 +52,14 @@ def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
 
 # --- bench solvers -------------------------------------------------------------------
 def cmd_bench_solvers(args: argparse.Namespace) -> int:
-    from dynsim.studies.bench import BenchConfig, format_table, run_bench
+    from dynsim.studies.bench import BenchConfig, available_settings, format_table, run_bench
 
     config = BenchConfig(
         data=args.data,
         data_dir=args.data_dir,
         nps=args.nps,
         seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else BenchConfig.solvers,
+        solvers=tuple(args.solvers) if args.solvers else available_settings(),
         threshold=args.threshold,
         max_steps=args.max_steps,
         n_inputs=args.n_inputs,
@@ -72,7 +76,9 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_bench(config)
-    print(format_table(result))
+    from dynsim.cli import print_table
+
+    print_table(args, result, format_table(result))
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
     return 0
@@ -88,7 +94,7 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
         nps=args.nps,
         seed=args.seed,
         solvers=tuple(args.solvers) if args.solvers else TrajectoryConfig.solvers,
-        inputs=tuple(int(v) for v in args.inputs.split(",")),
+        inputs=tuple(parse_list("inputs", args.inputs)),
         units=args.units,
         threshold=args.threshold,
         max_steps=args.max_steps,
@@ -134,6 +140,11 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_convergence(config)
+    if getattr(args, "format", "text") == "csv":
+        from dynsim.cli import print_table
+
+        print_table(args, result, "")
+        return 0
     for cell in result["cells"]:
         f = cell["final"]
         acc = f.get("test_accuracy")
@@ -162,12 +173,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--solvers",
         nargs="+",
         default=None,
-        help="solver specs 'name,key=value,...' (default: a built-in list of 15 settings)",
+        help="solver specs 'name,key=value,...' (default: a built-in list of 16 settings, newton included)",
     )
     p.add_argument(
         "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
     )
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=3000, help="step cap (default: %(default)s)")
     p.add_argument(
         "--n-inputs", type=int, default=100, help="test inputs settled (default: %(default)s)"
     )
@@ -196,7 +207,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
     p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
-    p.set_defaults(func=cmd_bench_solvers, output=OutputSpec(
+    p.add_argument("--format", default="text", choices=("text", "csv"),
+                   help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_solvers, kernels=True, output=OutputSpec(
         timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")]))
 
     plot = command_group(sub, "plot", "plots of settling dynamics")
@@ -222,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
     )
-    p.set_defaults(func=cmd_plot_trajectories, output=OutputSpec(timestamped("trajectories", "data")))
+    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(timestamped("trajectories", "data")))
 
     study = command_group(sub, "study", "studies over grids of settings")
     p = study.add_parser(
@@ -257,5 +270,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
+    p.add_argument("--format", default="text", choices=("text", "csv"),
+                   help="the per-cell lines printed at the end: text or CSV (default: %(default)s)")
     p.set_defaults(func=cmd_study_convergence, output=OutputSpec(
         timestamped("convergence", "data"), related=lambda out: [cells_dir(out)], can_resume=True))

@@ -45,6 +45,18 @@ class ConvergenceConfig:
     out: str | None = None
     progress: bool = True
 
+    def validate(self) -> ConvergenceConfig:
+        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
+        from dynsim.settings import check_ranges, check_value
+
+        check_ranges(self)
+        for name, item in (("thresholds", "threshold"), ("caps", "max_steps"), ("streams", "stream_every")):
+            values = list(getattr(self, name))
+            check_value(item, values, where=f" (in --{name})")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--{name} {values} repeats a value")
+        return self
+
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per grid cell (T × cap × streaming)."""
         if not (self.thresholds and self.caps and self.streams):
@@ -118,6 +130,7 @@ def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
     """Run the grid; write the study JSON and plots if ``config.out``; return the result."""
     from dynsim.sweeps import run_grid
 
+    config.validate()
     cells = config.cells()
     for cell in cells:  # fail fast on bad settings, before any worker starts
         from dynsim.pipelines.dssm import DSSMConfig

@@ -318,8 +318,10 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     if command == "study ssl":
         return [_with_settings(_scalars(r), config) for r in result.get("rows", [])]
     if command == "plot trajectories":
+        from dynsim.stopping import Status
+
         return [{"input": item["index"], "label": item["label"], "solver": run["solver"],
-                 "steps": run["steps"][-1], "status": run["status"], "n_evals": run["n_evals"],
+                 "steps": run["steps"][-1], "status": Status(run["status"]).name, "n_evals": run["n_evals"],
                  "final_residual": run["residual"][-1]}
                 for item in result.get("inputs", []) for run in item["runs"]]
     for key in ("seeds", "runs"):  # several runs in one file: one block of rows per run

@@ -139,7 +139,7 @@ class SSLConfig:
             raise ConfigError(f"flip must be true, false or None (the data set's default), got {self.flip!r}")
         layers = parse_spec(self.arch or DEFAULT_ARCH[self.data])
         if self.schedule == "gll" and 0 < self.epochs < len(layers):
-            raise ConfigError(f"--schedule gll with {len(layers)} stages needs --epochs >= {len(layers)} "
+            raise ConfigError(f"GLL (--schedule gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
                               f"(got {self.epochs}); the epochs are shared equally among the stages")
         self.check_memory()
         check_hinge_settings(self.tau, self.delta, self.negatives)

@@ -201,8 +201,12 @@ def plot_trajectories(result: dict[str, Any]) -> Figure:
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.grid(alpha=0.3, which="both")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        top.tick_params(labelbottom=False)  # the column shares the bottom panel's x axis
         bottom.set_yscale("log")
         bottom.legend()
+    # room between the panels, so that the tick labels at their edges do not touch
+    fig.get_layout_engine().set(h_pad=0.15, w_pad=0.15, hspace=0.06, wspace=0.08)
     return fig
 
 
@@ -237,7 +241,9 @@ def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
             ax.axhline(100 * raw, color="grey", ls="--", lw=0.8)
         ax.set_title("streaming off" if not stream else f"streaming, input switches every {stream} steps")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        last = max((h["epoch"] + 1 for c in cells for h in c["history"]), default=1)
+        ax.set_xlim(0.5, last + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (%)")
     Line = matplotlib.lines.Line2D
@@ -353,6 +359,7 @@ def plot_convergence_pareto(study: dict[str, Any]) -> Figure:
             front = _pareto_front(xs, acc)
             ax.plot(xs[front], acc[front], "k-", lw=1, alpha=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("final test accuracy (%)")

@@ -639,11 +639,18 @@ def study_table(rows: list[dict], header: str = "") -> str:
 def plot_study(rows: list[dict], ours: str = "ours"):
     """Bar plot of ours vs published CIFAR accuracy per row (from :func:`study_rows`).
 
-    Takes data only and returns the matplotlib Figure; ``ours`` labels our bars.
+    Takes data only and returns the matplotlib Figure (in dynsim's plot style); ``ours``
+    labels our bars.
     """
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
+    from dynsim.plots import STYLE
+
+    with plt.rc_context(STYLE):
+        return _plot_study(rows, ours)
+
+
+def _plot_study(rows: list[dict], ours: str):
     import matplotlib.pyplot as plt
 
     labels = [f"{r['learning']} {r['update']}".strip() for r in rows]

@@ -16,8 +16,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.lines  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from cycler import cycler  # noqa: E402
@@ -273,8 +273,8 @@ def plot_convergence_heatmap(study: dict[str, Any]) -> Figure:
         acc = c["final"].get("test_accuracy")
         if acc is not None:
             cell = c["cell"]
-            grids[cell.get("stream_every") or 0][ts.index(cell["threshold"]), caps.index(cell["max_steps"] or 10**9)] = (
-                100 * acc)
+            row, col = ts.index(cell["threshold"]), caps.index(cell["max_steps"] or 10**9)
+            grids[cell.get("stream_every") or 0][row, col] = 100 * acc
     values = np.concatenate([g.ravel() for g in grids.values()]) if grids else np.array([])
     finite = values[np.isfinite(values)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)

@@ -43,7 +43,8 @@ def test_py_typed_is_shipped():
 
 def _imported_modules() -> set[str]:
     names = set()
-    for path in [*(ROOT / "dynsim").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "examples").glob("*.py")]:
+    files = [*(ROOT / "dynsim").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "examples").glob("*.py")]
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}

@@ -39,7 +39,7 @@ def refused(argv, capsys, tmp_path, out="r.json") -> str:
     [
         ("study convergence", ["--thresholds", "abc"], "--thresholds 'abc': 'abc' is not a number"),
         ("study convergence", ["--streams", "foo"], "--streams 'foo': 'foo' is not an integer"),
-        ("study convergence", ["--streams", "0"], "--streams '0': 0 is out of range; each value must be an integer >= 1"),
+        ("study convergence", ["--streams", "0"], "--streams '0': 0 is out of range; each value must be an integer"),
         ("study convergence", ["--caps", "0"], "--caps '0': 0 is out of range; each value must be an integer >= 1"),
         ("study convergence", ["--thresholds", "inf"], "--thresholds 'inf': inf is out of range"),
         ("study convergence", ["--thresholds", ""], "--thresholds '' is empty"),
@@ -109,8 +109,8 @@ def test_ssl_epochs_zero_is_documented_and_warned(tmp_path, capsys):
     help_text = run_ssl.format_help()
     assert "0: no training, the random-encoder baseline" in " ".join(help_text.split())
     out = tmp_path / "r.json"
-    assert main(["run", "ssl", "--data", "digits", "--epochs", "0", "--n-train", "100", "--n-test", "50", "--batch-size", "50",
-                 "--probe-epochs", "1", "--out", str(out)]) == 0
+    assert main(["run", "ssl", "--data", "digits", "--epochs", "0", "--n-train", "100", "--n-test", "50",
+                 "--batch-size", "50", "--probe-epochs", "1", "--out", str(out)]) == 0
     assert "--epochs 0 trains nothing: the result is the random-encoder baseline" in capsys.readouterr().err
 
 

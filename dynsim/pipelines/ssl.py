@@ -33,12 +33,12 @@ from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.probe import fit_linear_probe
 from dynsim.results import result_header, write_result
+from dynsim.settings import check_ranges
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
 from dynsim.ssl.schedules import SCHEDULES, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
-from dynsim.settings import check_ranges
 from dynsim.ssl.stages import ACTIVATIONS, build_encoder, parse_spec
 from dynsim.sweeps import BACKENDS, run_grid
 
@@ -494,7 +494,8 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--grad-block", action="store_true",
                    help="no error into the deformed branch (default: off)")
-    p.add_argument("--tau", type=float, default=d.tau, help="hinge threshold τ of positive pairs (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=d.tau,
+                   help="hinge threshold τ of positive pairs (default: %(default)s)")
     p.add_argument("--delta", type=float, default=d.delta, help="margin δ of negative pairs (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs,
                    help="training epochs (default: %(default)s; 0: no training, the random-encoder baseline; "
@@ -700,6 +701,9 @@ def run_study(
     ``ray_address`` sends the cells to Ray).
     """
     out_dir = Path(out_dir)
+    if base.epochs == 0:
+        raise ConfigError("study ssl with --epochs 0 trains nothing: every cell would be the random encoder; "
+                          "give --epochs >= 3 (GLL shares them among the stages)")
     cells = study_cells(base)
     for cell in cells:  # every cell's settings checked before the first one runs
         SSLConfig(**{k: v for k, v in cell.items() if k != "name"}).validate()

@@ -209,7 +209,8 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
     run = run_sub.add_parser("ssl", help="self-supervised encoder with local learning rules (Tang et al. 2022)")
     ssl.add_run_arguments(run)
     run.set_defaults(func=cmd_run_ssl, output=OutputSpec(timestamped("ssl", "data", "schedule", "rule"),
-                                                         related=_checkpoint_of, can_resume=True, plots=False))
+                                                         related=_checkpoint_of, can_resume=True, plots=False,
+                                                         validate=lambda args: ssl._config_from_args(args).validate()))
     study = command_group(sub, "study", help="parameter studies").add_parser(
         "ssl", help="the learning-schedule x update-rule grid of Tang et al. Table 1")
     ssl.add_study_arguments(study)
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dynsim.pipelines.dssm import DSSMConfig
 
     dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)),
-                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True),
+                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True,
+                                        validate=lambda args: _config_from_args(args).validate()),
                       kernels=True)
     from dynsim import cli_studies
 

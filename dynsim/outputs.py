@@ -201,6 +201,8 @@ class OutputSpec:
     directory : the output is a folder.
     can_resume : the command takes ``--resume``.
     plots : the command draws plots (it takes ``--plot-format``).
+    validate : ``args -> None``, raising on bad settings; run before the output is claimed, so a
+        bad setting is reported first and ``--overwrite`` deletes nothing for a run that cannot start.
     """
 
     default: Callable[[Any], str]
@@ -209,9 +211,13 @@ class OutputSpec:
     directory: bool = False
     can_resume: bool = False
     plots: bool = True
+    validate: Callable[[Any], None] | None = None
 
     def claim(self, args: Any):
-        """``claim_output`` for parsed CLI ``args`` (sets ``args.out`` to the default if unset)."""
+        """``claim_output`` for parsed CLI ``args`` (sets ``args.out`` to the default if unset),
+        after ``validate(args)``."""
+        if self.validate is not None:
+            self.validate(args)
         if not getattr(args, "out", None):
             if getattr(args, "resume", False):
                 raise OutputError("--resume needs --out PATH: the result of the run to continue "

@@ -255,3 +255,13 @@ def test_result_files_are_group_readable(tmp_path):
         os.umask(old)
     for name in ("r.json", "r_accuracy.png", "r_iterations.png", "r.ckpt.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_bad_settings_are_reported_before_the_output_is_touched(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["run", "dssm", *FAST, "--epochs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--nps", "0"]) == 2
+    assert "--nps must be" in one_line_error(capsys)  # the setting, not "holds a finished result"
+    assert checkpoint_path(out).exists() and out.exists()  # --overwrite deleted nothing

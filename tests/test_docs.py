@@ -11,6 +11,7 @@ MODULES = [
     "dynsim.data",
     "dynsim.pipelines.ssl",
     "dynsim.probe",
+    "dynsim.settings",
     "dynsim.settle",
     "dynsim.sklearn",
     "dynsim.solvers.adaptive",

@@ -216,6 +216,7 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
     ssl.add_study_arguments(study)
     study.set_defaults(func=cmd_study_ssl, output=OutputSpec(
         lambda args: f"runs/ssl-study-{args.data}", directory=True, can_resume=True,
+        validate=lambda args: ssl.check_study(ssl._config_from_args(args, out=None)) and None,
         result=lambda out: out / "ssl_study.json", related=lambda out: [out / "cells"]))
 
 

@@ -110,8 +110,9 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
 
 
 # --- study convergence ---------------------------------------------------------------
-def cmd_study_convergence(args: argparse.Namespace) -> int:
-    from dynsim.studies.convergence import ConvergenceConfig, run_convergence
+def _convergence_config(args: argparse.Namespace):
+    """The :class:`ConvergenceConfig` of parsed ``study convergence`` arguments."""
+    from dynsim.studies.convergence import ConvergenceConfig
 
     base = {}
     for item in args.set or []:
@@ -139,7 +140,22 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
         out=args.out or _default_out("convergence", args.data),
         progress=not args.no_progress,
     )
-    result = run_convergence(config)
+    return config
+
+
+def check_convergence_settings(args: argparse.Namespace) -> None:
+    """Every setting of ``study convergence`` and of each of its cells, before the output is claimed."""
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    config = _convergence_config(args).validate()
+    for cell in config.cells():
+        DSSMConfig.from_dict({**cell, "progress": False}).validate()
+
+
+def cmd_study_convergence(args: argparse.Namespace) -> int:
+    from dynsim.studies.convergence import run_convergence
+
+    result = run_convergence(_convergence_config(args))
     if getattr(args, "format", "text") == "csv":
         from dynsim.cli import print_table
 
@@ -273,4 +289,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="text", choices=("text", "csv"),
                    help="the per-cell lines printed at the end: text or CSV (default: %(default)s)")
     p.set_defaults(func=cmd_study_convergence, output=OutputSpec(
-        timestamped("convergence", "data"), related=lambda out: [cells_dir(out)], can_resume=True))
+        timestamped("convergence", "data"), related=lambda out: [cells_dir(out)], can_resume=True,
+        validate=check_convergence_settings))

@@ -34,7 +34,7 @@ COMMANDS = {
                 "--batch-size", "50", "--probe-epochs", "1"],
     "study convergence": ["study", "convergence", "--thresholds", "1e-2", "--caps", "5", "--streams", "off",
                           "--epochs", "1", "--images-per-epoch", "20", "--workers", "1", "--no-progress"],
-    "study ssl": ["study", "ssl", "--data", "digits", "--epochs", "1", "--n-train", "100", "--n-test", "50",
+    "study ssl": ["study", "ssl", "--data", "digits", "--epochs", "3", "--n-train", "100", "--n-test", "50",
                   "--batch-size", "50", "--probe-epochs", "1"],
     "bench solvers": ["bench", "solvers", "--solvers", "euler", "--n-inputs", "2", "--states", "init",
                       "--no-progress"],
@@ -167,6 +167,8 @@ def test_overwrite_of_a_study_recomputes_its_cells(tmp_path, capsys):
     assert main(argv) == 2
     assert "c_cells holds an unfinished run" in one_line_error(capsys)
     stamp = cells[0].stat().st_mtime_ns
+    assert main([*argv, "--overwrite", "--images-per-epoch", "0"]) == 2  # a bad setting deletes nothing
+    assert "--images-per-epoch must be" in one_line_error(capsys) and cells[0].exists()
     assert main([*argv, "--overwrite"]) == 0
     assert cells[0].stat().st_mtime_ns != stamp  # recomputed, not reused
 

@@ -685,6 +685,17 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_study(base: SSLConfig) -> list[dict]:
+    """The study's cells, every one's settings checked (before the first one runs)."""
+    if base.epochs == 0:
+        raise ConfigError("study ssl with --epochs 0 trains nothing: every cell would be the random encoder; "
+                          "give --epochs >= 3 (GLL shares them among the stages)")
+    cells = study_cells(base)
+    for cell in cells:
+        SSLConfig(**{k: v for k, v in cell.items() if k != "name"}).validate()
+    return cells
+
+
 def run_study(
     base: SSLConfig,
     out_dir: Path,
@@ -701,12 +712,7 @@ def run_study(
     ``ray_address`` sends the cells to Ray).
     """
     out_dir = Path(out_dir)
-    if base.epochs == 0:
-        raise ConfigError("study ssl with --epochs 0 trains nothing: every cell would be the random encoder; "
-                          "give --epochs >= 3 (GLL shares them among the stages)")
-    cells = study_cells(base)
-    for cell in cells:  # every cell's settings checked before the first one runs
-        SSLConfig(**{k: v for k, v in cell.items() if k != "name"}).validate()
+    cells = check_study(base)
     results = run_grid(
         cells,
         run_study_cell,

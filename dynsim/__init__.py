@@ -8,12 +8,11 @@
 torch.Size([2, 64])
 """
 
-__version__ = "0.1.0"
-
+from dynsim._version import __version__
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint
 from dynsim.engine import Batch, DynamicsSettler, Engine
-from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError
+from dynsim.errors import ConfigError, DataError, DivergenceError, DynsimError, OutputError
 from dynsim.settle import SettleResult, settle
 from dynsim.solvers import (
     RK4,
@@ -32,6 +31,7 @@ from dynsim.stopping import AnyOf, MaxSteps, RelativeChange, ResidualBelow, Stat
 from dynsim.systems import HebbianLayer, System
 
 __all__ = [
+    "__version__",
     "SEED_SCHEDULE",
     "SOLVERS",
     "RK4",
@@ -59,6 +59,7 @@ __all__ = [
     "SiteNewton",
     "Status",
     "System",
+    "OutputError",
     "make_solver",
     "settle",
     "stop_rule",

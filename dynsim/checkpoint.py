@@ -17,6 +17,7 @@ depend only on ``(seed, e)`` (as :func:`dynsim.pipelines.dssm.epoch_batches` doe
 
 from __future__ import annotations
 
+import pickle
 import random
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from dynsim.callbacks import Callback
-from dynsim.errors import ConfigError
+from dynsim.errors import ConfigError, OutputError
 from dynsim.results import save_torch_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,8 +111,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"no checkpoint at {path}; start the run without --resume") from None
+    except pickle.UnpicklingError:  # torch's refusal of objects other than tensors (six lines of advice)
+        raise ConfigError(f"{path} is not a readable dynsim checkpoint (it holds objects other than tensors and "
+                          "plain values, which are not loaded because loading them could run code); "
+                          "delete it to start over") from None
     except Exception as exc:  # truncated or foreign file
-        raise ConfigError(f"{path} is not a readable dynsim checkpoint ({exc}); delete it to start over") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path} is not a readable dynsim checkpoint ({reason}); delete it to start over") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a dynsim checkpoint of format {FORMAT}; delete it to start over")
     return ckpt
@@ -185,7 +191,16 @@ class Checkpoint(Callback):
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "rng": get_rng_state(),
         }
-        save_torch_atomic(payload, self.path)
+        try:
+            save_torch_atomic(payload, self.path)
+        except OSError as exc:  # disk full, I/O error: the previous checkpoint file is intact
+            if self.last_saved_epoch:
+                kept = (f"the last good checkpoint {self.path} (after epoch {self.last_saved_epoch}) is kept; "
+                        "free some space and rerun with --resume")
+            else:
+                kept = "no earlier checkpoint of this run exists"
+            raise OutputError(f"could not write checkpoint {self.path} after epoch {completed_epochs}: "
+                              f"{exc.strerror or exc}; {kept}") from None
         self.last_saved_epoch = completed_epochs
         return self.path
 

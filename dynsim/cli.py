@@ -8,20 +8,26 @@ names the value and the fix.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack, redirect_stdout
 from dataclasses import fields
 from pathlib import Path
 
 from dynsim.config import add_config_argument, add_config_everywhere, parse_args_with_config, reject_unknown
 from dynsim.errors import ConfigError, DynsimError
+from dynsim.outputs import OutputSpec, timestamped
 from dynsim.readouts import READOUTS
 
 
 def _optional(kind):
+    """``kind``, or None for 'none'/'off' (each flag's help says what None means; 'inf' is a
+    number, refused by the range check where it would mean nothing)."""
+
     def parse(text: str):
-        return None if text.lower() in ("none", "off", "inf") else kind(text)
+        return None if text.lower() in ("none", "off") else kind(text)
 
     parse.__name__ = kind.__name__
     return parse
@@ -140,7 +146,10 @@ def _config_from_args(args: argparse.Namespace):
     reject_unknown(from_file, names, source=f"config file {args.config}")
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(from_file)  # settings without a flag (tau, extra, progress)
-    values["progress"] = not args.no_progress and bool(from_file.get("progress", True))
+    if not isinstance(from_file.get("progress", True), bool):
+        raise ConfigError(f"config file {args.config}: progress = {from_file['progress']!r} must be a boolean "
+                          "(true or false, no quotes)")
+    values["progress"] = not args.no_progress and from_file.get("progress", True)
     if getattr(args, "resume", False) and not values.get("out"):
         raise ConfigError("--resume needs --out PATH: the result file of the run to continue "
                           "(its checkpoint <out>.ckpt.pt lies beside it)")
@@ -208,6 +217,9 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argp
 def cmd_run_ssl(args: argparse.Namespace) -> int:
     from dynsim.pipelines.ssl import run_from_args
 
+    if args.epochs == 0:
+        logging.getLogger("dynsim").warning(
+            "dynsim: --epochs 0 trains nothing: the result is the random-encoder baseline")
     if args.seeds is not None:
         from dynsim.pipelines.ssl import _config_from_args
         from dynsim.studies.seeds import parse_seeds, run_ssl_seeds
@@ -236,8 +248,21 @@ def cmd_run_ssl(args: argparse.Namespace) -> int:
 def cmd_study_ssl(args: argparse.Namespace) -> int:
     from dynsim.pipelines.ssl import study_from_args
 
-    print(study_from_args(args)["table"])
+    summary = study_from_args(args)
+    print_table(args, summary, summary["table"])
     return 0
+
+
+def print_table(args: argparse.Namespace, result: dict, text: str) -> None:
+    """Print a command's table: ``text`` (Markdown), or with ``--format csv`` the result's
+    rows (:func:`dynsim.results.table`) as CSV on the standard output, which then holds
+    nothing else (progress went to stderr)."""
+    if getattr(args, "format", "text") == "csv":
+        from dynsim.results import table
+
+        table(result).to_csv(getattr(args, "_stdout", None) or sys.stdout, index=False)
+    else:
+        print(text)
 
 
 def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersAction) -> None:
@@ -249,15 +274,23 @@ def register_ssl(sub: argparse._SubParsersAction, run_sub: argparse._SubParsersA
     run.add_argument("--seeds", default=None, metavar="LIST",
                      help="run once per seed (e.g. 0,1,2), in parallel, and report mean ± s.e.; needs --out")
     run.add_argument("--workers", type=int, default=None, help="with --seeds: processes (default: min(seeds, 2))")
-    run.set_defaults(func=cmd_run_ssl)
+    run.set_defaults(func=cmd_run_ssl, output=OutputSpec(timestamped("ssl", "data", "schedule", "rule"),
+                                                         related=_checkpoint_of, can_resume=True, plots=False,
+                                                         validate=lambda args: ssl._config_from_args(args).validate()))
     study = command_group(sub, "study", help="parameter studies").add_parser(
         "ssl", help="the learning-schedule x update-rule grid of Tang et al. Table 1")
     ssl.add_study_arguments(study)
-    study.set_defaults(func=cmd_study_ssl)
+    study.set_defaults(func=cmd_study_ssl, output=OutputSpec(
+        lambda args: f"runs/ssl-study-{args.data}", directory=True, can_resume=True,
+        validate=lambda args: ssl.check_study(ssl._config_from_args(args, out=None)) and None,
+        result=lambda out: out / "ssl_study.json", related=lambda out: [out / "cells"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynsim import __version__
+
     parser = argparse.ArgumentParser(prog="dynsim", description="Continuous-time Hebbian network simulator")
+    parser.add_argument("--version", action="version", version=f"dynsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate a pipeline")
     run_sub = run.add_subparsers(dest="pipeline", required=True)
@@ -265,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dssm_arguments(dssm)
     from dynsim.pipelines.dssm import DSSMConfig
 
-    dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)))
+    dssm.set_defaults(func=cmd_run_dssm, config_extra_keys=tuple(f.name for f in fields(DSSMConfig)),
+                      output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True,
+                                        validate=lambda args: _config_from_args(args).validate()),
+                      kernels=True)
     from dynsim import cli_studies
 
     cli_studies.register(sub)
@@ -273,8 +309,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_deep.register(sub)
     register_ssl(sub, run_sub)
+    add_output_flags(parser)  # --overwrite, --resume, --plot-format on every command that writes
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)
     return parser
+
+
+def _checkpoint_of(out):
+    """What holds an unfinished run of ``out``: its checkpoint, and with ``--seeds`` the
+    per-seed results and cells in ``<out stem>_seeds/``."""
+    from dynsim.checkpoint import checkpoint_path
+    from dynsim.studies.seeds import seeds_dir
+
+    return [checkpoint_path(out), seeds_dir(Path(out))]
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every command with an :class:`~dynsim.outputs.OutputSpec` (``set_defaults(output=...)``)
+    ``--overwrite``, ``--resume`` where it can continue a run, and ``--plot-format`` where it
+    draws plots (unless it defines them itself)."""
+    from dynsim.config import _leaves
+    from dynsim.results import PLOT_FORMATS
+
+    for leaf in _leaves(parser):
+        spec = leaf.get_default("output")
+        if spec is None:
+            continue
+        dests = {a.dest for a in leaf._actions}
+        if "overwrite" not in dests:
+            leaf.add_argument("--overwrite", action="store_true",
+                              help="replace the result in --out (and delete its checkpoint or cells); "
+                                   "without it an existing result or unfinished run is refused")
+        if spec.can_resume and "resume" not in dests:
+            leaf.add_argument("--resume", action="store_true",
+                              help="continue the unfinished run in --out (finished cells are reused)")
+        if spec.plots and "plot_format" not in dests:
+            leaf.add_argument("--plot-format", default="png", metavar="FMT[,FMT]",
+                              help=f"plot file formats, among {', '.join(PLOT_FORMATS)} (default: %(default)s)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command with its output claimed (checked, locked) and plot formats set."""
+    from dynsim.results import plot_formats
+
+    with ExitStack() as stack:
+        if getattr(args, "format", "text") == "csv":  # stdout holds the CSV table only
+            args._stdout = sys.stdout
+            stack.enter_context(redirect_stdout(sys.stderr))
+        if getattr(args, "plot_format", None):
+            stack.enter_context(plot_formats(args.plot_format.split(",")))
+        spec = getattr(args, "output", None)
+        if spec is not None:
+            stack.enter_context(spec.claim(args))
+        if getattr(args, "kernels", False) and str(getattr(args, "device", "cpu")).startswith("cpu"):
+            from dynsim.warmup import warm_up
+
+            warm_up()  # compile (announced) or load the kernels before any progress bar starts
+        return args.func(args)
+
+
+def _configure_logging() -> None:
+    """Library messages (``logging``) go to stderr as plain lines; the CLI prints results."""
+    logger = logging.getLogger("dynsim")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,9 +382,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = parse_args_with_config(parser, argv)
-        return args.func(args)
+        _configure_logging()
+        return _run(args)
     except DynsimError as exc:
         print(f"dynsim: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        extra = {"torchdiffeq": "adapters", "torchode": "adapters", "ray": "ray", "pandas": ""}.get(exc.name or "")
+        hint = f"pip install 'dynsim[{extra}]'" if extra else f"pip install {exc.name}"
+        print(f"dynsim: error: this needs the package {exc.name!r}, which is not installed: {hint}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an I/O error no check foresaw: one line, not a traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"dynsim: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resumable = getattr(args, "checkpoint_every", 0) and getattr(args, "out", None)

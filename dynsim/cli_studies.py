@@ -7,7 +7,16 @@ import argparse
 import time
 from pathlib import Path
 
+from dynsim.outputs import OutputSpec, timestamped
 from dynsim.readouts import READOUTS
+from dynsim.settings import parse_list
+
+
+def cells_dir(out: Path) -> Path:
+    """The per-cell result folder of a convergence study writing ``out``."""
+    from dynsim.studies.convergence import cells_dir as study_cells_dir
+
+    return study_cells_dir(out)
 
 
 def _default_out(kind: str, data: str) -> str:
@@ -15,15 +24,18 @@ def _default_out(kind: str, data: str) -> str:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+    """``--thresholds``: comma-separated T values, each > 0 (dynsim.settings)."""
+    return parse_list("thresholds", text, item="threshold")
 
 
 def _caps(text: str) -> list[int | None]:
-    return [None if v.lower() in ("none", "inf") else int(v) for v in text.split(",") if v]
+    """``--caps``: comma-separated step caps, each >= 1, or 'none'."""
+    return parse_list("caps", text, item="max_steps")
 
 
 def _streams(text: str) -> list[int | None]:
-    return [None if v.lower() in ("off", "none", "0") else int(v) for v in text.split(",") if v]
+    """``--streams``: 'off' or steps per input k >= 1, comma-separated."""
+    return parse_list("streams", text, item="stream_every")
 
 
 def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
@@ -41,14 +53,14 @@ def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
 
 # --- bench solvers -------------------------------------------------------------------
 def cmd_bench_solvers(args: argparse.Namespace) -> int:
-    from dynsim.studies.bench import BenchConfig, format_table, run_bench
+    from dynsim.studies.bench import BenchConfig, available_settings, format_table, run_bench
 
     config = BenchConfig(
         data=args.data,
         data_dir=args.data_dir,
         nps=args.nps,
         seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else BenchConfig.solvers,
+        solvers=tuple(args.solvers) if args.solvers else available_settings(),
         threshold=args.threshold,
         max_steps=args.max_steps,
         n_inputs=args.n_inputs,
@@ -65,7 +77,9 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_bench(config)
-    print(format_table(result))
+    from dynsim.cli import print_table
+
+    print_table(args, result, format_table(result))
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
     return 0
@@ -81,7 +95,7 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
         nps=args.nps,
         seed=args.seed,
         solvers=tuple(args.solvers) if args.solvers else TrajectoryConfig.solvers,
-        inputs=tuple(int(v) for v in args.inputs.split(",")),
+        inputs=tuple(parse_list("inputs", args.inputs)),
         units=args.units,
         threshold=args.threshold,
         max_steps=args.max_steps,
@@ -97,8 +111,9 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
 
 
 # --- study convergence ---------------------------------------------------------------
-def cmd_study_convergence(args: argparse.Namespace) -> int:
-    from dynsim.studies.convergence import ConvergenceConfig, run_convergence
+def _convergence_config(args: argparse.Namespace):
+    """The :class:`ConvergenceConfig` of parsed ``study convergence`` arguments."""
+    from dynsim.studies.convergence import ConvergenceConfig
     from dynsim.studies.seeds import parse_seeds
 
     base = {}
@@ -128,7 +143,27 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
         out=args.out or _default_out("convergence", args.data),
         progress=not args.no_progress,
     )
-    result = run_convergence(config)
+    return config
+
+
+def check_convergence_settings(args: argparse.Namespace) -> None:
+    """Every setting of ``study convergence`` and of each of its cells, before the output is claimed."""
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    config = _convergence_config(args).validate()
+    for cell in config.cells():
+        DSSMConfig.from_dict({**cell, "progress": False}).validate()
+
+
+def cmd_study_convergence(args: argparse.Namespace) -> int:
+    from dynsim.studies.convergence import run_convergence
+
+    result = run_convergence(_convergence_config(args))
+    if getattr(args, "format", "text") == "csv":
+        from dynsim.cli import print_table
+
+        print_table(args, result, "")
+        return 0
     for row in result["summary"]:
         m, s = row["test_accuracy_mean"], row["test_accuracy_sem"]
         acc = "-" if m is None else f"{100 * m:.2f}" + (f" ± {100 * s:.2f} %" if s is not None else " % (one seed)")
@@ -152,12 +187,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--solvers",
         nargs="+",
         default=None,
-        help="solver specs 'name,key=value,...' (default: a built-in list of 15 settings)",
+        help="solver specs 'name,key=value,...' (default: a built-in list of 16 settings, newton included)",
     )
     p.add_argument(
         "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
     )
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=3000, help="step cap (default: %(default)s)")
     p.add_argument(
         "--n-inputs", type=int, default=100, help="test inputs settled (default: %(default)s)"
     )
@@ -186,7 +221,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
     p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
-    p.set_defaults(func=cmd_bench_solvers)
+    p.add_argument("--format", default="text", choices=("text", "csv"),
+                   help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_solvers, kernels=True, output=OutputSpec(
+        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")]))
 
     plot = command_group(sub, "plot", "plots of settling dynamics")
     p = plot.add_parser(
@@ -211,7 +249,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
     )
-    p.set_defaults(func=cmd_plot_trajectories)
+    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(timestamped("trajectories", "data")))
 
     study = command_group(sub, "study", "studies over grids of settings")
     p = study.add_parser(
@@ -248,7 +286,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
-    p.set_defaults(func=cmd_study_convergence)
+    p.add_argument("--format", default="text", choices=("text", "csv"),
+                   help="the per-cell lines printed at the end: text or CSV (default: %(default)s)")
+    p.set_defaults(func=cmd_study_convergence, output=OutputSpec(
+        timestamped("convergence", "data"), related=lambda out: [cells_dir(out)], can_resume=True,
+        validate=check_convergence_settings))
 
     # --- study repro --------------------------------------------------------------------
     from dynsim.studies.repro import REPORT_SETTINGS
@@ -268,14 +310,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
-    p.add_argument("--out", default="runs/repro", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/repro)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_study_repro)
+    p.set_defaults(func=cmd_study_repro, output=OutputSpec(
+        lambda args: "runs/repro", directory=True, result=lambda out: out / "repro.json",
+        related=lambda out: [out / "cells"], can_resume=True, validate=check_repro_settings))
 
 
-def cmd_study_repro(args: argparse.Namespace) -> int:
+def check_repro_settings(args: argparse.Namespace) -> None:
+    """Every setting of ``study repro`` and of each of its cells, before the output is claimed."""
+    from dynsim.pipelines.dssm import DSSMConfig
+
+    for cell in _repro_config(args).cells():
+        DSSMConfig.from_dict(cell["config"]).validate()
+
+
+def _repro_config(args: argparse.Namespace):
     from dynsim.errors import ConfigError
-    from dynsim.studies.repro import ReproConfig, run_repro
+    from dynsim.studies.repro import ReproConfig
     from dynsim.studies.seeds import parse_seeds
 
     for name in ("epochs", "images_per_epoch", "workers"):
@@ -283,15 +335,20 @@ def cmd_study_repro(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_every < 0:
         raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
-    config = ReproConfig(
+    return ReproConfig(
         data=args.data, data_dir=args.data_dir, seeds=parse_seeds(args.seeds), epochs=args.epochs,
         images_per_epoch=args.images_per_epoch, eval_every=args.eval_every, eval_train_size=args.eval_train_size,
         eval_test_size=args.eval_test_size, readout=args.readout,
         settings=[s.strip() for s in args.settings.split(";")] if args.settings else None,
-        workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out,
+        workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out or "runs/repro",
         progress=not args.no_progress,
     )
-    study = run_repro(config)
+
+
+def cmd_study_repro(args: argparse.Namespace) -> int:
+    from dynsim.studies.repro import run_repro
+
+    study = run_repro(_repro_config(args))
     print(f"{'setting':<20} {'seeds':>6} {'final %':>16} {'best %':>16} {'best epoch':>10} {'iterations':>10}")
     def pm(m, e):
         return f"{100 * m:.2f}" + (f" ± {100 * e:.2f}" if e is not None else " (1 seed)")

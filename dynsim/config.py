@@ -122,6 +122,10 @@ def _converted(action: argparse.Action, key: str, value: Any, path: str | Path) 
 
 
 def _converted_one(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
+        # TOML has booleans; a string such as "false" would otherwise be read as true
+        raise ConfigError(f"config file {path}: {key} = {value!r} must be a boolean: {key} = true or {key} = false "
+                          "(no quotes)")
     if isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)

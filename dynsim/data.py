@@ -32,6 +32,10 @@ from dynsim.errors import ConfigError, DataError
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "stl10")
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {  # (C, H, W) of each data set, known before loading
+    "digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "stl10": (3, 96, 96),
+}
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -147,7 +151,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     size does not match its header.
     """
     path = Path(path)
-    raw = _read_bytes(path, gunzip=True)
+    raw = _read_idx_bytes(path)
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
         raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}; "
                         "expected 0000 + dtype code + number of dimensions)")
@@ -162,6 +166,44 @@ def read_idx(path: str | Path) -> np.ndarray:
                         f"({expected} bytes), file has {len(raw)} bytes (truncated or corrupt)")
     data = np.frombuffer(raw, dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))  # a writable native-order copy
+
+
+MAX_INFLATED_BYTES = 8 << 30  # no data set dynsim reads inflates to more than 8 GiB
+
+
+def _read_idx_bytes(path: Path, *, limit: int | None = None) -> bytes:
+    """An IDX file's bytes; a gzip file is inflated only as far as its header says it should
+    go (plus one byte, to notice more), so a small file that would inflate to gigabytes is
+    refused after reading its header, not after filling the memory."""
+    try:
+        with path.open("rb") as fh:
+            compressed = fh.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+    if compressed[:2] != b"\x1f\x8b":
+        return compressed
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(compressed, 4)
+        expected = limit
+        if len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3]:
+            dims = inflater.decompress(inflater.unconsumed_tail, 4 * head[3])
+            head += dims
+            if len(dims) == 4 * head[3]:
+                shape = np.frombuffer(dims, ">u4")
+                expected = 4 + 4 * head[3] + math.prod(int(d) for d in shape) * _IDX_DTYPES[head[2]].itemsize
+        if expected > limit:
+            raise DataError(f"{path}: its header claims {expected} bytes of data, more than the "
+                            f"{limit}-byte limit; the file is corrupt or not a data set")
+        body = inflater.decompress(inflater.unconsumed_tail, expected - len(head) + 1)
+    except (zlib.error, EOFError) as err:
+        raise DataError(f"{path}: cannot read: corrupt gzip data ({err})") from err
+    raw = head + body
+    if len(raw) > expected:
+        raise DataError(f"{path}: decompresses to more than the {expected} bytes its header says "
+                        "(a corrupt file, or a decompression bomb); refused without inflating the rest")
+    return raw
 
 
 def _read_bytes(path: Path, *, gunzip: bool) -> bytes:
@@ -229,6 +271,9 @@ def _idx_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarra
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{image_path}: expected uint8 images (n, H, W), got {images.dtype} "
                         f"{images.shape}")
+    if len(images) == 0 or 0 in images.shape[1:]:
+        raise DataError(f"{image_path}: holds {len(images)} images of {images.shape[1:]} pixels; "
+                        "a data set needs at least one non-empty image")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{label_path}: expected {len(images)} labels to match {image_path}, "
                         f"got shape {labels.shape}")

@@ -22,3 +22,8 @@ class DataError(DynsimError):
 
 class DivergenceError(DynsimError):
     """The dynamics diverged (non-finite or unbounded state) and the caller asked to raise."""
+
+
+class OutputError(DynsimError):
+    """An output path is unusable (a directory, under a file, read-only), already holds a
+    result, is being written by another process, or writing it failed (disk full, I/O error)."""

@@ -1,17 +1,71 @@
 """Plots. Each function takes data (a result dict) and returns a matplotlib ``Figure``;
-none runs an experiment. Save with :func:`dynsim.results.save_figure_atomic`."""
+none runs an experiment. Save with :func:`dynsim.results.write_result` (PNG, PDF or SVG:
+``--plot-format``) or :func:`dynsim.results.save_figure_atomic`.
+
+Every figure is drawn in one house style (:data:`STYLE`): the Okabe–Ito colour-blind-safe
+palette (Okabe & Ito 2008, "Color Universal Design"), no text smaller than 8 pt at the
+figure's own (printed) size, and no point labels that could overlap (legends instead).
+Where several seeds are given, curves are their mean with a band of ± one standard error.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+from cycler import cycler  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+# Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+MIN_FONT_PT = 8
+STYLE = {
+    "axes.prop_cycle": cycler(color=OKABE_ITO),
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "xtick.labelsize": MIN_FONT_PT,
+    "ytick.labelsize": MIN_FONT_PT,
+    "legend.fontsize": MIN_FONT_PT,
+    "legend.title_fontsize": MIN_FONT_PT,
+    "figure.titlesize": 9,
+    "image.cmap": "cividis",  # perceptually uniform and colour-blind safe
+    "savefig.bbox": "tight",
+}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def styled(fn):
+    """Draw ``fn``'s figure in :data:`STYLE` (colours ``C0``... are the Okabe–Ito palette)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def mean_and_se(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error (``std(ddof=1)/sqrt(n)``, 0 for one seed) over seeds, per column
+    of ``rows`` (seeds × points); columns missing in some seeds use the seeds that have them."""
+    n = max(len(r) for r in rows)
+    a = np.full((len(rows), n), np.nan)
+    for i, r in enumerate(rows):
+        a[i, : len(r)] = r
+    count = np.sum(np.isfinite(a), axis=0)
+    mean = np.nanmean(a, axis=0)
+    centred = np.where(np.isfinite(a), a - mean, 0.0)
+    var = np.sum(centred**2, axis=0) / np.maximum(count - 1, 1)
+    se = np.where(count > 1, np.sqrt(var / np.maximum(count, 1)), 0.0)
+    return mean, se
 
 
 def _title(result: dict[str, Any]) -> str:
@@ -23,29 +77,39 @@ def _title(result: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def plot_accuracy(result: dict[str, Any]) -> Figure:
-    """Test accuracy vs images seen, with the raw-pixel LinearSVC baseline as a dashed line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    evaluated = [h for h in result["history"] if h.get("test_accuracy") is not None]
-    xs = [h["images_seen"] for h in evaluated]
-    ys = [100 * h["test_accuracy"] for h in evaluated]
-    ax.plot(xs, ys, "o-", label="DSSM representation")
+@styled
+def plot_accuracy(result: dict[str, Any] | list[dict[str, Any]]) -> Figure:
+    """Test accuracy vs images seen, with the raw-pixel LinearSVC baseline as a dashed line.
+
+    ``result``: one run's result, or a list of results of the same run with different seeds:
+    then the mean over seeds with a band of ± one standard error.
+    """
+    results = result if isinstance(result, list) else [result]
+    result = results[0]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    per_seed = [[h for h in r["history"] if h.get("test_accuracy") is not None] for r in results]
+    xs = [h["images_seen"] for h in max(per_seed, key=len)]
+    mean, se = mean_and_se([[100 * h["test_accuracy"] for h in ev] for ev in per_seed]) if xs else ([], [])
+    label = "DSSM representation" + (f" (mean ± SE, {len(results)} seeds)" if len(results) > 1 else "")
+    ax.plot(xs, mean, "o-", label=label)
+    if len(results) > 1 and len(xs):
+        ax.fill_between(xs, mean - se, mean + se, alpha=0.25, color="C0", lw=0)
     raw = result.get("baseline", {}).get("raw_pixel_accuracy")
     if raw is not None:
         ax.axhline(100 * raw, ls="--", color="grey", label=f"raw pixels ({100 * raw:.2f} %)")
     ax.set_xlabel("training images seen")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(_title(result), fontsize=9)
+    ax.set_title(_title(result))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend()
     return fig
 
 
+@styled
 def plot_iterations(result: dict[str, Any]) -> Figure:
     """Steps to settle for every training input (log scale), with a running mean."""
     its = np.asarray(result["iterations_per_input"], dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     idx = np.arange(1, its.size + 1)
     ax.plot(idx, np.maximum(its, 1), ".", ms=2, alpha=0.4, label="per input")
     if its.size:
@@ -58,10 +122,9 @@ def plot_iterations(result: dict[str, Any]) -> Figure:
     ax.set_yscale("log")
     ax.set_xlabel("training input")
     ax.set_ylabel("steps to settle")
-    ax.set_title(_title(result), fontsize=9)
+    ax.set_title(_title(result))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend()
     return fig
 
 
@@ -69,25 +132,30 @@ def _solver_family(spec: str) -> str:
     return spec.split(",", 1)[0]
 
 
+@styled
 def plot_solver_pareto(result: dict[str, Any]) -> Figure:
     """``dynsim bench solvers``: wall time (left) and field evaluations (right) per input vs
     the distance to the reference fixed point, one row per network state, one marker per
-    setting (colour = solver family; black edge: not every input settled)."""
+    setting (colour = solver family, shape = setting within it; hollow: not every input
+    settled), named in the legend."""
     states = list(result["states"])
-    fig, axes = plt.subplots(len(states), 2, figsize=(12, 4.2 * len(states)), squeeze=False)
-    families = sorted({_solver_family(r["solver"]) for b in result["states"].values() for r in b["rows"]})
-    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    fig, axes = plt.subplots(len(states), 2, figsize=(11, 3.6 * len(states) + 1.2), squeeze=False,
+                             layout="constrained")
+    specs = list(dict.fromkeys(r["solver"] for b in result["states"].values() for r in b["rows"]))
+    families = list(dict.fromkeys(_solver_family(s) for s in specs))
+    style = {}
+    for spec in specs:
+        fam = _solver_family(spec)
+        k = sum(_solver_family(s) == fam for s in style)
+        style[spec] = (f"C{families.index(fam) % len(OKABE_ITO)}", MARKERS[k % len(MARKERS)])
     for row_axes, state in zip(axes, states, strict=True):
         for r in result["states"][state]["rows"]:
-            fam = _solver_family(r["solver"])
+            colour, marker = style[r["solver"]]
             y = max(r["distance_max"], 1e-12)
+            full = r["fraction_settled"] >= 1
             for ax, key in zip(row_axes, ("ms_per_input", "evals_per_input"), strict=True):
-                ax.scatter(r[key], y, color=colours[fam], s=40, alpha=0.85,
-                           edgecolors="k" if r["fraction_settled"] < 1 else "none")
-                label = r["solver"].replace(fam + ",", "").replace("schedule=", "")
-                label = label.replace(",atol=1e-7", "").replace(",atol=1e-6", "").replace("method=dopri5,", "")
-                ax.annotate(label if label != fam else "", (r[key], y), fontsize=6, alpha=0.8,
-                            rotation=20, xytext=(3, 2), textcoords="offset points")
+                ax.scatter(r[key], y, marker=marker, s=40, edgecolors=colour,
+                           facecolors=colour if full else "none", linewidths=1.2)
         row_axes[0].set_ylabel(f"{state} network\nmax ‖u − u*‖ / ‖u*‖ at stop")
         row_axes[0].set_xlabel("wall time per input (ms)")
         row_axes[1].set_xlabel("vector-field evaluations per input")
@@ -95,29 +163,30 @@ def plot_solver_pareto(result: dict[str, Any]) -> Figure:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
-    for fam, c in colours.items():
-        axes[0, 0].scatter([], [], color=c, label=fam)
-    axes[0, 0].legend(fontsize=7)
+    handles = [matplotlib.lines.Line2D([], [], ls="", marker=m, color=c, label=spec)
+               for spec, (c, m) in style.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), frameon=False)
     c = result["config"]
     fig.suptitle(f"solvers on {result['data']['name']}: T = {c['threshold']}, batch {c['batch_size']}, "
-                 f"{result['data']['n_inputs']} inputs", fontsize=9)
-    fig.tight_layout()
+                 f"{result['data']['n_inputs']} inputs")
     return fig
 
 
+@styled
 def plot_trajectories(result: dict[str, Any]) -> Figure:
     """``dynsim plot trajectories``: per input, the selected units vs step (top) and the
     residual ``‖du/ds‖/‖u‖`` vs step on a log scale (bottom), one colour per solver."""
     inputs = result["inputs"]
-    fig, axes = plt.subplots(2, len(inputs), figsize=(5.5 * len(inputs), 7), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, len(inputs), figsize=(5.5 * len(inputs), 7), squeeze=False, sharex="col",
+                             layout="constrained")
     for j, item in enumerate(inputs):
         top, bottom = axes[0, j], axes[1, j]
         for k, run in enumerate(item["runs"]):
             steps = np.maximum(np.asarray(run["steps"], dtype=float), 0) + 1
             u = np.asarray(run["u"], dtype=float)
             top.plot(steps, u, "-", color=f"C{k}", lw=1, alpha=0.8)
-            top.plot([], [], "-", color=f"C{k}", label=run["solver"])
             bottom.plot(steps, np.maximum(np.asarray(run["residual"], dtype=float), 1e-16), ".-",
                         color=f"C{k}", ms=3, lw=1, label=f"{run['solver']} ({run['n_evals']} evals)")
         for v in item["u_ref"]:
@@ -125,17 +194,19 @@ def plot_trajectories(result: dict[str, Any]) -> Figure:
         thr = result["config"].get("threshold")
         if thr:
             bottom.axhline(thr, ls="--", color="k", lw=0.8, label=f"T = {thr}")
-        top.set_title(f"test input {item['index']} (label {item['label']}), units {item['units']}", fontsize=9)
+        top.set_title(f"test input {item['index']} (label {item['label']}), units {item['units']}")
         top.set_ylabel("u (dotted: reference u*)")
         bottom.set_ylabel("‖du/ds‖ / ‖u‖")
         bottom.set_xlabel("solver step + 1")
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.grid(alpha=0.3, which="both")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        top.tick_params(labelbottom=False)  # the column shares the bottom panel's x axis
         bottom.set_yscale("log")
-        top.legend(fontsize=6)
-        bottom.legend(fontsize=6)
-    fig.tight_layout()
+        bottom.legend()
+    # room between the panels, so that the tick labels at their edges do not touch
+    fig.get_layout_engine().set(h_pad=0.15, w_pad=0.15, hspace=0.06, wspace=0.08)
     return fig
 
 
@@ -144,10 +215,12 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return f"T={cell['threshold']:g}, cap {cell['max_steps']}" + (f", stream {stream}" if stream else "")
 
 
+@styled
 def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
     """Test accuracy vs epoch, one line per grid setting (colour = T, line style = cap), one
     panel per streaming setting (the reproduction report's Figure 1); with several seeds per
-    setting the line is their mean and the band ± one standard error."""
+    setting the line is their mean and the band ± one standard error. The legend names the
+    colours and the line styles once each, below the panels."""
     cells = study["cells"]
     streams = sorted({c["cell"].get("stream_every") or 0 for c in cells})
     ts = sorted({c["cell"]["threshold"] for c in cells}, reverse=True)
@@ -157,7 +230,8 @@ def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
     for c in cells:
         cell = c["cell"]
         groups.setdefault((cell["threshold"], cell["max_steps"], cell.get("stream_every") or 0), []).append(c)
-    fig, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(streams), figsize=(5 * len(streams), 4.5), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax, stream in zip(axes[0], streams, strict=True):
         for (t, cap, s), runs in groups.items():
             if s != stream:
@@ -165,26 +239,75 @@ def plot_convergence_accuracy(study: dict[str, Any]) -> Figure:
             evs = [[h for h in c["history"] if h.get("test_accuracy") is not None] for c in runs]
             xs = [h["epoch"] + 1 for h in evs[0]]
             acc = 100 * np.array([[h["test_accuracy"] for h in ev] for ev in evs])
-            colour = f"C{ts.index(t) % 10}"
-            label = _cell_label(runs[0]["cell"]) + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
-            ax.plot(xs, acc.mean(0), marker="o", ms=3, color=colour,
-                    ls=styles[caps.index(cap or 10**9) % len(styles)], label=label)
+            colour = f"C{ts.index(t) % len(OKABE_ITO)}"
+            ax.plot(xs, acc.mean(0), marker="o", ms=3, color=colour, ls=styles[caps.index(cap or 10**9) % len(styles)])
             if len(runs) > 1:
                 se = acc.std(0, ddof=1) / np.sqrt(len(runs))
                 ax.fill_between(xs, acc.mean(0) - se, acc.mean(0) + se, color=colour, alpha=0.2, lw=0)
         raw = cells[0].get("baseline", {}).get("raw_pixel_accuracy")
         if raw is not None:
-            ax.axhline(100 * raw, color="grey", ls="--", lw=0.8, label="raw pixels")
-        ax.set_title("streaming off" if not stream else f"streaming, input switches every {stream} steps", fontsize=9)
+            ax.axhline(100 * raw, color="grey", ls="--", lw=0.8)
+        ax.set_title("streaming off" if not stream else f"streaming, input switches every {stream} steps")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        last = max((h["epoch"] + 1 for c in cells for h in c["history"]), default=1)
+        ax.set_xlim(0.5, last + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
     axes[0, 0].set_ylabel("test accuracy (%)")
-    fig.tight_layout()
+    Line = matplotlib.lines.Line2D
+    handles = [Line([], [], color=f"C{i % len(OKABE_ITO)}", label=f"T = {t:g}") for i, t in enumerate(ts)]
+    handles += [Line([], [], color="k", ls=styles[i % len(styles)], label=f"cap {_cap(cap)}")
+                for i, cap in enumerate(caps)]
+    if cells and cells[0].get("baseline", {}).get("raw_pixel_accuracy") is not None:
+        handles.append(Line([], [], color="grey", ls="--", lw=0.8, label="raw pixels"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
     return fig
 
 
+def _cap(cap: int | None) -> str:
+    return "none" if cap is None or cap >= 10**9 else str(cap)
+
+
+@styled
+def plot_convergence_heatmap(study: dict[str, Any]) -> Figure:
+    """Final test accuracy as a heat map over threshold T (rows) × step cap (columns), one
+    panel per streaming setting; each cell shows its value (empty: not evaluated)."""
+    cells = study["cells"]
+    streams = sorted({c["cell"].get("stream_every") or 0 for c in cells})
+    ts = sorted({c["cell"]["threshold"] for c in cells}, reverse=True)
+    caps = sorted({c["cell"]["max_steps"] or 10**9 for c in cells})
+    grids = {s: np.full((len(ts), len(caps)), np.nan) for s in streams}
+    for c in cells:
+        acc = c["final"].get("test_accuracy")
+        if acc is not None:
+            cell = c["cell"]
+            row, col = ts.index(cell["threshold"]), caps.index(cell["max_steps"] or 10**9)
+            grids[cell.get("stream_every") or 0][row, col] = 100 * acc
+    values = np.concatenate([g.ravel() for g in grids.values()]) if grids else np.array([])
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    width = 1.0 + 0.9 * len(caps)
+    fig, axes = plt.subplots(1, len(streams), figsize=(width * len(streams) + 1.2, 0.6 * len(ts) + 1.6),
+                             squeeze=False, layout="constrained")
+    image = None
+    for ax, stream in zip(axes[0], streams, strict=True):
+        grid = grids[stream]
+        image = ax.imshow(grid, vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                dark = (v - vmin) / max(vmax - vmin, 1e-9) < 0.5
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if dark else "k")
+        ax.set_xticks(range(len(caps)), [_cap(c) for c in caps])
+        ax.set_yticks(range(len(ts)), [f"{t:g}" for t in ts])
+        ax.set_xlabel("step cap")
+        ax.set_title("streaming off" if not stream else f"streaming every {stream} steps")
+    axes[0, 0].set_ylabel("threshold T")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0, -1], label="test accuracy (%)")
+    return fig
+
+
+@styled
 def plot_convergence_iterations(study: dict[str, Any], max_cells: int = 8) -> Figure:
     """Steps to settle per training input (log scale) for up to ``max_cells`` cells: the
     largest cap of each (T, streaming) pair (the reproduction report's Figure 2)."""
@@ -194,7 +317,7 @@ def plot_convergence_iterations(study: dict[str, Any], max_cells: int = 8) -> Fi
         key = (cell["threshold"], cell.get("stream_every"))
         if key not in chosen or (cell["max_steps"] or 10**9) > (chosen[key]["cell"]["max_steps"] or 10**9):
             chosen[key] = c
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for k, c in enumerate(list(chosen.values())[:max_cells]):
         its = np.maximum(np.asarray(c["iterations_per_input"], dtype=float), 1)
         x = np.arange(its.size) * c.get("iterations_stride", 1) + 1
@@ -207,8 +330,7 @@ def plot_convergence_iterations(study: dict[str, Any], max_cells: int = 8) -> Fi
     ax.set_xlabel("training input")
     ax.set_ylabel("steps to settle (dots: per input, line: running mean)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend()
     return fig
 
 
@@ -222,28 +344,41 @@ def _pareto_front(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
+@styled
 def plot_convergence_pareto(study: dict[str, Any]) -> Figure:
-    """Final test accuracy vs training cost (seconds, field evaluations), Pareto front drawn."""
+    """Final test accuracy vs training cost (seconds, field evaluations), Pareto front drawn;
+    colour = threshold T, marker = step cap, hollow = streaming (named in the legend)."""
     cells = [c for c in study["cells"] if c["final"].get("test_accuracy") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    ts = sorted({c["cell"]["threshold"] for c in cells}, reverse=True)
+    caps = sorted({c["cell"]["max_steps"] or 10**9 for c in cells})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
     acc = np.asarray([100 * c["final"]["test_accuracy"] for c in cells])
     for ax, key, label in ((axes[0], "train_seconds", "training time (s)"),
                            (axes[1], "train_evals", "vector-field evaluations in training")):
         xs = np.asarray([max(c["final"]["train_seconds"] if key == "train_seconds" else c["train_evals"], 1e-9)
                          for c in cells], dtype=float)
         for i, c in enumerate(cells):
-            marker = "s" if c["cell"].get("stream_every") else "o"
-            ax.scatter(xs[i], acc[i], marker=marker, color=f"C{i % 10}", s=30)
-            ax.annotate(_cell_label(c["cell"]), (xs[i], acc[i]), fontsize=5, alpha=0.8)
+            colour = f"C{ts.index(c['cell']['threshold']) % len(OKABE_ITO)}"
+            marker = MARKERS[caps.index(c["cell"]["max_steps"] or 10**9) % len(MARKERS)]
+            stream = bool(c["cell"].get("stream_every"))
+            ax.scatter(xs[i], acc[i], marker=marker, s=36, edgecolors=colour,
+                       facecolors="none" if stream else colour, linewidths=1.2)
         if len(cells):
             front = _pareto_front(xs, acc)
-            ax.plot(xs[front], acc[front], "k-", lw=1, alpha=0.6, label="Pareto front")
+            ax.plot(xs[front], acc[front], "k-", lw=1, alpha=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("final test accuracy (%) (squares: streaming)")
-    fig.tight_layout()
+    axes[0].set_ylabel("final test accuracy (%)")
+    Line = matplotlib.lines.Line2D
+    handles = [Line([], [], ls="", marker="o", color=f"C{i % len(OKABE_ITO)}", label=f"T = {t:g}")
+               for i, t in enumerate(ts)]
+    handles += [Line([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="grey", label=f"cap {_cap(cap)}")
+                for i, cap in enumerate(caps)]
+    handles += [Line([], [], ls="", marker="o", mfc="none", color="grey", label="streaming"),
+                Line([], [], color="k", lw=1, alpha=0.6, label="Pareto front")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
     return fig
 
 

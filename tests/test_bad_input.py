@@ -19,10 +19,10 @@ FAST = ["--data", "digits", "--images-per-epoch", "20", "--max-steps", "100", "-
     "args,message",
     [
         (["--lateral-distance", "-1"], "--lateral-distance must be a finite number >= 0"),
-        (["--seed", "-1"], "--seed must be an integer >= 0"),
-        (["--eta0", "nan"], "--eta0 must be a finite number >= 0"),
+        (["--seed", "-1"], "--seed must be an integer in 0 .. 4294967295, got -1"),
+        (["--eta0", "nan"], "--eta0 must be >= 0 (a finite number), got nan"),
         (["--schedule", "constant:0"], "--schedule 'constant:0': dt must be a positive"),
-        (["--eval-train-size", "1"], "--eval-train-size 1 leaves one sample"),
+        (["--eval-train-size", "1"], "--eval-train-size must be an integer >= 2 ('none': all), got 1"),
         (["--device", "tpu"], "--device 'tpu' is not a torch device"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be an integer >= 0"),
         (["--radius", "0.01"], "radius"),
@@ -73,7 +73,7 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path, capsys, monkeypatc
     assert load_checkpoint(checkpoint_path(out))["completed_epochs"] == 1
     assert not out.exists()
 
-    assert main([*argv, "--on-divergence", "skip"]) == 0
+    assert main([*argv, "--on-divergence", "skip", "--overwrite"]) == 0
     res = json.loads(out.read_text())
     assert res["final"]["diverged_skipped"] > 0
     assert sum(h["diverged"] for h in res["history"]) == res["final"]["diverged_skipped"]

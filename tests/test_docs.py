@@ -11,6 +11,7 @@ MODULES = [
     "dynsim.data",
     "dynsim.pipelines.ssl",
     "dynsim.readouts",
+    "dynsim.settings",
     "dynsim.settle",
     "dynsim.stopping",
     "dynsim.sklearn",

@@ -146,11 +146,14 @@ def test_study_convergence_command_and_resume(tmp_path, capsys):
         for c in cells
     }
     assert its[(1e-4, 3000)] > its[(1e-2, 3000)] > its[(1e-2, 5)]
-    for name in ("accuracy", "iterations", "pareto"):
+    for name in ("accuracy", "heatmap", "iterations", "pareto"):
         assert (tmp_path / f"conv_{name}.png").stat().st_size > 0
-    # resume: the cells are read back, not recomputed
+    # the same command again is refused: --out holds a finished result
     capsys.readouterr()
-    assert main(argv) == 0
+    assert main(argv) == 2
+    assert "holds a finished result; give --resume" in capsys.readouterr().err
+    # resume: the cells are read back, not recomputed
+    assert main([*argv, "--resume"]) == 0
     assert json.loads(out.read_text())["cells"] == cells
 
 

@@ -13,6 +13,7 @@ separately (``final.layer_test_accuracy``); see ``docs/deep.md``.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,7 @@ from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
 from dynsim.plasticity.deep import LATERAL_RULES, DeepSimilarityMatchingRule
 from dynsim.results import result_header
+from dynsim.settings import check_ranges
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.stopping import Status, stop_rule
 from dynsim.streaming import SwitchMonitor
@@ -108,12 +110,15 @@ class DSSMConfig:
 
         if self.data not in DATASETS:
             raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        # one range per setting across commands (dynsim.settings); per-layer ones below
+        check_ranges(self, skip=("nps", "stride", "radius", "lateral_distance"))
         for name in ("epochs", "images_per_epoch", "batch_size", "eval_batch_size", "layers"):
             positive_int(name)
         for name in ("eval_train_size", "eval_test_size", "stream_every", "threads"):
             positive_int(name, allow_none=True)
         self.layer_structure()
-        positive_int("max_steps", allow_none=True, allow_zero=True)
+        check_layer_memory(self)
+        positive_int("max_steps", allow_none=True)
         positive_int("eval_every", allow_zero=True)
         positive_int("checkpoint_every", allow_zero=True)
         positive_int("seed", allow_zero=True)
@@ -289,6 +294,29 @@ RESUME_MAY_CHANGE = (
 def training_settings(config: DSSMConfig) -> dict[str, Any]:
     """The settings a checkpoint must match to be resumed."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUME_MAY_CHANGE}
+
+
+def check_layer_memory(config: DSSMConfig) -> None:
+    """Refuse a network whose weights alone would not fit in this machine's memory, saying how
+    much they would need (before any data is loaded). Estimate per layer: sites × NpS ×
+    (fan-in × channels + NpS × lateral sites) weights, float32, ×3 for masks and updates."""
+    from dynsim.data import IMAGE_SHAPES
+    from dynsim.settings import check_memory
+
+    c, h, w = IMAGE_SHAPES.get(config.data, (1, 28, 28))
+    stride0, radius0 = DEFAULT_GEOMETRY.get((h, w), (2, 4.0))
+    need = 0.0
+    for p, spec in enumerate(config.layer_structure()):
+        stride = spec["stride"] or (stride0 if p == 0 else DEEP_GEOMETRY[0])
+        radius = spec["radius"] or (radius0 if p == 0 else DEEP_GEOMETRY[1])
+        sites_h, sites_w = max(h // stride, 1), max(w // stride, 1)
+        fan_in = min(math.pi * (radius + 1) ** 2, h * w) * c
+        lateral_sites = min(math.pi * (spec["lateral_distance"] + 1) ** 2, sites_h * sites_w)
+        need += 4 * 3 * sites_h * sites_w * spec["nps"] * (fan_in + spec["nps"] * lateral_sites)
+        c, h, w = spec["nps"], sites_h, sites_w
+    nps = config.nps if isinstance(config.nps, int) else ",".join(map(str, config.nps))
+    check_memory(need, f"a network with --nps {nps} on {config.data}",
+                 "use a smaller --nps (or --radius / --lateral-distance)")
 
 
 def prepare_data(config: DSSMConfig):
@@ -523,22 +551,10 @@ def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) ->
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
-    """Write ``out`` (JSON) and the two plots beside it; return their paths."""
+    """Write ``out`` (JSON) and the two plots beside it as one set; return their paths."""
     from dynsim.plots import plot_accuracy, plot_iterations
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    stem = out.with_suffix("")
-    files = {
-        "result": str(out),
-        "accuracy_plot": str(stem) + "_accuracy.png",
-        "iterations_plot": str(stem) + "_iterations.png",
-    }
-    result["files"] = files
-    write_json_atomic(out, result)
-    for key, plot in (("accuracy_plot", plot_accuracy), ("iterations_plot", plot_iterations)):
-        fig = plot(result)
-        save_figure_atomic(fig, files[key])
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return files
+    plots = {"accuracy_plot": ("_accuracy", plot_accuracy(result)),
+             "iterations_plot": ("_iterations", plot_iterations(result))}
+    return write_result(out, result, plots)

@@ -32,13 +32,14 @@ from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.readouts import fit_linear_probe
-from dynsim.results import result_header, write_json_atomic
+from dynsim.results import result_header, write_result
+from dynsim.settings import check_ranges
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
 from dynsim.ssl.schedules import SCHEDULES, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
-from dynsim.ssl.stages import ACTIVATIONS, build_encoder
+from dynsim.ssl.stages import ACTIVATIONS, build_encoder, parse_spec
 from dynsim.sweeps import BACKENDS, run_grid
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10")
@@ -130,6 +131,17 @@ class SSLConfig:
             raise ConfigError(f"rule {self.rule!r} is unknown; use one of {', '.join(RULES)}")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"act {self.act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+        check_ranges(self, command="ssl")  # one range per setting across commands (dynsim.settings)
+        for name in ("grad_block", "random_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.flip is not None and not isinstance(self.flip, bool):
+            raise ConfigError(f"flip must be true, false or None (the data set's default), got {self.flip!r}")
+        layers = parse_spec(self.arch or DEFAULT_ARCH[self.data])
+        if self.schedule == "gll" and 0 < self.epochs < len(layers):
+            raise ConfigError(f"GLL (--schedule gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
+                              f"(got {self.epochs}); the epochs are shared equally among the stages")
+        self.check_memory()
         check_hinge_settings(self.tau, self.delta, self.negatives)
         if self.negatives is not None and self.negatives > self.batch_size:
             raise ConfigError(
@@ -153,6 +165,29 @@ class SSLConfig:
             if v is not None and v < 1:
                 raise ConfigError(f"{name} = {v} must be >= 1 or None (all)")
         return self
+
+    def check_memory(self) -> None:
+        """Refuse an encoder that would not fit in memory, saying how much it would need:
+        parameters (with gradients and Adam's two moments: ×4) plus one batch of activations
+        for the two views (×2), forward and backward (×2), float32."""
+        from dynsim.data import IMAGE_SHAPES
+        from dynsim.settings import check_memory
+
+        shape = IMAGE_SHAPES[self.data]
+        params = activations = 0
+        for kind, width, pools in parse_spec(self.arch or DEFAULT_ARCH[self.data]):
+            if kind == "c" and len(shape) == 3:
+                params += shape[0] * width * 9
+                activations += width * shape[1] * shape[2]
+                shape = (width, max(shape[1] // 2**pools, 1), max(shape[2] // 2**pools, 1))
+            else:
+                params += math.prod(shape) * width
+                activations += width
+                shape = (width,)
+            params += shape[0] * self.head_pool**2 * self.head_dim
+        need = 4 * (4 * params + 4 * self.batch_size * activations)
+        check_memory(need, f"the encoder {self.arch or DEFAULT_ARCH[self.data]!r} at batch size {self.batch_size}",
+                     "use a smaller --arch or --batch-size")
 
 
 class _History(Callback):
@@ -424,7 +459,7 @@ def run_ssl(
     if ckpt is not None:
         result["checkpoint"] = str(ckpt.path)
     if config.out:
-        write_json_atomic(Path(config.out), result)
+        write_result(Path(config.out), result)
     return result
 
 
@@ -437,16 +472,19 @@ def _negatives(text: str) -> int | None:
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     d = SSLConfig()
-    p.add_argument("--data", choices=DATASETS, default=d.data)
-    p.add_argument("--data-dir", default=None, help="folder of the dataset files")
-    p.add_argument("--n-train", type=int, default=None, help="training subset size")
-    p.add_argument("--n-test", type=int, default=None, help="test subset size")
+    p.add_argument("--data", choices=DATASETS, default=d.data, help="data set (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder of the dataset files (default: the data set's own)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="training images, a stratified subset (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="test images, a stratified subset (default: all)")
     p.add_argument(
         "--arch",
         default=None,
-        help="encoder spec (e.g. c32-p-c64-p) or name: cifar, vgg6, small, tiny",
+        help="encoder spec, e.g. c32-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 max-pool), or a name: "
+        "cifar, vgg6, small, tiny (default: per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items())
+        + ")",
     )
-    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act)
+    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act, help="activation (default: %(default)s)")
     p.add_argument(
         "--negatives",
         type=_negatives,
@@ -454,26 +492,37 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="use pairs (i, i+k), k < K, negatives weighted 1/K (default: all)",
     )
-    p.add_argument("--grad-block", action="store_true", help="no error into the deformed branch")
-    p.add_argument("--tau", type=float, default=d.tau)
-    p.add_argument("--delta", type=float, default=d.delta)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--dtp-step", type=float, default=d.dtp_step, help="DTP top-target step η")
-    p.add_argument("--dtp-noise", type=float, default=d.dtp_noise, help="DTP inverse noise σ")
-    p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--grad-block", action="store_true",
+                   help="no error into the deformed branch (default: off)")
+    p.add_argument("--tau", type=float, default=d.tau,
+                   help="hinge threshold τ of positive pairs (default: %(default)s)")
+    p.add_argument("--delta", type=float, default=d.delta, help="margin δ of negative pairs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="training epochs (default: %(default)s; 0: no training, the random-encoder baseline; "
+                   "GLL shares them equally among the stages)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per batch, >= 2 (the other images are the negatives; default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of every rule (default: %(default)s)")
+    p.add_argument("--dtp-step", type=float, default=d.dtp_step, help="DTP top-target step η (default: %(default)s)")
+    p.add_argument("--dtp-noise", type=float, default=d.dtp_noise,
+                   help="DTP inverse-training noise σ (default: %(default)s)")
+    p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
+                   help="epochs of the linear probe on the frozen embedding (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, order and augmentations (default: 0)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``dynsim run ssl`` flags to ``parser``."""
     _add_common_arguments(parser)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="e2e")
-    parser.add_argument("--rule", choices=RULES, default="bp")
-    parser.add_argument("--out", default=None, help="result JSON (default runs/ssl-...json)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="e2e",
+                        help="learning schedule: end to end, greedy or random layer-wise (default: %(default)s)")
+    parser.add_argument("--rule", choices=RULES, default="bp",
+                        help="update rule: backprop, random or updated random feedback, target prop "
+                        "(default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="result JSON (default: runs/ssl-<data>-<schedule>-<rule>-<time>.json)")
     parser.add_argument(
         "--checkpoint-every",
         type=int,
@@ -612,11 +661,18 @@ def study_table(rows: list[dict], header: str = "") -> str:
 def plot_study(rows: list[dict], ours: str = "ours"):
     """Bar plot of ours vs published CIFAR accuracy per row (from :func:`study_rows`).
 
-    Takes data only and returns the matplotlib Figure; ``ours`` labels our bars.
+    Takes data only and returns the matplotlib Figure (in dynsim's plot style); ``ours``
+    labels our bars.
     """
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
+    from dynsim.plots import STYLE
+
+    with plt.rc_context(STYLE):
+        return _plot_study(rows, ours)
+
+
+def _plot_study(rows: list[dict], ours: str):
     import matplotlib.pyplot as plt
 
     labels = [f"{r['learning']} {r['update']}".strip() for r in rows]
@@ -638,15 +694,30 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers,
     backend and Ray address)."""
     _add_common_arguments(parser)
-    parser.add_argument("--workers", type=int, default=1, help="parallel cells (default 1)")
-    parser.add_argument("--backend", default="local", choices=BACKENDS, help="where cells run")
+    parser.add_argument("--workers", type=int, default=1, help="parallel cells (default: %(default)s)")
+    parser.add_argument("--backend", default="local", choices=BACKENDS,
+                        help="where cells run: local processes or Ray (default: %(default)s)")
     parser.add_argument(
         "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
-    parser.add_argument("--out", default=None, help="study folder (default runs/ssl-study-<data>)")
+    parser.add_argument("--out", default=None, help="study folder (default: runs/ssl-study-<data>)")
     parser.add_argument("--seeds", default=None, metavar="LIST",
                         help="every row once per seed (e.g. 0,1,2): mean ± s.e. per row (default: --seed alone)")
+    parser.add_argument("--format", default="text", choices=("text", "csv"),
+                        help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
     return parser
+
+
+def check_study(base: SSLConfig, seeds: list[int] | None = None) -> list[dict]:
+    """The study's cells (each row once per seed of ``seeds``), every one's settings checked
+    (before the first one runs)."""
+    if base.epochs == 0:
+        raise ConfigError("study ssl with --epochs 0 trains nothing: every cell would be the random encoder; "
+                          "give --epochs >= 3 (GLL shares them among the stages)")
+    cells = study_cells(base, seeds)
+    for cell in cells:
+        SSLConfig(**{k: v for k, v in cell.items() if k != "name"}).validate()
+    return cells
 
 
 def run_study(
@@ -667,7 +738,7 @@ def run_study(
     ``ray_address`` sends the cells to Ray).
     """
     out_dir = Path(out_dir)
-    cells = study_cells(base, seeds)
+    cells = check_study(base, seeds)
     results = run_grid(
         cells,
         run_study_cell,
@@ -693,15 +764,14 @@ def run_study(
            f"mean ± s.e. over seeds {', '.join(map(str, seeds))}.\n")
     )
     table = study_table(rows, header)
-    (out_dir / "ssl_study.md").write_text(table)
     summary = {
         **result_header("study ssl", base),
         "dataset": ds,
         "rows": rows,
     }
-    write_json_atomic(out_dir / "ssl_study.json", summary)
-    fig = plot_study(rows, ours=f"ours ({ds['name']})")
-    fig.savefig(out_dir / "ssl_study.png", dpi=120)
+    # the table, the JSON and the plot as one set (the JSON last)
+    write_result(out_dir / "ssl_study.json", summary, {"plot": ("", plot_study(rows, ours=f"ours ({ds['name']})"))},
+                 extra={"table": (out_dir / "ssl_study.md", table)})
     summary["table"] = table
     return summary
 

@@ -46,6 +46,18 @@ class ConvergenceConfig:
     out: str | None = None
     progress: bool = True
 
+    def validate(self) -> ConvergenceConfig:
+        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
+        from dynsim.settings import check_ranges, check_value
+
+        check_ranges(self)
+        for name, item in (("thresholds", "threshold"), ("caps", "max_steps"), ("streams", "stream_every")):
+            values = list(getattr(self, name))
+            check_value(item, values, where=f" (in --{name})")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--{name} {values} repeats a value")
+        return self
+
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per grid cell (T × cap × streaming)."""
         if not (self.thresholds and self.caps and self.streams):
@@ -123,21 +135,24 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cells_dir(out: Path) -> Path:
+    """The folder of the per-cell result files of a study writing ``out``: ``<stem>_cells``."""
+    out = Path(out)
+    return out.with_suffix("").with_name(out.stem + "_cells")
+
+
 def run_convergence(config: ConvergenceConfig) -> dict[str, Any]:
     """Run the grid; write the study JSON and plots if ``config.out``; return the result."""
     from dynsim.sweeps import run_grid
 
+    config.validate()
     cells = config.cells()
     for cell in cells:  # fail fast on bad settings, before any worker starts
         from dynsim.pipelines.dssm import DSSMConfig
 
         DSSMConfig.from_dict({**cell, "progress": False}).validate()
     out = Path(config.out) if config.out else None
-    results_dir = (
-        out.with_suffix("").with_name(out.stem + "_cells")
-        if out
-        else Path("runs") / "convergence_cells"
-    )
+    results_dir = cells_dir(out) if out else Path("runs") / "convergence_cells"
     results = run_grid(
         cells,
         train_cell,
@@ -182,30 +197,19 @@ def summarize_over_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_convergence_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
+    """The study JSON and its four plots, written as one set."""
     from dynsim.plots import (
         plot_convergence_accuracy,
+        plot_convergence_heatmap,
         plot_convergence_iterations,
         plot_convergence_pareto,
     )
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    stem = str(out.with_suffix(""))
-    files = {
-        "result": str(out),
-        "accuracy_plot": stem + "_accuracy.png",
-        "iterations_plot": stem + "_iterations.png",
-        "pareto_plot": stem + "_pareto.png",
+    plots = {
+        "accuracy_plot": ("_accuracy", plot_convergence_accuracy(study)),
+        "heatmap_plot": ("_heatmap", plot_convergence_heatmap(study)),
+        "iterations_plot": ("_iterations", plot_convergence_iterations(study)),
+        "pareto_plot": ("_pareto", plot_convergence_pareto(study)),
     }
-    study["files"] = files
-    write_json_atomic(out, study)
-    for key, plot in (
-        ("accuracy_plot", plot_convergence_accuracy),
-        ("iterations_plot", plot_convergence_iterations),
-        ("pareto_plot", plot_convergence_pareto),
-    ):
-        fig = plot(study)
-        save_figure_atomic(fig, files[key])
-        plt.close(fig)
-    return files
+    return write_result(out, study, plots)

@@ -74,9 +74,14 @@ def parse_seeds(text: str | list[int]) -> list[int]:
     return seeds
 
 
+def seeds_dir(out: Path) -> Path:
+    """Folder of the per-seed results and cells of ``--seeds`` runs: ``<out dir>/<out stem>_seeds``."""
+    return out.with_name(out.stem + "_seeds")
+
+
 def seed_out(out: Path, seed: int) -> Path:
     """Result file of one seed: ``<out dir>/<out stem>_seeds/seed<seed>.json``."""
-    return out.with_name(out.stem + "_seeds") / f"seed{seed}.json"
+    return seeds_dir(out) / f"seed{seed}.json"
 
 
 def dssm_seed_cell(cell: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dynsim.errors import ConfigError
 from dynsim.monitors import TrajectoryMonitor
 from dynsim.results import result_header
 from dynsim.settle import settle
@@ -43,17 +44,34 @@ class TrajectoryConfig:
     out: str | None = None
     progress: bool = True
 
+    def validate(self) -> TrajectoryConfig:
+        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
+        from dynsim.data import DATASETS
+        from dynsim.settings import check_ranges
+
+        if self.data not in DATASETS:
+            raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        check_ranges(self)
+        if not self.inputs or not self.solvers:
+            raise ConfigError("give at least one input (--inputs) and one solver (--solvers)")
+        for spec in self.solvers:
+            solver_from_spec(spec)
+        return self
+
 
 def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
     """Record the trajectories; write JSON + PNG if ``config.out``; return the result."""
     from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
     from dynsim.studies.bench import BenchConfig, reference_fixed_points, train_layer
 
+    config.validate()
     torch.set_num_threads(1)
-    for spec in config.solvers:
-        solver_from_spec(spec)
-    dcfg = DSSMConfig(data=config.data, data_dir=config.data_dir, nps=config.nps, seed=config.seed)
+    dcfg = DSSMConfig(data=config.data, data_dir=config.data_dir, nps=config.nps, seed=config.seed).validate()
     ds, x_train, x_test = prepare_data(dcfg)
+    bad = [i for i in config.inputs if i >= len(x_test)]
+    if bad:
+        raise ConfigError(f"--inputs {bad[0]}: the {ds.name} test set has {len(x_test)} images "
+                          f"(indices 0 .. {len(x_test) - 1})")
     layer = build_layer(dcfg, ds.image_shape)
     training = None
     if config.train_images:
@@ -118,15 +136,7 @@ def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
     }
     if config.out:
         from dynsim.plots import plot_trajectories
-        from dynsim.results import save_figure_atomic, write_json_atomic
+        from dynsim.results import write_result
 
-        out = Path(config.out)
-        files = {"result": str(out), "trajectories_plot": str(out.with_suffix("")) + ".png"}
-        result["files"] = files
-        write_json_atomic(out, result)
-        fig = plot_trajectories(result)
-        save_figure_atomic(fig, files["trajectories_plot"])
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        write_result(Path(config.out), result, {"trajectories_plot": ("", plot_trajectories(result))})
     return result

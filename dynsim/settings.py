@@ -100,6 +100,8 @@ RANGES: dict[str, Range] = {
     "eta_decay": Range(float, 0),
     "eta_min": Range(float, 0),
     "gamma": Range(float, 0),
+    "gains": Range(float, 0, low_open=True),
+    "mult_factors": Range(float, 0, low_open=True),
     "tau": Range(float, 0, low_open=True),
     # bench / trajectories
     "n_inputs": Range(int, 1),

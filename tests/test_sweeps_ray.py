@@ -93,7 +93,7 @@ def _without_timings(obj):
 
 def test_same_grid_same_cells_on_local_and_on_a_local_ray_instance(tmp_path):
     cells = ConvergenceConfig(thresholds=[1e-2], caps=[5, 50], streams=[None], epochs=1, images_per_epoch=20,
-                              eval_train_size=60, eval_test_size=30, readout="probe", solver="heun").cells()
+                              eval_train_size=60, eval_test_size=30, readout="ridge", solver="heun").cells()
     local = run_grid(cells, train_cell, results_dir=tmp_path / "local", workers=1, progress=False,
                      resolve=resolve_cell)
     assert not ray.is_initialized()

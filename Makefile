@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/dynsim run dssm --data digits --epochs 20 --eval-every 2 --out runs/demo.json
+	$(BIN)/dynsim run dssm --data digits --epochs 20 --eval-every 2 --out runs/demo.json --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -367,11 +367,25 @@ def _run(args: argparse.Namespace) -> int:
         return args.func(args)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A stderr handler that writes to whatever ``sys.stderr`` is *now* (not the stream it was
+    created with): ``main`` may be called many times in one process (tests, notebooks) while
+    ``sys.stderr`` is replaced and closed in between."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def _configure_logging() -> None:
     """Library messages (``logging``) go to stderr as plain lines; the CLI prints results."""
     logger = logging.getLogger("dynsim")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -133,3 +133,30 @@ def test_quickstart_prints_status_names():
     text = (ROOT / "README.md").read_text()
     quick = text.split("## Quickstart (Python)", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert "Status(" in quick and ".name" in quick
+
+
+def test_cli_log_lines_follow_the_current_stderr(capsys):
+    """Messages logged by the library reach whatever sys.stderr is when they are logged, also
+    after an earlier ``main`` call set up logging under another (now closed) stderr."""
+    import contextlib
+    import io
+    import logging
+
+    from dynsim.cli import _configure_logging
+
+    logger = logging.getLogger("dynsim")
+    saved = list(logger.handlers)
+    for h in saved:
+        logger.removeHandler(h)
+    earlier = io.StringIO()
+    with contextlib.redirect_stderr(earlier):  # an earlier main() call, under another stderr
+        _configure_logging()
+    earlier.close()
+    capsys.readouterr()
+    logging.getLogger("dynsim").info("compiling kernels (once per machine, ~10 s)")
+    err = capsys.readouterr().err
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    for h in saved:
+        logger.addHandler(h)
+    assert err == "compiling kernels (once per machine, ~10 s)\n"

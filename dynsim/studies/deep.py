@@ -18,13 +18,13 @@ so an interrupted study resumes. :func:`summarise` groups the seeds: mean ± sta
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynsim.errors import ConfigError
 from dynsim.results import result_header
+from dynsim.studies.seeds import mean_sem as mean_se  # mean and s.e. (ddof 1) over seeds
 
 
 @dataclass
@@ -128,16 +128,6 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
                                            "layer_mean_residual", "layer_w_norm", "layer_l_norm",
                                            "layer_test_accuracy", "test_accuracy")} for h in hist],
     }
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error ``sd/√n`` (sample sd; ``None`` for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

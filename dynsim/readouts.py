@@ -409,6 +409,15 @@ def fit_liblinear(features: torch.Tensor, labels: torch.Tensor, *, n_classes: in
     return LinearReadout(weights, {"newton_iterations": int(np.max(model.n_iter_)), "converged": converged})
 
 
+def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy difference of two classifiers on the same test images, with its standard error
+    over images: ``d̄ = mean(c_i − b_i)``, ``se = std(c_i − b_i, ddof=1) / √M`` with ``c_i, b_i``
+    ∈ {0, 1} the per-image correctness (a paired comparison: the same M images)."""
+    diff = (np.asarray(pred) == y).astype(np.float64) - (np.asarray(pred_base) == y).astype(np.float64)
+    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return {"difference": float(diff.mean()), "se_test_images": se}
+
+
 def fit_readout(name: str, features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None,
                 w0: torch.Tensor | None = None) -> LinearReadout:
     """Fit the readout ``name`` (one of :data:`READOUTS`); ``w0`` warm-starts ``svc``."""

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dynsim.errors import ConfigError
-from dynsim.pipelines.dssm import DSSMConfig, paired_difference, run_dssm
+from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+from dynsim.readouts import paired_difference
 from dynsim.studies.seeds import mean_sem, parse_seeds, run_dssm_seeds
 
 SMALL = dict(data="digits", epochs=1, images_per_epoch=60, eval_every=1, eval_train_size=300,

@@ -31,6 +31,7 @@ from dynsim.layer_monitor import LayerMonitor
 from dynsim.monitors import SettlingMonitor
 from dynsim.plasticity import BATCH_RULES, DecayingRate, SimilarityMatchingRule
 from dynsim.plasticity.deep import LATERAL_RULES, DeepSimilarityMatchingRule
+from dynsim.readouts import paired_difference
 from dynsim.results import result_header
 from dynsim.settings import check_ranges
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
@@ -539,15 +540,6 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     if config.out:
         result["files"] = write_outputs(result, Path(config.out))
     return result
-
-
-def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy difference of two classifiers on the same test images, with its standard error
-    over images: ``d̄ = mean(c_i − b_i)``, ``se = std(c_i − b_i, ddof=1) / √M`` with ``c_i, b_i``
-    ∈ {0, 1} the per-image correctness (a paired comparison: the same M images)."""
-    diff = (np.asarray(pred) == y).astype(np.float64) - (np.asarray(pred_base) == y).astype(np.float64)
-    se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
-    return {"difference": float(diff.mean()), "se_test_images": se}
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:

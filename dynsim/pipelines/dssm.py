@@ -119,6 +119,7 @@ class DSSMConfig:
             positive_int(name, allow_none=True)
         self.layer_structure()
         check_layer_memory(self)
+        check_geometry(self)
         positive_int("max_steps", allow_none=True)
         positive_int("eval_every", allow_zero=True)
         positive_int("checkpoint_every", allow_zero=True)
@@ -318,6 +319,16 @@ def check_layer_memory(config: DSSMConfig) -> None:
     nps = config.nps if isinstance(config.nps, int) else ",".join(map(str, config.nps))
     check_memory(need, f"a network with --nps {nps} on {config.data}",
                  "use a smaller --nps (or --radius / --lateral-distance)")
+
+
+def check_geometry(config: DSSMConfig) -> None:
+    """Build the network's structure on the data set's image shape (known before loading), so
+    that a stride or radius that leaves sites without inputs is refused before any data is
+    loaded or any kernel compiled (the structure raises :class:`ConfigError` naming it)."""
+    from dynsim.data import IMAGE_SHAPES
+
+    if config.data in IMAGE_SHAPES:
+        build_system(config, IMAGE_SHAPES[config.data])
 
 
 def prepare_data(config: DSSMConfig):

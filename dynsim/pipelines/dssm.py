@@ -119,7 +119,6 @@ class DSSMConfig:
             positive_int(name, allow_none=True)
         self.layer_structure()
         check_layer_memory(self)
-        check_geometry(self)
         positive_int("max_steps", allow_none=True)
         positive_int("eval_every", allow_zero=True)
         positive_int("checkpoint_every", allow_zero=True)
@@ -213,6 +212,7 @@ class DSSMConfig:
             raise ConfigError(f"--device {self.device!r} is not a torch device; use cpu or cuda") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+        check_geometry(self)  # last: builds the structure, after every cheaper check has passed
         return self
 
     def per_layer(self, name: str) -> list:

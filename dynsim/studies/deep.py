@@ -194,15 +194,8 @@ def run_deep_study(config: DeepStudyConfig) -> dict[str, Any]:
 
 
 def write_deep_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
+    """The study JSON and its plot, written as one set."""
     from dynsim.plots import plot_deep_study
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    files = {"result": str(out), "plot": str(out.with_suffix("")) + ".png"}
-    study["files"] = files
-    write_json_atomic(out, study)
-    fig = plot_deep_study(study)
-    save_figure_atomic(fig, files["plot"])
-    plt.close(fig)
-    return files
+    return write_result(out, study, {"plot": ("", plot_deep_study(study))})

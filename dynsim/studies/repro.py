@@ -189,19 +189,12 @@ def run_repro(config: ReproConfig) -> dict[str, Any]:
 
 
 def write_repro_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
+    """``<out>/repro.json`` and Figures 1 and 2 beside it, written as one set."""
     from dynsim.plots import plot_repro_accuracy, plot_repro_iterations
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    files = {"result": str(out / "repro.json"), "figure1": str(out / "figure1_accuracy.png"),
-             "figure2": str(out / "figure2_iterations.png")}
-    study["files"] = files
-    write_json_atomic(files["result"], study)
-    for key, plot in (("figure1", plot_repro_accuracy), ("figure2", plot_repro_iterations)):
-        fig = plot(study)
-        save_figure_atomic(fig, files[key])
-        plt.close(fig)
-    return files
+    return write_result(out / "repro.json", study, {"figure1": ("_figure1_accuracy", plot_repro_accuracy(study)),
+                                                     "figure2": ("_figure2_iterations", plot_repro_iterations(study))})
+
 
 

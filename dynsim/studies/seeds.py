@@ -171,16 +171,9 @@ def run_dssm_seeds(config, seeds: list[int], *, workers: int | None = None, back
         "final": summarize_seeds(per_seed),
     }
     from dynsim.plots import plot_seed_accuracy
-    from dynsim.results import save_figure_atomic, write_json_atomic
+    from dynsim.results import write_result
 
-    files = {"result": str(out), "accuracy_plot": str(out.with_suffix("")) + "_accuracy.png"}
-    result["files"] = files
-    write_json_atomic(out, result)
-    fig = plot_seed_accuracy(result)
-    save_figure_atomic(fig, files["accuracy_plot"])
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    write_result(out, result, {"accuracy_plot": ("_accuracy", plot_seed_accuracy(result))})
     return result
 
 
@@ -197,7 +190,7 @@ def ssl_seed_cell(cell: dict[str, Any]) -> dict[str, Any]:
 def run_ssl_seeds(config, seeds: list[int], *, workers: int | None = None) -> dict[str, Any]:
     """``run ssl --seeds``: one cell per seed; the trained encoder's probe accuracy, the random
     encoder's, and their paired difference, each as mean ± s.e. over the seeds."""
-    from dynsim.results import write_json_atomic
+    from dynsim.results import write_result
     from dynsim.sweeps import run_grid
 
     if not config.out:
@@ -220,7 +213,6 @@ def run_ssl_seeds(config, seeds: list[int], *, workers: int | None = None) -> di
                   "test_accuracy_per_seed": acc, "random_encoder_accuracy_mean": rm,
                   "random_encoder_accuracy_sem": rs, "random_encoder_accuracy_per_seed": rnd,
                   "gain_over_random_mean": gm, "gain_over_random_sem": gs, "gain_over_random_per_seed": gain},
-        "files": {"result": str(out)},
     }
-    write_json_atomic(out, result)
+    write_result(out, result)
     return result

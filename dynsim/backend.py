@@ -1,7 +1,8 @@
 """Which implementation runs: the torch path everywhere, the compiled CPU kernels where they apply.
 
-Two computations of online learning have a compiled backend (:mod:`dynsim.compiled`, numba):
-settling a site-separable :class:`~dynsim.systems.HebbianLayer` (called by :func:`dynsim.settle`)
+Three computations have a compiled backend (numba): settling a site-separable
+:class:`~dynsim.systems.HebbianLayer` (:mod:`dynsim.compiled`) and a deep network of such layers
+(:mod:`dynsim.compiled_deep`: block sweeps or Euler), both called by :func:`dynsim.settle`,
 and the batch-1 Hebbian update (called by :func:`dynsim.plasticity.hebbian_update`). The torch
 implementations are the definitions; the kernels compute the same formulas and are tested for
 parity against them (``tests/test_compiled.py``, and the solver conformance table run with and
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from dynsim import compiled
+from dynsim import compiled, compiled_deep
 
 
 def compiled_settle(system, x: torch.Tensor, u0, solver, limits, max_state_norm: float):
     """``SettleResult`` fields from the compiled loop, or ``None`` (then settle's torch loop runs)."""
-    return compiled.settle_backend(system, x, u0, solver, limits, max_state_norm)
+    fast = compiled.settle_backend(system, x, u0, solver, limits, max_state_norm)
+    if fast is None and hasattr(system, "layers"):
+        fast = compiled_deep.settle_backend(system, x, u0, solver, limits, max_state_norm)
+    return fast
 
 
 def compiled_hebbian_update(layer, x: torch.Tensor, r: torch.Tensor, rate_ff: float, rate_lat: float) -> bool:

@@ -206,8 +206,6 @@ class DeepHebbianNet(System):
             self.register_buffer(f"_feedback_index_{p}", inv, persistent=False)
         self.input_size = self.layers[0].input_size
         self._unit_gains = all(g == 1.0 for g in self.gains)
-        gain = torch.cat([torch.full((n,), g) for n, g in zip(sizes, self.gains, strict=True)])
-        self.register_buffer("_gain", gain, persistent=False)
 
     @property
     def n_layers(self) -> int:
@@ -238,7 +236,10 @@ class DeepHebbianNet(System):
 
     def rates(self, u: torch.Tensor) -> torch.Tensor:
         """``r_p = f(g_p u_p)`` for every layer: (B, Σ N_p)."""
-        return self._f(u) if self._unit_gains else self._f(u * self._gain.to(u.dtype))
+        if self._unit_gains:
+            return self._f(u)
+        # per layer with the exact python-float gains (a gain buffer would be rounded by .float()/.double())
+        return torch.cat([self.layer_rates(p, v) for p, v in enumerate(self.split(u))], dim=1)
 
     def layer_rates(self, p: int, u_p: torch.Tensor) -> torch.Tensor:
         """``r_p = f(g_p u_p)`` of layer ``p`` (0-based) alone: (B, N_p)."""

@@ -11,10 +11,12 @@ residual below T, the authors' test, which implies the whole state's); the table
 ms per image (median of ``--repeats``), mean steps, the largest final residual and the ratio
 to one layer. Rows:
 
-* 1 layer, ``newton`` (default ``auto``: per-site Newton, compiled CPU loop)
-* 1 layer, ``newton`` on the torch path (``DYNSIM_COMPILED=0``; the deep net's backend)
-* 2 layers, ``block`` (Gauss–Seidel over layers, per-site Newton; what ``auto`` picks)
-* 2 layers, ``euler`` (the seed's schedule: the only deep method before issue 16; fewer images)
+* 1 layer, ``newton`` (default ``auto``: per-site Newton, compiled CPU loop): the baseline
+* 1 layer, ``newton`` on the torch path (``compiled.disabled()``)
+* 2 layers, ``block`` (Gauss–Seidel over layers, per-site Newton; what ``auto`` picks), on the
+  compiled loop (``dynsim.compiled_deep``, the default on CPU) and on the torch path
+* 2 layers, ``euler`` (the seed's schedule: the only deep method before issue 16; fewer images;
+  compiled loop)
 
     PYTHONPATH=. python benchmarks/deep_settle.py --out benchmarks/results/deep_settle_fashion.json
 """
@@ -112,7 +114,8 @@ def main(argv=None):
         methods = [
             ("1 layer, newton (compiled)", one, SiteNewton(), None, x1),
             ("1 layer, newton (torch path)", one, SiteNewton(), "torch", x1),
-            ("2 layers, block", net, BlockNewton(), None, x1),
+            ("2 layers, block (compiled)", net, BlockNewton(), None, x1),
+            ("2 layers, block (torch path)", net, BlockNewton(), "torch", x1),
             ("2 layers, euler (seed schedule)", net, Euler(), None, x1[: a.euler_inputs]),
         ]
         with torch.no_grad():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 
 def _list(kind, none_words=()):
@@ -17,8 +15,9 @@ def _list(kind, none_words=()):
     return parse
 
 
-def cmd_study_deep(args: argparse.Namespace) -> int:
-    from dynsim.studies.deep import DeepStudyConfig, run_deep_study
+def _config(args: argparse.Namespace):
+    """The study's settings from the parsed flags (``--out`` already set by the OutputSpec)."""
+    from dynsim.studies.deep import DeepStudyConfig
 
     base = {}
     for item in args.set or []:
@@ -39,10 +38,22 @@ def cmd_study_deep(args: argparse.Namespace) -> int:
         threshold=args.threshold, solver=args.solver, epochs=args.epochs, images_per_epoch=args.images_per_epoch,
         eval_every=args.eval_every, eval_train_size=args.eval_train_size, eval_test_size=args.eval_test_size,
         readout=args.readout, base=base, workers=args.workers, backend=args.backend,
-        ray_address=args.ray_address, progress=not args.no_progress,
-        out=args.out or str(Path("runs") / f"deep-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json"),
+        ray_address=args.ray_address, progress=not args.no_progress, out=args.out,
     )
-    result = run_deep_study(config)
+    return config
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Every cell's settings, before the output is claimed (a bad setting deletes nothing)."""
+    from dynsim.studies.deep import validate
+
+    validate(_config(args))
+
+
+def cmd_study_deep(args: argparse.Namespace) -> int:
+    from dynsim.studies.deep import run_deep_study
+
+    result = run_deep_study(_config(args))
     print(result["table"])
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
@@ -53,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``dynsim study deep`` to the top-level subparsers ``sub``."""
     from dynsim.cli import command_group
     from dynsim.data import DATASETS
-    from dynsim.studies.deep import DeepStudyConfig
+    from dynsim.outputs import OutputSpec, timestamped
+    from dynsim.studies.deep import DeepStudyConfig, cells_dir
 
     d = DeepStudyConfig()
     p = command_group(sub, "study", "studies over grids of settings").add_parser(
@@ -83,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None)
-    p.add_argument("--out", default=None, help="study JSON (cells beside it in <out>_cells/; PNG beside it)")
+    p.add_argument("--out", default=None, help="study JSON (cells beside it in <out>_cells/; PNG beside it; "
+                   "default runs/deep-DATA-TIME.json)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_study_deep)
+    p.set_defaults(func=cmd_study_deep, output=OutputSpec(
+        timestamped("deep", "data"), related=lambda out: [cells_dir(out)], can_resume=True, validate=check_settings))

@@ -179,15 +179,14 @@ def _layer_newton(us, rr, fs, b, a, row, gain, code, tanh, half, big, jac, un):
 
 @_jit
 def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau, code, method, dts,
-                 damp_after, each, tol, atol, cap, cap_first, bound, big, u, r, steps, status, residual):
+                 damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
     ``ws[p]`` (S_p, M_p, K_p·G_p), ``idxs[p]`` (S_p, K_p), ``lats[p]`` (S_p, M_p, M_p): layer p's
     weights, gather index and lateral blocks; ``dims[p] = (M_p, S_p)``; u and r are site-major per
-    layer, layer after layer (the torch layout)."""
+    layer, layer after layer (the torch layout); ``from_rest``: u holds zeros."""
     n_layers = dims.shape[0]
     dt = ws[0].dtype.type
-    zero = dt(0)
     off = np.zeros(n_layers + 1, dtype=np.int64)  # flat offsets of (M_p, S_p) blocks
     joff = np.zeros(n_layers + 1, dtype=np.int64)  # ... and of (M_p, M_p, S_p) blocks
     kmax = 1
@@ -233,6 +232,9 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
         _image_input(x[b], ws[0], idxs[0], n_pixels, channels, dt(1.0 / mults[0]),
                      ff_all[off[0]:off[1]].reshape((dims[0, 0], dims[0, 1])), xg)
         for p in range(1, n_layers):
+            if from_rest:  # f(0) = 0 for every rate function: the maps of zero rates are zero
+                ff_all[off[p]:off[p + 1]] = 0
+                continue
             _rates_input(ws[p], idxs[p], rr_all[off[p - 1]:off[p]].reshape((dims[p - 1, 0], dims[p - 1, 1])),
                          dt(1.0 / mults[p]), ff_all[off[p]:off[p + 1]].reshape((dims[p, 0], dims[p, 1])), xg)
         n = 0
@@ -333,7 +335,8 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
 
 
 def _deep_chunks(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau, code, method, dts,
-                 damp_after, each, tol, atol, cap, cap_first, bound, big, u, r, steps, status, residual, n_chunks):
+                 damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps, status, residual,
+                 n_chunks):
     """:func:`_deep_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
     b = x.shape[0]
     evals = np.zeros(n_chunks, dtype=np.int64)
@@ -341,7 +344,7 @@ def _deep_chunks(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
         lo = c * b // n_chunks
         hi = (c + 1) * b // n_chunks
         evals[c] = _deep_kernel(x[lo:hi], ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau,
-                                code, method, dts, damp_after, each, tol, atol, cap, cap_first, bound, big, u[lo:hi],
+                                code, method, dts, damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u[lo:hi],
                                 r[lo:hi], steps[lo:hi], status[lo:hi], residual[lo:hi])
     return evals.sum()
 
@@ -418,7 +421,7 @@ def settle_deep(system, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
         code, dts, int(damp_after), system.layer_stop == "each",
         -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
         -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(system.state_size)),
-        float(torch.finfo(dtype).max),
+        float(torch.finfo(dtype).max), u0 is None,
         u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
     )
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)

@@ -77,7 +77,30 @@ def test_study_runs_end_to_end_and_resumes_per_cell(tmp_path, capsys):
     assert len(two["layer_mean_abs_rate"]) == 2 and all(0 < v < 1 for v in two["layer_mean_abs_rate"])
     row = next(r for r in study["rows"] if r["layers"] == 2)
     assert row["layer_accuracy"] == two["layer_test_accuracy"]
-    # a rerun reads the finished cells back: identical numbers
-    assert main(argv) == 0
+    # the output is claimed (OutputSpec): a finished study is not replaced without a flag ...
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"--out {tmp_path / 'deep.json'} holds a finished result; give --resume" in capsys.readouterr().err
+    # ... nor are unfinished cells: --resume reads the finished cells back (identical numbers)
+    (tmp_path / "deep.json").unlink()
+    assert main(argv) == 2
+    assert "deep_cells holds an unfinished run of --out" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
     again = json.loads((tmp_path / "deep.json").read_text())
     assert again["rows"] == study["rows"]
+    # --overwrite deletes the old cells before it runs: a lock file is gone after the run
+    assert main([*argv, "--overwrite", "--layers", "1"]) == 0
+    assert len(list((tmp_path / "deep_cells").glob("cell-*.json"))) == 1
+    assert not (tmp_path / "deep.json.lock").exists()
+
+
+def test_study_deep_is_refused_while_another_process_writes_it(tmp_path, capsys):
+    from dynsim.outputs import OutputLock
+
+    out = tmp_path / "deep.json"
+    with OutputLock(out):
+        code = main(["study", "deep", "--data", "digits", "--layers", "1", "--streams", "off", "--caps", "10",
+                     "--seeds", "0", "--epochs", "1", "--out", str(out)])
+    assert code == 2
+    assert "is being written by dynsim process" in capsys.readouterr().err
+    assert not (tmp_path / "deep_cells").exists()

@@ -173,16 +173,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_deep_study(config: DeepStudyConfig) -> dict[str, Any]:
-    """Run the grid (resumable per cell); write JSON + PNG if ``config.out``; return the study."""
+def cells_dir(out: str | Path) -> Path:
+    """The folder of the per-cell results of a study writing ``out``: ``<stem>_cells`` beside it."""
+    out = Path(out)
+    return out.with_suffix("").with_name(out.stem + "_cells")
+
+
+def validate(config: DeepStudyConfig) -> list[dict[str, Any]]:
+    """Every cell's settings checked (``DSSMConfig.validate``), before any output is claimed or
+    worker started; returns the cells."""
     from dynsim.pipelines.dssm import DSSMConfig
-    from dynsim.sweeps import run_grid
 
     cells = config.cells()
-    for cell in cells:  # fail fast on bad settings, before any worker starts
+    for cell in cells:
         DSSMConfig.from_dict({**cell, "progress": False}).validate()
+    return cells
+
+
+def run_deep_study(config: DeepStudyConfig) -> dict[str, Any]:
+    """Run the grid (resumable per cell); write JSON + PNG if ``config.out``; return the study.
+
+    The CLI claims ``config.out`` first (:class:`~dynsim.outputs.OutputSpec`: lock, refused if it
+    holds a result or unfinished cells without ``--resume``/``--overwrite``)."""
+    from dynsim.sweeps import run_grid
+
+    cells = validate(config)
     out = Path(config.out) if config.out else None
-    results_dir = out.with_suffix("").with_name(out.stem + "_cells") if out else Path("runs") / "deep_cells"
+    results_dir = cells_dir(out) if out else Path("runs") / "deep_cells"
     results = run_grid(cells, train_cell, results_dir=results_dir, workers=config.workers,
                        backend=config.backend, ray_address=config.ray_address, progress=config.progress)
     rows = summarise(results)

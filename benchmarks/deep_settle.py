@@ -13,8 +13,10 @@ to one layer. Rows:
 
 * 1 layer, ``newton`` (default ``auto``: per-site Newton, compiled CPU loop): the baseline
 * 1 layer, ``newton`` on the torch path (``compiled.disabled()``)
-* 2 layers, ``block`` (Gauss–Seidel over layers, per-site Newton; what ``auto`` picks), on the
-  compiled loop (``dynsim.compiled_deep``, the default on CPU) and on the torch path
+* 2 layers, ``block,inner_tol=T`` (what ``auto`` picks: Gauss–Seidel sweeps over layers, each
+  layer solved by per-site Newton to T within a sweep), on the compiled loop
+  (``dynsim.compiled_deep``, the default on CPU) and on the torch path
+* 2 layers, ``block`` with one Newton step per layer and sweep (the issue-16 first version), compiled
 * 2 layers, ``euler`` (the seed's schedule: the only deep method before issue 16; fewer images;
   compiled loop)
 
@@ -73,7 +75,7 @@ def train_deep(config, x_train, images):
     net = build_system(config, (1, 28, 28))
     rule = DeepSimilarityMatchingRule(net, lateral_rule=config.lateral_rule)
     stop = stop_rule(config.threshold, config.max_steps)
-    engine = Engine(DynamicsSettler(net, BlockNewton(), stop), [rule], progress=False)
+    engine = Engine(DynamicsSettler(net, BlockNewton(inner_tol=config.threshold), stop), [rule], progress=False)
     with torch.no_grad():
         engine.fit(epoch_batches(x_train, images=images, batch_size=1, seed=config.seed), 1)
     return net
@@ -114,8 +116,9 @@ def main(argv=None):
         methods = [
             ("1 layer, newton (compiled)", one, SiteNewton(), None, x1),
             ("1 layer, newton (torch path)", one, SiteNewton(), "torch", x1),
-            ("2 layers, block (compiled)", net, BlockNewton(), None, x1),
-            ("2 layers, block (torch path)", net, BlockNewton(), "torch", x1),
+            ("2 layers, block inner_tol=T (compiled)", net, BlockNewton(inner_tol=a.threshold), None, x1),
+            ("2 layers, block inner_tol=T (torch path)", net, BlockNewton(inner_tol=a.threshold), "torch", x1),
+            ("2 layers, block one step per layer (compiled)", net, BlockNewton(), None, x1),
             ("2 layers, euler (seed schedule)", net, Euler(), None, x1[: a.euler_inputs]),
         ]
         with torch.no_grad():

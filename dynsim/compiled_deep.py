@@ -179,7 +179,8 @@ def _layer_newton(us, rr, fs, b, a, row, gain, code, tanh, half, big, jac, un):
 
 @_jit
 def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau, code, method, dts,
-                 damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps, status, residual):
+                 damp_after, inner_tol, inner_max, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps,
+                 status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
     ``ws[p]`` (S_p, M_p, K_p·G_p), ``idxs[p]`` (S_p, K_p), ``lats[p]`` (S_p, M_p, M_p): layer p's
@@ -216,11 +217,13 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
     fb_all = np.zeros(n_all, dtype=ws[0].dtype)  # γ m_{p+1} W_{p+1}ᵀ r_{p+1} at the current state
     bb_all = np.empty(n_all, dtype=ws[0].dtype)  # b_p of the sweep
     jac_all = np.empty(joff[n_layers], dtype=ws[0].dtype)
+    wk_all = np.empty(n_all, dtype=ws[0].dtype)  # an inner Newton step's result
     f2s = np.zeros(n_layers)
     u2s = np.zeros(n_layers)
     xg = np.empty(kmax, dtype=ws[0].dtype)
     tanh = code == 0 or code == 3
     n_evals = 0
+    inner = inner_tol > 0
     for b in range(x.shape[0]):
         for p in range(n_layers):  # load the state (site-major -> site-last) and its rates
             m_per, n_sites = dims[p, 0], dims[p, 1]
@@ -269,9 +272,11 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
             residual[b] = res
             settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
             capped = cap >= 0 and n >= cap
-            if settled or capped:
+            if settled or capped:  # (the torch loop evaluates this last step too: one evaluation)
                 status[b] = _MAX_STEPS if capped and (cap_first or not settled) else _SETTLED
+                n_evals += 1
                 break
+            sweep_evals = 1
             if method == METHOD_EULER:  # u ← u + dt_n F(u) on every layer, then the inputs at the new state
                 dtn = dts[n]
                 for k in range(n_all):
@@ -293,6 +298,9 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
                     bb = bb_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
                     un = un_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
                     a = a_all[joff[p]:joff[p + 1]].reshape((m_per, m_per, n_sites))
+                    row = row_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
+                    jac = jac_all[joff[p]:joff[p + 1]].reshape((m_per, m_per, n_sites))
+                    f2, u2 = f2s[p], u2s[p]
                     if p > 0:  # the layer below has moved: its new feed-forward input (kept for the next test)
                         ff = ff_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
                         _rates_input(ws[p], idxs[p], rr_all[off[p - 1]:off[p]].reshape((dims[p - 1, 0],
@@ -301,27 +309,46 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
                         for i in range(m_per):
                             for s in range(n_sites):
                                 bb[i, s] = ff[i, s] + fb[i, s]
-                        _layer_field(bb, us, rr, a, fs)
-                    if picard:  # u_p ← u_p + τF_p = b_p + s·A_p f(u_p)
-                        for i in range(m_per):
-                            for s in range(n_sites):
-                                un[i, s] = us[i, s] + fs[i, s]
-                    else:
-                        _layer_newton(us, rr, fs, bb, a, row_all[off[p]:off[p + 1]].reshape((m_per, n_sites)),
-                                      gains[p], code, tanh, n >= damp_after, big,
-                                      jac_all[joff[p]:joff[p + 1]].reshape((m_per, m_per, n_sites)), un)
+                        f2, u2 = _layer_field(bb, us, rr, a, fs)
+                    if not inner:  # one step per layer and sweep
+                        if picard:  # u_p ← u_p + τF_p = b_p + s·A_p f(u_p)
+                            for i in range(m_per):
+                                for s in range(n_sites):
+                                    un[i, s] = us[i, s] + fs[i, s]
+                        else:
+                            _layer_newton(us, rr, fs, bb, a, row, gains[p], code, tanh, n >= damp_after, big, jac, un)
+                    else:  # Newton steps on this layer (b_p fixed) until ‖F_p‖/‖u_p‖ < inner_tol or inner_max
+                        wk = wk_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
+                        un[:, :] = us
+                        used = 0
+                        for j in range(inner_max):
+                            if j > 0:  # τF_p at the inner iterate (its rates are in rr)
+                                f2, u2 = _layer_field(bb, un, rr, a, fs)
+                            used += 1
+                            if np.sqrt(f2) / tau / max(np.sqrt(u2), 1e-12) < inner_tol:
+                                break
+                            if picard and j == 0:
+                                for i in range(m_per):
+                                    for s in range(n_sites):
+                                        un[i, s] = un[i, s] + fs[i, s]
+                            else:
+                                _layer_newton(un, rr, fs, bb, a, row, gains[p], code, tanh,
+                                              n >= damp_after or j >= damp_after, big, jac, wk)
+                                un[:, :] = wk
+                            _layer_rates(un, gains[p], code, rr)
+                        sweep_evals = max(sweep_evals, used)
                     _layer_rates(un, gains[p], code, rr)  # the new rates feed the layer above
             # divergence: a non-finite residual or state, or a state norm above the bound
             n2 = 0.0
             for k in range(n_all):
                 n2 += float(un_all[k]) * float(un_all[k])
+            n_evals += sweep_evals
             if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
                 status[b] = _DIVERGED
                 break
             us_all[:] = un_all
             n += 1
         steps[b] = n
-        n_evals += n + 1
         for p in range(n_layers):  # the returned state and its rates f(g_p u_p)
             m_per, n_sites = dims[p, 0], dims[p, 1]
             us = us_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
@@ -335,8 +362,8 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
 
 
 def _deep_chunks(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau, code, method, dts,
-                 damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps, status, residual,
-                 n_chunks):
+                 damp_after, inner_tol, inner_max, each, tol, atol, cap, cap_first, bound, big, from_rest, u, r, steps,
+                 status, residual, n_chunks):
     """:func:`_deep_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
     b = x.shape[0]
     evals = np.zeros(n_chunks, dtype=np.int64)
@@ -344,8 +371,9 @@ def _deep_chunks(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
         lo = c * b // n_chunks
         hi = (c + 1) * b // n_chunks
         evals[c] = _deep_kernel(x[lo:hi], ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamma, sign, tau,
-                                code, method, dts, damp_after, each, tol, atol, cap, cap_first, bound, big, from_rest, u[lo:hi],
-                                r[lo:hi], steps[lo:hi], status[lo:hi], residual[lo:hi])
+                                code, method, dts, damp_after, inner_tol, inner_max, each, tol, atol, cap, cap_first,
+                                bound, big, from_rest, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
+                                residual[lo:hi])
     return evals.sum()
 
 
@@ -388,11 +416,12 @@ def _arrays(system) -> tuple:
 
 def settle_deep(system, x: torch.Tensor, u0: torch.Tensor | None, *, method: str, tol: float | None, cap: int | None,
                 cap_first: bool, max_state_norm: float, picard_start: bool = True, damp_after: int = 20,
-                dts: np.ndarray | None = None, atol: float = 0.0):
+                inner_tol: float | None = None, inner_max: int = 50, dts: np.ndarray | None = None, atol: float = 0.0):
     """Settle ``x`` (B, D_in) through the deep network with the compiled loop (module docstring).
 
     ``method``: ``"block"`` (:class:`~dynsim.solvers.BlockNewton`'s sweeps; ``picard_start``,
-    ``damp_after`` as there) or ``"euler"`` (``dts`` holds at least ``cap`` step sizes). The other
+    ``damp_after``, ``inner_tol``, ``inner_max`` as there)
+    or ``"euler"`` (``dts`` holds at least ``cap`` step sizes). The other
     arguments as :func:`dynsim.compiled.settle_layer`. Call it where :func:`can_settle` holds.
     Returns ``(u, r, steps, status, residual, n_evals)``.
     """
@@ -418,7 +447,8 @@ def settle_deep(system, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
         x.detach().to(dtype).contiguous().numpy(), ws, idxs, lats, n_pixels, channels, dims,
         np.asarray(system.gains, dtype=np.float64), np.asarray(system.mult_factors, dtype=np.float64),
         float(system.gamma), npt(system.lateral_sign), float(system.tau), _activation_code(system.activation, dtype),
-        code, dts, int(damp_after), system.layer_stop == "each",
+        code, dts, int(damp_after), -1.0 if inner_tol is None else float(inner_tol), int(inner_max),
+        system.layer_stop == "each",
         -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
         -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(system.state_size)),
         float(torch.finfo(dtype).max), u0 is None,
@@ -451,7 +481,8 @@ def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, lim
             return None
         method, extra = "euler", {}
     elif kind is BlockNewton:
-        method, extra = "block", {"picard_start": solver.picard_start, "damp_after": solver.damp_after}
+        method, extra = "block", {"picard_start": solver.picard_start, "damp_after": solver.damp_after,
+                                  "inner_tol": solver.inner_tol, "inner_max": solver.inner_max}
     else:
         return None
     if not can_settle(system, x, u0):

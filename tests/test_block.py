@@ -102,7 +102,8 @@ def test_block_solver_refuses_lateral_distance_and_unknown_system():
 
 def test_config_auto_picks_block_for_deep_and_checks_factors():
     deep = DSSMConfig(layers=2, nps=[4, 4])
-    assert deep.resolved_solver() == "block"
+    assert deep.resolved_solver() == "block,inner_tol=0.0001"  # each layer solved to T within a sweep
+    assert DSSMConfig(layers=2, threshold=1e-3).resolved_solver() == "block,inner_tol=0.001"
     assert DSSMConfig().resolved_solver() == "newton"
     assert DSSMConfig(layers=2, stream_every=10).resolved_solver() == "euler"
     with pytest.raises(ConfigError, match="--gains applies to deep networks only"):

@@ -149,3 +149,44 @@ def test_float64_network_keeps_exact_gains():
     u1, u2 = net.split(u)
     expected = torch.cat([torch.tanh(0.7 * u1), torch.tanh(1.6 * u2)], dim=1)
     torch.testing.assert_close(net.rates(u), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_compiled_block_with_inner_solves_equals_torch_path(gamma):
+    """inner_tol: each layer takes per-site Newton steps (b_p fixed) until ‖F_p‖/‖u_p‖ < inner_tol
+    within a sweep; the same sweeps, statuses and fixed point on both paths, the same evaluations
+    sample by sample (batch 1: the torch path counts the batch's slowest sample)."""
+    net = net_with(gamma=gamma, gains=(0.7, 1.6), mult=(1.5, 2.5))
+    x = x_batch()
+    solver = BlockNewton(inner_tol=1e-9)
+    fast, ref = both_paths(net, x, solver, stop_rule(1e-9, 500))
+    assert torch.equal(fast.steps, ref.steps) and torch.equal(fast.status, ref.status)
+    assert float(((fast.u - ref.u).norm(dim=1) / ref.u.norm(dim=1)).max()) < 1e-10
+    for i in range(2):
+        one, one_ref = both_paths(net, x[i : i + 1], solver, stop_rule(1e-9, 500))
+        assert one.n_evals == one_ref.n_evals and torch.equal(one.steps, one_ref.steps)
+    if gamma == 0.0:  # one-way coupling: one sweep solves every layer, the second only tests
+        assert bool((fast.steps == 1).all()) and bool(fast.converged.all())
+    else:  # the lagged feedback needs more sweeps, each solving every layer
+        assert int(fast.steps.min()) > 1
+
+
+def test_inner_solves_reach_the_one_step_sweeps_fixed_point():
+    net = net_with(gamma=0.3)
+    x = x_batch()
+    inner = settle(net, x, solver=BlockNewton(inner_tol=1e-10), stop=stop_rule(1e-10, 500))
+    one = settle(net, x, solver=BlockNewton(), stop=stop_rule(1e-10, 500))
+    assert bool(inner.converged.all()) and bool(one.converged.all())
+    torch.testing.assert_close(inner.u, one.u, rtol=0, atol=1e-8)
+    assert int(inner.steps.max()) < int(one.steps.max())
+
+
+def test_block_inner_options_are_checked():
+    from dynsim import ConfigError
+    from dynsim.solvers import solver_from_spec
+
+    assert solver_from_spec("block,inner_tol=0.0001").inner_tol == 1e-4
+    for spec, msg in (("block,inner_tol=0", "inner_tol must be a number > 0"),
+                      ("block,inner_tol=1e-4,inner_max=0", "inner_max must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            solver_from_spec(spec)

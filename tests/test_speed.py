@@ -198,7 +198,8 @@ def test_auto_solver_resolves_by_structure():
     assert DSSMConfig(lateral_distance=1.5).resolved_solver() == "euler"
     assert DSSMConfig(residual="increment").resolved_solver() == "euler"
     assert DSSMConfig(stream_every=10).resolved_solver() == "euler"
-    assert DSSMConfig(layers=2).resolved_solver() == "block"  # deep: Gauss–Seidel over layers (issue 16)
+    # deep: Gauss–Seidel over layers (issue 16)
+    assert DSSMConfig(layers=2).resolved_solver() == "block,inner_tol=0.0001"
     assert DSSMConfig(layers=2, lateral_distance=[0.0, 1.0]).resolved_solver() == "euler"
     assert DSSMConfig(threshold=None).resolved_solver() == "euler"
 

@@ -73,7 +73,7 @@ def test_study_runs_end_to_end_and_resumes_per_cell(tmp_path, capsys):
     study = json.loads((tmp_path / "deep.json").read_text())
     assert (tmp_path / "deep.png").exists() and len(list((tmp_path / "deep_cells").glob("cell-*.json"))) == 2
     two = next(c for c in study["cells"] if c["cell"]["layers"] == 2)
-    assert two["solver"] == "block" and len(two["layer_test_accuracy"]) == 2
+    assert two["solver"] == "block,inner_tol=0.0001" and len(two["layer_test_accuracy"]) == 2
     assert len(two["layer_mean_abs_rate"]) == 2 and all(0 < v < 1 for v in two["layer_mean_abs_rate"])
     row = next(r for r in study["rows"] if r["layers"] == 2)
     assert row["layer_accuracy"] == two["layer_test_accuracy"]

@@ -249,8 +249,9 @@ class DSSMConfig:
         return out
 
     def resolved_solver(self) -> str:
-        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (``"block"`` for a deep
-        network: Gauss–Seidel over layers, per-site Newton inside each) — the per-site
+        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (``"block,inner_tol=T"``
+        for a deep network: Gauss–Seidel over layers, each layer solved by per-site Newton to the
+        threshold T within a sweep) — the per-site
         Newton solver, which reaches the same field-residual tolerance in 3–6 steps where
         the seed's Euler schedule needs hundreds (measured, benchmarks/README.md) — for a
         single layer with lateral distance 0, a field residual, a threshold, no streaming
@@ -268,8 +269,9 @@ class DSSMConfig:
         )
         if not newton:
             return "euler"
-        # deep: block Gauss–Seidel over layers with per-site Newton (benchmarks/deep_settle.py)
-        return "newton" if self.layers == 1 else "block"
+        # deep: block Gauss–Seidel over layers, each layer solved by per-site Newton to T within a
+        # sweep (benchmarks/deep_settle.py)
+        return "newton" if self.layers == 1 else f"block,inner_tol={self.threshold!r}"
 
     def solver_options(self) -> dict[str, Any]:
         """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step

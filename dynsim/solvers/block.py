@@ -14,6 +14,14 @@ and the sweep is Newton's method on a triangular system (each layer sees its con
 input after the layer below converges); with γ > 0 the feedback enters as a lagged term,
 which converges linearly at a rate of order γ‖W_{p+1}‖² f'.
 
+With ``inner_tol`` (what ``--solver auto`` picks, with the threshold T: ``block,inner_tol=T``)
+each layer of a sweep takes per-site Newton steps with ``b_p`` fixed until its own
+``‖F_p‖/‖u_p‖ < inner_tol`` (at most ``inner_max``), i.e. nonlinear block Gauss–Seidel with
+exact layer solves: with γ = 0 one sweep solves the network and the next only tests it, so the
+upper layers' feed-forward maps run once per sweep instead of once per Newton step (the cost of
+a sweep step is then ~2× one layer's settle; benchmarks/deep_settle.py). Without it (default)
+a sweep takes one Newton step per layer.
+
 The first sweep (``picard_start``, default True) is a Picard sweep ``u_p ← b_p + s·A_p r_p``
 (from rest: ``u_1 = W_1 x/m_1``, then ``u_2 = W_2 f(g_1 u_1)/m_2`` …), the deep analogue of
 :class:`~dynsim.solvers.SiteNewton`'s start. Safeguard: from sweep ``damp_after`` (default 20)
@@ -47,7 +55,9 @@ class BlockNewton(SiteNewton):
     """Block Gauss–Seidel sweeps over layers, per-site Newton inside each (module docstring).
 
     One step = one sweep: every layer's field once and one batched nps × nps solve per site
-    of every layer (counted as one field evaluation). The feed-forward inputs
+    of every layer (counted as one field evaluation); with ``inner_tol``, up to ``inner_max``
+    such solves per layer (counted as the largest number of field evaluations of any layer;
+    the torch path counts the batch's slowest sample, the compiled loop each sample's own). The feed-forward inputs
     ``W_p r_{p−1}/m_p`` computed in a sweep are the solver state: they are the next sweep's
     inputs at its starting state, so each sweep maps every layer's rates up once.
 
@@ -64,14 +74,58 @@ class BlockNewton(SiteNewton):
     name = "block"
     evals_per_step = 1
 
-    def __init__(self, picard_start: bool | str | int = True, damp_after: int = 20):
+    def __init__(self, picard_start: bool | str | int = True, damp_after: int = 20, inner_tol: float | None = None,
+                 inner_max: int = 50):
         super().__init__(picard_start)
         if isinstance(damp_after, bool) or not isinstance(damp_after, int) or damp_after < 1:
             raise ConfigError(f"damp_after must be an integer >= 1 (sweeps), got {damp_after!r}")
+        if inner_tol is not None and (isinstance(inner_tol, bool) or not isinstance(inner_tol, (int, float))
+                                      or not 0 < inner_tol < float("inf")):
+            raise ConfigError(f"inner_tol must be a number > 0 (a layer's ‖F_p‖/‖u_p‖) or none, got {inner_tol!r}")
+        if isinstance(inner_max, bool) or not isinstance(inner_max, int) or inner_max < 1:
+            raise ConfigError(f"inner_max must be an integer >= 1 (Newton steps per layer and sweep), "
+                              f"got {inner_max!r}")
         self.damp_after = damp_after
+        self.inner_tol = None if inner_tol is None else float(inner_tol)
+        self.inner_max = inner_max
 
     def __repr__(self) -> str:
-        return f"BlockNewton(picard_start={self.picard_start}, damp_after={self.damp_after})"
+        inner = "" if self.inner_tol is None else f", inner_tol={self.inner_tol!r}, inner_max={self.inner_max}"
+        return f"BlockNewton(picard_start={self.picard_start}, damp_after={self.damp_after}{inner})"
+
+    def _layer_solve(self, system, p: int, u_p: torch.Tensor, b: torch.Tensor, lateral_at_u, picard: bool, n: int):
+        """Layer ``p``'s update with its input ``b`` held fixed: ``(v, τ-less field F_p at u_p, evaluations)``.
+
+        ``inner_tol`` None: one Picard (``picard``) or per-site Newton step. Else per-site Newton
+        steps (the first a Picard step when ``picard``) until each sample's ``‖F_p‖/‖u_p‖ <
+        inner_tol`` or ``inner_max`` steps; a sample that has met the test keeps its state."""
+        tau = system.tau
+
+        def one(v, j, f=None):
+            if picard and j == 0:
+                f = (b - v + lateral_at_u) / tau if f is None else f
+                return v + tau * f, f
+            v_new, f = system.layer_newton_step(p, v, b)
+            if n >= self.damp_after or j >= self.damp_after:  # safeguard: half steps
+                v_new = v + 0.5 * (v_new - v)
+            return v_new, f
+
+        v, f_first = one(u_p, 0)
+        if self.inner_tol is None:
+            return v, f_first, 1
+        from dynsim.settle import relative_norm
+
+        v, v_new, f, evals = u_p, v, f_first, 1
+        done = torch.zeros(u_p.shape[0], dtype=torch.bool, device=u_p.device)
+        for j in range(self.inner_max):
+            if j:
+                v_new, f = one(v, j)
+                evals += 1
+            done |= relative_norm(f, v) < self.inner_tol
+            if bool(done.all()):
+                break
+            v = torch.where(done[:, None], v, v_new)
+        return v, f_first, evals
 
     @staticmethod
     def _system(field):
@@ -105,6 +159,7 @@ class BlockNewton(SiteNewton):
 
         picard = n == 0 and self.picard_start and system.activation == "tanh"
         u_next, f_at_u, carried = [], [], []
+        evals = 1
         r_below = None  # the newest rates of the layer below
         for p, u_p in enumerate(us):
             if p == 0:
@@ -117,16 +172,11 @@ class BlockNewton(SiteNewton):
             if system.gamma and p < last:  # the layer above still holds its rates at u
                 fb = system.layer_feedback(p, {p + 1: old_rate(p + 1)})
             b_new = ff_new if fb is None else ff_new + fb
-            if picard:
-                layer = system.layers[p]
-                f_new = (b_new - u_p + system.lateral_sign * layer.lateral_input(old_rate(p))) / tau
-                v = u_p + tau * f_new
-            else:
-                v, f_new = system.layer_newton_step(p, u_p, b_new)
-                if n >= self.damp_after:  # safeguard: halve the step of a sample still running
-                    v = u_p + 0.5 * (v - u_p)
+            lateral = system.lateral_sign * system.layers[p].lateral_input(old_rate(p)) if picard else None
+            v, f_new, used = self._layer_solve(system, p, u_p, b_new, lateral, picard, n)
+            evals = max(evals, used)
             f_at_u.append(f_new if p == 0 else f_new + (ff_old - ff_new) / tau)  # F_p at the given u
             u_next.append(v)
             if p < last:
                 r_below = system.layer_rates(p, v)
-        return StepResult(torch.cat(u_next, dim=1), torch.cat(f_at_u, dim=1), carried, 1)  # one sweep
+        return StepResult(torch.cat(u_next, dim=1), torch.cat(f_at_u, dim=1), carried, evals)  # one sweep

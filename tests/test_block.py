@@ -104,6 +104,7 @@ def test_config_auto_picks_block_for_deep_and_checks_factors():
     deep = DSSMConfig(layers=2, nps=[4, 4])
     assert deep.resolved_solver() == "block,inner_tol=0.0001"  # each layer solved to T within a sweep
     assert DSSMConfig(layers=2, threshold=1e-3).resolved_solver() == "block,inner_tol=0.001"
+    assert DSSMConfig(layers=2, gamma=0.1).resolved_solver() == "block"  # feedback: one step per layer
     assert DSSMConfig().resolved_solver() == "newton"
     assert DSSMConfig(layers=2, stream_every=10).resolved_solver() == "euler"
     with pytest.raises(ConfigError, match="--gains applies to deep networks only"):

@@ -249,9 +249,10 @@ class DSSMConfig:
         return out
 
     def resolved_solver(self) -> str:
-        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (``"block,inner_tol=T"``
-        for a deep network: Gauss–Seidel over layers, each layer solved by per-site Newton to the
-        threshold T within a sweep) — the per-site
+        """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (for a deep network
+        ``"block,inner_tol=T"``: Gauss–Seidel over layers, each layer solved by per-site Newton to
+        the threshold T within a sweep; with feedback γ > 0 ``"block"``, one Newton step per layer
+        and sweep) — the per-site
         Newton solver, which reaches the same field-residual tolerance in 3–6 steps where
         the seed's Euler schedule needs hundreds (measured, benchmarks/README.md) — for a
         single layer with lateral distance 0, a field residual, a threshold, no streaming
@@ -269,9 +270,12 @@ class DSSMConfig:
         )
         if not newton:
             return "euler"
-        # deep: block Gauss–Seidel over layers, each layer solved by per-site Newton to T within a
-        # sweep (benchmarks/deep_settle.py)
-        return "newton" if self.layers == 1 else f"block,inner_tol={self.threshold!r}"
+        # deep: block Gauss–Seidel over layers with per-site Newton; without feedback each layer is
+        # solved to T within a sweep, with feedback one Newton step per layer and sweep is cheaper
+        # (benchmarks/deep_settle.py)
+        if self.layers == 1:
+            return "newton"
+        return f"block,inner_tol={self.threshold!r}" if self.gamma == 0 else "block"
 
     def solver_options(self) -> dict[str, Any]:
         """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step

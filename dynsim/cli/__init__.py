@@ -302,12 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                       output=OutputSpec(timestamped("dssm", "data"), related=_checkpoint_of, can_resume=True,
                                         validate=lambda args: _config_from_args(args).validate()),
                       kernels=True)
-    from dynsim import cli_studies
+    from dynsim.cli import deep, studies
 
-    cli_studies.register(sub)
-    from dynsim import cli_deep
-
-    cli_deep.register(sub)
+    studies.register(sub)
+    deep.register(sub)
     register_ssl(sub, run_sub)
     add_output_flags(parser)  # --overwrite, --resume, --plot-format on every command that writes
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)

@@ -149,7 +149,7 @@ PLAUSIBLE = {
 @given(st.fixed_dictionaries({}, optional=PLAUSIBLE))
 def test_valid_config_builds_a_layer_that_settles(values):
     """Whatever validate() accepts must build a network and settle a digit without crashing."""
-    from dynsim.pipelines.dssm import build_layer
+    from dynsim.builders import build_layer
     from dynsim.solvers import solver_from_spec
 
     values = {k: v for k, v in values.items() if k not in ("data", "device")}

@@ -11,8 +11,8 @@ from sklearn.datasets import load_digits
 
 from dynsim.callbacks import Callback
 from dynsim.cli import main
-from dynsim.errors import ConfigError
 from dynsim.cli.ssl import add_run_arguments, add_study_arguments, run_from_args
+from dynsim.errors import ConfigError
 from dynsim.pipelines.ssl import SSLConfig, run_ssl
 from dynsim.readouts import fit_linear_probe
 from dynsim.ssl.augment import Deform

@@ -1,4 +1,4 @@
-"""``dynsim run dssm``: the flags of :class:`~dynsim.pipelines.dssm.DSSMConfig` and the command."""
+"""``dynsim run dssm``: the flags of :class:`~dynsim.configs.dssm.DSSMConfig` and the command."""
 
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dynsim.cli.common import checkpoint_of, command_group, print_table
+from dynsim.configs.ssl import DATASETS, DEFAULT_ARCH, SSLConfig
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.outputs import OutputSpec, timestamped
-from dynsim.pipelines.ssl import DATASETS, DEFAULT_ARCH, SSLConfig, run_ssl
+from dynsim.pipelines.ssl import run_ssl
 from dynsim.ssl.rules import RULES
 from dynsim.ssl.schedules import SCHEDULES
 from dynsim.ssl.stages import ACTIVATIONS

@@ -28,7 +28,7 @@ from dynsim.systems.deep import DeepHebbianNet, LayerSpec
 # receptive-field geometry per image size when the user gives none: (stride, radius)
 DEFAULT_GEOMETRY = {
     (8, 8): (2, 3.0),  # digits: 4x4 sites, 32-pixel discs (half the image; digits are ~4x coarser)
-    (28, 28): (2, 4.0),  # MNIST-like: DESIGN §2, 14x14 sites, 52-pixel discs
+    (28, 28): (2, 4.0),  # MNIST-like (Obeid et al. 2019): 14x14 sites, 52-pixel discs
     (32, 32): (2, 4.0),
 }
 

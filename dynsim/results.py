@@ -33,7 +33,7 @@ from dynsim.errors import OutputError
 
 
 def result_header(command: str, config: Any, **machine: Any) -> dict[str, Any]:
-    """The head every result JSON starts with (DESIGN §4): the command, dynsim's and torch's
+    """The head every result JSON starts with: the command, dynsim's and torch's
     versions, the machine (platform, torch threads, plus ``machine`` extras such as the
     device) and the full resolved config (a dataclass or a dict)."""
     from dynsim._version import __version__

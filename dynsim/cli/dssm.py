@@ -15,7 +15,7 @@ from dynsim.readouts import READOUTS
 
 
 def add_dssm_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``dynsim run dssm`` (defaults: DESIGN §2)."""
+    """The flags of ``dynsim run dssm`` (defaults: Obeid, Ramambason & Pehlevan 2019)."""
     from dynsim.data import DATASETS
     from dynsim.pipelines.dssm import DSSMConfig
 

@@ -29,7 +29,7 @@ from dynsim.systems.deep import LAYER_STOPS
 
 @dataclass
 class DSSMConfig:
-    """Every setting of a DSSM run. Defaults follow DESIGN §2 (Obeid et al. 2019)."""
+    """Every setting of a DSSM run. Defaults follow Obeid, Ramambason & Pehlevan (2019) and their code."""
 
     data: str = "digits"
     data_dir: str | None = None
@@ -229,8 +229,8 @@ class DSSMConfig:
     def resolved_solver(self) -> str:
         """The solver spec that runs. ``"auto"`` (the default) is ``"newton"`` (``"block"`` for a deep
         network: Gauss–Seidel over layers, per-site Newton inside each) — the per-site
-        Newton solver, which reaches the same field-residual tolerance in 3–6 steps where
-        the seed's Euler schedule needs hundreds (measured, benchmarks/README.md) — for a
+        Newton solver, which reaches the same field-residual tolerance in a few steps where
+        the seed's Euler schedule needs many (figures: benchmarks/README.md) — for a
         single layer with lateral distance 0, a field residual, a threshold, no streaming
         and the seed schedule; otherwise ``"euler"`` (the seed's method, e.g. when the
         residual is Euler's increment or settling is a fixed number of Euler steps)."""

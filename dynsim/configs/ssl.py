@@ -40,8 +40,8 @@ class SSLConfig:
     """Settings of one SSL run (all keyword, all typed; see ``dynsim run ssl --help``).
 
     ``epochs = 0`` gives the random-encoder baseline (no training). For GLL the epochs are
-    shared equally among the stages. The hinge loss is summed over pairs (SSL.md); the
-    history reports it per image. ``lr`` applies to every rule.
+    shared equally among the stages. The hinge loss ``Σ_ij [δ − y_ij (τ − d_ij)]₊`` is summed
+    over pairs (Tang et al. 2022); the history reports it per image. ``lr`` applies to every rule.
     """
 
     data: str = "digits"

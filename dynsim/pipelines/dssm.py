@@ -1,11 +1,12 @@
-"""The similarity-matching (DSSM) experiment of DESIGN §2, end to end.
+"""The similarity-matching (DSSM) experiment of Obeid, Ramambason & Pehlevan (NeurIPS 2019), end to end.
 
 ``run_dssm(DSSMConfig(...))`` loads data, builds a structured :class:`HebbianLayer`, and
 trains it online on the event loop: each epoch draws ``images_per_epoch`` training images
 with replacement, every image settles (Euler with the seed's step schedule by default,
 stopping per sample at ``‖du/ds‖/‖u‖ < T`` or the cap), then the Hebbian/anti-Hebbian
 rule updates ``W`` and ``L``. Every ``eval_every`` epochs the representations of all train
-and test images are read out linearly. The result dict follows DESIGN §4.
+and test images are read out linearly. The result dict holds the config, the version, the
+per-epoch history and a ``final`` block (:func:`dynsim.results.result_header`).
 With ``layers > 1`` the system is a :class:`~dynsim.systems.deep.DeepHebbianNet` (per-layer
 structure lists, feedback ``gamma``) and each layer's representation is read out
 separately (``final.layer_test_accuracy``); see ``docs/deep.md``.
@@ -65,7 +66,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         if len(np.unique(y)) < 2:
             raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
                               f"use at least {2 * ds.n_classes} or 'none' for all")
-    t0 = time.perf_counter()  # raw-pixel baseline with the run's readout (LinearSVC takes minutes on 60k)
+    t0 = time.perf_counter()  # raw-pixel baseline with the run's readout, timed apart
     baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
     baseline.pop("weights", None)
     baseline_seconds = time.perf_counter() - t0

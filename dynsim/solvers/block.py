@@ -47,6 +47,7 @@ import torch
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import StepResult
 from dynsim.solvers.newton import SiteNewton
+from dynsim.stopping import relative_norm
 
 _NEEDS = ("split", "layer_rates", "feedforward_input", "layer_feedback", "layer_newton_step", "gamma")
 
@@ -113,8 +114,6 @@ class BlockNewton(SiteNewton):
         v, f_first = one(u_p, 0)
         if self.inner_tol is None:
             return v, f_first, 1
-        from dynsim.settle import relative_norm
-
         v, v_new, f, evals = u_p, v, f_first, 1
         done = torch.zeros(u_p.shape[0], dtype=torch.bool, device=u_p.device)
         for j in range(self.inner_max):

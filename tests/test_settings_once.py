@@ -170,3 +170,13 @@ def test_resume_needs_out_is_written_once(tmp_path, capsys):
 def test_setting_metadata_is_typed():
     f = next(f for f in described(DSSMConfig) if f.name == "threshold")
     assert isinstance(meta_of(f), Setting) and flag_of(f) == "--threshold"
+
+
+@pytest.mark.parametrize(("line", "progress"), [("no-progress = false", True), ("no-progress = true", False),
+                                                ("progress = false", False)])
+def test_a_switch_in_a_config_file_means_what_it_says(tmp_path, line, progress):
+    """``no-progress = false`` once read as a one-item list, i.e. true."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(line + "\n")
+    args = parse_args_with_config(build_parser(), ["run", "dssm", "--config", str(cfg)])
+    assert args.progress is progress

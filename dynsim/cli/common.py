@@ -1,5 +1,5 @@
-"""Helpers shared by the commands of :mod:`dynsim.cli`: value parsers, command groups,
-printed tables, what holds an unfinished run."""
+"""Helpers shared by the commands of :mod:`dynsim.cli`: flags generated from a settings
+dataclass (:func:`add_settings`), command groups, printed tables, what holds an unfinished run."""
 
 from __future__ import annotations
 
@@ -8,30 +8,6 @@ import sys
 from pathlib import Path
 
 from dynsim.errors import ConfigError
-
-
-def optional(kind):
-    """``kind``, or None for 'none'/'off' (each flag's help says what None means; 'inf' is a
-    number, refused by the range check where it would mean nothing)."""
-
-    def parse(text: str):
-        return None if text.lower() in ("none", "off") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def per_layer(kind):
-    """``"4"`` -> 4, ``"4,8"`` -> [4, 8] (one value per layer)."""
-
-    def parse(text: str):
-        parts = [kind(v) for v in text.split(",") if v.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list, got {text!r}")
-        return parts[0] if len(parts) == 1 else parts
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:

@@ -38,7 +38,7 @@ def _config(args: argparse.Namespace):
         threshold=args.threshold, solver=args.solver, epochs=args.epochs, images_per_epoch=args.images_per_epoch,
         eval_every=args.eval_every, eval_train_size=args.eval_train_size, eval_test_size=args.eval_test_size,
         readout=args.readout, base=base, workers=args.workers, backend=args.backend,
-        ray_address=args.ray_address, progress=not args.no_progress, out=args.out,
+        ray_address=args.ray_address, progress=args.progress, out=args.out,
     )
     return config
 
@@ -97,6 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None)
     p.add_argument("--out", default=None, help="study JSON (cells beside it in <out>_cells/; PNG beside it; "
                    "default runs/deep-DATA-TIME.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     p.set_defaults(func=cmd_study_deep, output=OutputSpec(
         timestamped("deep", "data"), related=lambda out: [cells_dir(out)], can_resume=True, validate=check_settings))

@@ -310,7 +310,7 @@ def test_resume_refuses_other_training_settings_and_needs_out(tmp_path, monkeypa
     with monkeypatch.context() as m:
         _interrupt_after_first_checkpoint(m)
         assert main([*RESUME_ARGS, "--out", str(out)]) == 130
-    with pytest.raises(ConfigError, match=r"different settings: lr=0.001 \(now 0.01\)"):
+    with pytest.raises(ConfigError, match=r"different settings: lr=None \(now 0.01\)"):
         run_from_args(
             add_run_arguments(argparse.ArgumentParser()).parse_args(
                 [*RESUME_ARGS[2:], "--lr", "0.01", "--out", str(out), "--resume"]

@@ -39,14 +39,16 @@ from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES, build_inverses, make_rules
 from dynsim.ssl.schedules import SCHEDULES, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
-from dynsim.ssl.stages import ACTIVATIONS, build_encoder, parse_spec
+from dynsim.ssl.signals import VIEWS
+from dynsim.ssl.stages import ACTIVATIONS, ARCHS, build_encoder, parse_spec
+from dynsim.ssl.training import PlateauStop, TrainingMonitor, embedding_stats
 from dynsim.sweeps import BACKENDS, run_grid
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10")
 DEFAULT_ARCH = {
     "digits": "tiny",
-    "mnist": "small",
-    "fashion-mnist": "small",
+    "mnist": "cifar-half",
+    "fashion-mnist": "cifar-half",
     "cifar10": "cifar",
     "cifar100": "cifar",
     "stl10": "vgg6",
@@ -82,13 +84,38 @@ STUDY_GRID: tuple[tuple[str, str], ...] = (
 )
 
 
+# the authors' settings (Tang, Yang & Amit 2022, their CIFAR parameter files pars_emb_cifar.txt
+# and pars_emb_cifar_fa.txt); a run that differs lists the difference in result["departures"]
+AUTHORS = {
+    "act": "hardtanh",
+    "batch_size": 500,
+    "tau": 6.0,
+    "delta": 3.0,
+    "head_dim": 64,
+    "views": "clean+deformed",
+    "negatives_wrap": False,
+    "rll_budget": "theirs",
+    "probe": "adam",
+    "probe_epochs": 400,
+    "probe_batch_size": 500,
+    "probe_standardize": False,
+}
+AUTHORS_LR = {"bp": 1e-4, "rf": 1e-5, "urf": 1e-4, "dtp": 1e-4}  # rf: pars_emb_cifar_fa.txt
+PROBES = ("adam", "svc", "ridge")
+RLL_BUDGETS = ("theirs", "shared")
+
+
 @dataclass
 class SSLConfig:
     """Settings of one SSL run (all keyword, all typed; see ``dynsim run ssl --help``).
 
-    ``epochs = 0`` gives the random-encoder baseline (no training). For GLL the epochs are
-    shared equally among the stages. The hinge loss is summed over pairs (SSL.md); the
-    history reports it per image. ``lr`` applies to every rule.
+    ``epochs = 0`` gives the random-encoder baseline (no training). ``epochs`` is the budget:
+    training ends earlier when the epoch loss reaches a plateau (``plateau_tol``,
+    ``plateau_window``; :mod:`dynsim.ssl.training`). For GLL the epochs are shared equally
+    among the stages and a plateau ends a stage. The hinge loss is summed over pairs
+    (SSL.md); the history reports it per image. ``lr = None`` is the authors' (1e-4; RF 1e-5).
+    The defaults are the authors' (:data:`AUTHORS`); every difference is listed in the
+    result's ``departures``.
     """
 
     data: str = "digits"
@@ -98,26 +125,48 @@ class SSLConfig:
     schedule: str = "e2e"
     rule: str = "bp"
     arch: str | None = None
-    act: str = "relu"
+    act: str = "hardtanh"
     negatives: int | None = None
+    negatives_wrap: bool = False
     grad_block: bool = False
+    views: str = "clean+deformed"
     tau: float = 6.0
     delta: float = 3.0
     head_dim: int = 64
     head_pool: int = 2
-    epochs: int = 10
-    batch_size: int = 250
-    lr: float = 1e-3
+    epochs: int = 200
+    plateau_tol: float = 0.01
+    plateau_window: int = 5
+    batch_size: int = 500
+    lr: float | None = None
+    rll_budget: str = "theirs"
     dtp_step: float = 0.1
     dtp_noise: float = 0.1
     flip: bool | None = None
-    probe_epochs: int = 30
-    probe_batch_size: int = 256
+    probe: str = "adam"
+    probe_epochs: int = 400
+    probe_batch_size: int = 500
+    probe_standardize: bool = False
+    probe_every: int = 5
     random_baseline: bool = True
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
     out: str | None = None
+
+    def resolved_lr(self) -> float:
+        """``lr``, or the authors' for the rule when ``lr`` is None (1e-4; RF 1e-5)."""
+        return AUTHORS_LR[self.rule] if self.lr is None else self.lr
+
+    def departures(self) -> list[str]:
+        """The settings that differ from the authors' (:data:`AUTHORS`), as ``name=ours (theirs X)``."""
+        out = [f"{k}={getattr(self, k)!r} (theirs {v!r})" for k, v in AUTHORS.items() if getattr(self, k) != v]
+        if self.lr is not None and self.lr != AUTHORS_LR[self.rule]:
+            out.append(f"lr={self.lr!r} (theirs {AUTHORS_LR[self.rule]!r} for {self.rule})")
+        theirs_arch = ARCHS["cifar"]
+        if self.arch is not None and self.data in ("cifar10", "cifar100") and ARCHS.get(self.arch, self.arch) != theirs_arch:
+            out.append(f"arch={self.arch!r} (theirs {ARCHS['cifar']!r})")
+        return out
 
     def validate(self) -> SSLConfig:
         """Raise :class:`ConfigError` naming the first bad value; return ``self``."""
@@ -131,8 +180,11 @@ class SSLConfig:
             raise ConfigError(f"rule {self.rule!r} is unknown; use one of {', '.join(RULES)}")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"act {self.act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+        for name, choices in (("views", VIEWS), ("probe", PROBES), ("rll_budget", RLL_BUDGETS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is unknown; use one of {', '.join(choices)}")
         check_ranges(self, command="ssl")  # one range per setting across commands (dynsim.settings)
-        for name in ("grad_block", "random_baseline"):
+        for name in ("grad_block", "random_baseline", "negatives_wrap", "probe_standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.flip is not None and not isinstance(self.flip, bool):
@@ -155,7 +207,9 @@ class SSLConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be >= 1")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size = {self.batch_size} must be >= 2 (need negatives)")
-        for name in ("lr", "dtp_step"):
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr = {self.lr} must be > 0 (or None: the authors', 1e-4; RF 1e-5)")
+        for name in ("dtp_step",):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be > 0")
         if not self.dtp_noise >= 0:
@@ -235,7 +289,8 @@ class _History(Callback):
 # every other SSLConfig field, including ones added later, must match the checkpoint.
 # ``epochs`` may change except for GLL, whose stage plan depends on it.
 RESUME_MAY_CHANGE = (
-    "epochs", "probe_epochs", "probe_batch_size", "random_baseline", "device", "threads", "out",
+    "epochs", "probe", "probe_epochs", "probe_batch_size", "probe_standardize", "probe_every",
+    "random_baseline", "device", "threads", "out",
 )
 
 
@@ -260,19 +315,36 @@ def _load(config: SSLConfig, dataset: Any | None):
 
 
 def _probe(encoder, x_train, y_train, x_test, y_test, config: SSLConfig) -> dict:
+    """Probe accuracy (``test_accuracy``, ``train_accuracy``) and the training embedding's
+    effective rank and scale (``effective_rank``, ``feature_rms``)."""
     f_train, f_test = encoder.embed(x_train), encoder.embed(x_test)
     if not (torch.isfinite(f_train).all() and torch.isfinite(f_test).all()):
         return {"test_accuracy": None, "train_accuracy": None, "note": "non-finite features"}
-    return fit_linear_probe(
-        f_train,
-        y_train,
-        f_test,
-        y_test,
-        epochs=config.probe_epochs,
-        batch_size=config.probe_batch_size,
-        seed=config.seed,
-        device=config.device,
-    )
+    stats = embedding_stats(f_train[:STATS_IMAGES])
+    if config.probe == "adam":
+        fit = fit_linear_probe(
+            f_train,
+            y_train,
+            f_test,
+            y_test,
+            epochs=config.probe_epochs,
+            batch_size=config.probe_batch_size,
+            seed=config.seed,
+            device=config.device,
+            standardize=config.probe_standardize,
+        )
+    else:
+        from dynsim.readouts import readout_accuracy
+
+        if config.probe_standardize:
+            mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
+            f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+        r = readout_accuracy(config.probe, f_train, y_train, f_test, y_test, device=config.device)
+        fit = {"test_accuracy": r["accuracy"], "train_accuracy": r["train_accuracy"]}
+    return {**fit, **stats}
+
+
+STATS_IMAGES = 2000  # training images whose embedding gives the effective rank and scale
 
 
 def run_ssl(
@@ -351,7 +423,8 @@ def run_ssl(
         },
         "history": [],
     }
-    history = _History(config.lr, config.rule)
+    lr = config.resolved_lr()
+    history = _History(lr, config.rule)
     engine = ckpt = None
     if config.epochs > 0:  # build everything first, so bad settings fail before any work
         deform = Deform(
@@ -365,7 +438,7 @@ def run_ssl(
         rules = make_rules(
             config.rule,
             encoder,
-            lr=config.lr,
+            lr=lr,
             generator=gen,
             inverses=inverses,
             dtp_noise=config.dtp_noise,
@@ -378,12 +451,15 @@ def run_ssl(
             delta=config.delta,
             negatives=config.negatives,
             grad_block=config.grad_block,
+            wrap=config.negatives_wrap,
+            views=config.views,
             propagation="target" if config.rule == "dtp" else "error",
             inverses=inverses,
             target_step=config.dtp_step,
             generator=gen,
         )
-        per_epoch = n // config.batch_size
+        passes = len(encoder.stages) if config.schedule == "rll" and config.rll_budget == "theirs" else 1
+        per_epoch = passes * (n // config.batch_size)
         schedule = make_schedule(
             config.schedule,
             settler,
@@ -395,13 +471,22 @@ def run_ssl(
         order_gen = torch.Generator().manual_seed(config.seed + 1)
 
         def batches(epoch: int):
-            perm = torch.randperm(n, generator=order_gen)[: per_epoch * config.batch_size]
+            # RLL with the authors' budget: L passes per epoch, so each stage sees every image once
+            used = (n // config.batch_size) * config.batch_size
+            perm = torch.cat([torch.randperm(n, generator=order_gen)[:used] for _ in range(passes)])
             for k, idx in enumerate(perm.split(config.batch_size)):
                 yield Batch(
                     x=x_train[idx].flatten(1), y=y_train[idx], index=idx, epoch=epoch, number=k
                 )
 
-        callbacks: list[Callback] = [schedule, *rules, history]
+        plateau = PlateauStop(history.rows, tol=config.plateau_tol, window=config.plateau_window,
+                              planner=schedule if config.schedule == "gll" else None)
+        monitor = TrainingMonitor(
+            history.rows,
+            every=config.probe_every,
+            measure=lambda: _prefixed(_probe(encoder, x_train, y_train, x_test, y_test, config)),
+        )
+        callbacks: list[Callback] = [schedule, *rules, history, monitor, plateau]
         if config.out and (checkpoint_every or resume):
             modules: dict[str, torch.nn.Module] = {"encoder": encoder}
             modules.update({f"inverse_{k}": g for k, g in (inverses or {}).items()})
@@ -416,10 +501,11 @@ def run_ssl(
         desc = f"ssl {config.schedule}/{config.rule}"
         engine = Engine(settler, callbacks, progress=progress, desc=desc)
     t_eval = 0.0
-    random_acc = None
+    random_acc = random_probe = None
     if config.random_baseline or config.epochs == 0:
         t0 = time.perf_counter()
-        random_acc = _probe(encoder, x_train, y_train, x_test, y_test, config)["test_accuracy"]
+        random_probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
+        random_acc = random_probe["test_accuracy"]
         t_eval += time.perf_counter() - t0
     resumed_from = None
     if resume and ckpt is not None:
@@ -438,17 +524,28 @@ def run_ssl(
             divergence = f"{exc}. Training stopped; {where}"
     t0 = time.perf_counter()
     if config.epochs == 0:
-        probe = {"test_accuracy": random_acc, "train_accuracy": None}
+        probe = random_probe
     elif divergence is not None:
         probe = {"test_accuracy": None, "train_accuracy": None}
     else:
         probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
     t_eval += time.perf_counter() - t0
     result["history"] = history.rows
+    events = plateau.events if engine is not None else []
+    result["settings"] = {"lr": lr, "arch": encoder.spec}
+    result["departures"] = config.departures()
     result["final"] = {
         "test_accuracy": probe["test_accuracy"],
         "train_accuracy": probe.get("train_accuracy"),
+        "effective_rank": probe.get("effective_rank"),
+        "feature_rms": probe.get("feature_rms"),
         "random_encoder_accuracy": random_acc,
+        "random_encoder_effective_rank": None if random_probe is None else random_probe.get("effective_rank"),
+        "random_encoder_feature_rms": None if random_probe is None else random_probe.get("feature_rms"),
+        "epochs_trained": len(history.rows),
+        "stopped_by": ("plateau" if events and events[-1]["action"] == "stop" else "budget")
+        if config.epochs > 0 else None,
+        "plateau_events": events,
         "train_seconds": sum(r["wall_seconds"] for r in history.rows),
         "eval_seconds": t_eval,
         "images_seen": sum(r["batches"] for r in history.rows) * config.batch_size,
@@ -459,8 +556,23 @@ def run_ssl(
     if ckpt is not None:
         result["checkpoint"] = str(ckpt.path)
     if config.out:
-        write_result(Path(config.out), result)
+        plots = {}
+        if result["history"]:
+            from dynsim.ssl.plots import plot_training
+
+            plots["training"] = ("_training", plot_training(result))
+        write_result(Path(config.out), result, plots)
     return result
+
+
+def _prefixed(probe: dict) -> dict:
+    """A probe's numbers as history-row fields (``probe_test_accuracy``, ``effective_rank``, ...)."""
+    return {
+        "probe_test_accuracy": probe.get("test_accuracy"),
+        "probe_train_accuracy": probe.get("train_accuracy"),
+        "effective_rank": probe.get("effective_rank"),
+        "feature_rms": probe.get("feature_rms"),
+    }
 
 
 # ---------------------------------------------------------------- CLI: dynsim run ssl
@@ -480,34 +592,60 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
         default=None,
-        help="encoder spec, e.g. c32-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 max-pool), or a name: "
-        "cifar, vgg6, small, tiny (default: per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items())
+        help="encoder spec, e.g. c32-a-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 max-pool, a: activation after "
+        "the layer before; no 'a' at all: after every layer), or a name: "
+        + ", ".join(ARCHS) + " (default: per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items())
         + ")",
     )
-    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act, help="activation (default: %(default)s)")
+    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act,
+                   help="activation, at the layers marked 'a' in --arch (default: %(default)s)")
     p.add_argument(
         "--negatives",
         type=_negatives,
         default=None,
         metavar="K",
-        help="use pairs (i, i+k), k < K, negatives weighted 1/K (default: all)",
+        help="use the offset diagonals: pairs (i, i+k), k < K, i+k < B, negatives weighted 1/K (default: all)",
     )
+    p.add_argument("--negatives-wrap", action="store_true",
+                   help="with --negatives K, pairs (i, (i+k) mod B) instead (default: off, as the authors)")
+    p.add_argument("--views", choices=VIEWS, default=d.views,
+                   help="clean+deformed: the image and one deformed copy (the authors' CIFAR code); two: two "
+                   "independent deformations (their STL-10 code) (default: %(default)s)")
     p.add_argument("--grad-block", action="store_true",
                    help="no error into the deformed branch (default: off)")
     p.add_argument("--tau", type=float, default=d.tau,
                    help="hinge threshold τ of positive pairs (default: %(default)s)")
     p.add_argument("--delta", type=float, default=d.delta, help="margin δ of negative pairs (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs,
-                   help="training epochs (default: %(default)s; 0: no training, the random-encoder baseline; "
-                   "GLL shares them equally among the stages)")
+                   help="epoch budget (default: %(default)s; 0: no training, the random-encoder baseline; "
+                   "GLL shares them equally among the stages); training ends earlier at a loss plateau")
+    p.add_argument("--plateau-tol", type=float, default=d.plateau_tol,
+                   help="stop when the epoch loss fell by less than this fraction over --plateau-window epochs "
+                   "(GLL: go to the next stage) (default: %(default)s; 0: train the whole budget)")
+    p.add_argument("--plateau-window", type=int, default=d.plateau_window,
+                   help="epochs over which the plateau is judged (default: %(default)s)")
+    p.add_argument("--rll-budget", choices=RLL_BUDGETS, default=d.rll_budget,
+                   help="RLL epoch: theirs = L passes over the data (each stage sees every image once), "
+                   "shared = one pass shared among the L stages (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per batch, >= 2 (the other images are the negatives; default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of every rule (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate of every unit (default: the authors', 1e-4; RF 1e-5)")
     p.add_argument("--dtp-step", type=float, default=d.dtp_step, help="DTP top-target step η (default: %(default)s)")
     p.add_argument("--dtp-noise", type=float, default=d.dtp_noise,
                    help="DTP inverse-training noise σ (default: %(default)s)")
+    p.add_argument("--probe", choices=PROBES, default=d.probe,
+                   help="linear probe: adam = one linear layer, cross-entropy, Adam 1e-3 (the authors'); svc / ridge "
+                   "= the exact readouts of dynsim.readouts (default: %(default)s)")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
-                   help="epochs of the linear probe on the frozen embedding (default: %(default)s)")
+                   help="epochs of the adam probe on the frozen embedding (default: %(default)s)")
+    p.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size,
+                   help="mini-batch of the adam probe (default: %(default)s)")
+    p.add_argument("--probe-standardize", action="store_true",
+                   help="standardise each feature before the probe (default: off, as the authors)")
+    p.add_argument("--probe-every", type=int, default=d.probe_every,
+                   help="probe accuracy and effective rank every K epochs during training (default: %(default)s; "
+                   "0: only at the end)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, order and augmentations (default: 0)")
     p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")

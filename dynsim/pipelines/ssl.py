@@ -164,7 +164,8 @@ class SSLConfig:
         if self.lr is not None and self.lr != AUTHORS_LR[self.rule]:
             out.append(f"lr={self.lr!r} (theirs {AUTHORS_LR[self.rule]!r} for {self.rule})")
         theirs_arch = ARCHS["cifar"]
-        if self.arch is not None and self.data in ("cifar10", "cifar100") and ARCHS.get(self.arch, self.arch) != theirs_arch:
+        ours_arch = ARCHS.get(self.arch or "", self.arch)
+        if self.arch is not None and self.data in ("cifar10", "cifar100") and ours_arch != theirs_arch:
             out.append(f"arch={self.arch!r} (theirs {ARCHS['cifar']!r})")
         return out
 
@@ -425,7 +426,7 @@ def run_ssl(
     }
     lr = config.resolved_lr()
     history = _History(lr, config.rule)
-    engine = ckpt = None
+    engine = ckpt = monitor = None
     if config.epochs > 0:  # build everything first, so bad settings fail before any work
         deform = Deform(
             flip=FLIP_DEFAULT.get(config.data, True) if config.flip is None else config.flip
@@ -484,7 +485,8 @@ def run_ssl(
         monitor = TrainingMonitor(
             history.rows,
             every=config.probe_every,
-            measure=lambda: _prefixed(_probe(encoder, x_train, y_train, x_test, y_test, config)),
+            measure=lambda: _probe(encoder, x_train, y_train, x_test, y_test, config),
+            prefix=_prefixed,
         )
         callbacks: list[Callback] = [schedule, *rules, history, monitor, plateau]
         if config.out and (checkpoint_every or resume):
@@ -527,6 +529,8 @@ def run_ssl(
         probe = random_probe
     elif divergence is not None:
         probe = {"test_accuracy": None, "train_accuracy": None}
+    elif monitor.last is not None and history.rows and monitor.last[0] == history.rows[-1]["epoch"]:
+        probe = monitor.last[1]  # the last epoch was just probed: the same encoder
     else:
         probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
     t_eval += time.perf_counter() - t0

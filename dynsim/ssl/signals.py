@@ -112,6 +112,7 @@ class ContrastiveSignals:
         self.deform = deform
         self.hinge = dict(tau=tau, delta=delta, negatives=negatives, grad_block=grad_block, wrap=wrap)
         self.views = views
+        self.channels_last = True  # memory layout of the batch (NHWC); benchmarks/ssl_step.py compares
         self.propagation = propagation
         self.inverses = inverses or {}
         self.target_step = target_step
@@ -124,7 +125,7 @@ class ContrastiveSignals:
         n = x.shape[0]
         first = x if self.views == "clean+deformed" else self.deform(x, self.generator)
         x2 = torch.cat([first, self.deform(x, self.generator)])
-        if x2.dim() == 4:  # NHWC: max-pooling and the convolutions run faster on CPU (benchmarks/ssl_step.py)
+        if x2.dim() == 4 and self.channels_last:  # NHWC: faster pooling and convolutions on CPU
             x2 = x2.contiguous(memory_format=torch.channels_last)
         plan = self.plan
         stages = self.encoder.stages

@@ -120,13 +120,19 @@ class TrainingMonitor(Callback):
     ----------
     rows : the per-epoch history rows.
     every : epochs between measurements (0: never during training).
-    measure : callable returning the dict to add (e.g. ``probe_test_accuracy``,
-        ``effective_rank``, ``feature_rms``).
+    measure : callable returning the measurements (kept in :attr:`last` with the epoch).
+    prefix : maps them to the fields added to the row (e.g. ``probe_test_accuracy``,
+        ``effective_rank``, ``feature_rms``); identity when None.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], *, every: int, measure: Callable[[], dict[str, Any]]):
+    def __init__(self, rows: list[dict[str, Any]], *, every: int, measure: Callable[[], dict[str, Any]],
+                 prefix: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
         self.rows, self.every, self.measure = rows, every, measure
+        self.prefix = prefix or (lambda m: m)
+        self.last: tuple[int, dict[str, Any]] | None = None  # (epoch, what measure returned)
 
     def on_epoch_end(self, engine: Any, epoch: int) -> None:  # noqa: D102
         if self.every and (epoch + 1) % self.every == 0 and self.rows:
-            self.rows[-1].update(self.measure())
+            measured = self.measure()
+            self.last = (epoch, measured)
+            self.rows[-1].update(self.prefix(measured))

@@ -213,7 +213,7 @@ def test_cli_arguments_round_trip(tmp_path):
 
 def test_study_grid_runs_on_digits_and_writes_the_table(tmp_path):
     base = SSLConfig(
-        data="digits", n_train=300, n_test=150, epochs=3, batch_size=50, probe_epochs=5, threads=1
+        data="digits", n_train=300, n_test=150, epochs=3, batch_size=50, probe_epochs=5, threads=1, probe_every=0
     )
     summary = run_study(base, tmp_path, workers=1, progress=False)
     table = (tmp_path / "ssl_study.md").read_text()
@@ -225,7 +225,7 @@ def test_study_grid_runs_on_digits_and_writes_the_table(tmp_path):
     assert json.loads((tmp_path / "ssl_study.json").read_text())["rows"] == summary["rows"]
     assert (tmp_path / "ssl_study.png").stat().st_size > 1000
     for r in summary["rows"]:  # "a few seconds per cell"
-        assert r["train_seconds"] < 10
+        assert r["train_seconds"] < 30  # RLL: L passes per epoch
 
 
 def test_linear_probe_separates_separable_classes():

@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
             step, x, g = make_step(version, args.arch, args.batch)
             losses[version] = step()
             t_step = best_of(step, args.repeats)
-            t_aug = best_of(lambda: Deform(flip=True)(x, g), args.repeats)
+            t_aug = best_of(lambda x=x, g=g: Deform(flip=True)(x, g), args.repeats)
             rows.append({"threads": threads, "version": version, "step_seconds": t_step, "deform_seconds": t_aug})
     base = {r["threads"]: r["step_seconds"] for r in rows if r["version"] == "before"}
     print(f"SSL training step, E2E/BP, {args.arch}, batch {args.batch} (2 views), all negatives; best of "

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from dynsim.configs.ssl import AUTHORS, SSLConfig
 from dynsim.data import load_dataset
-from dynsim.pipelines.ssl import AUTHORS, SSLConfig, run_ssl
+from dynsim.pipelines.ssl import run_ssl
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.signals import ContrastiveSignals
 from dynsim.ssl.stages import build_encoder, spec_activations

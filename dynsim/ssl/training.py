@@ -136,3 +136,35 @@ class TrainingMonitor(Callback):
             measured = self.measure()
             self.last = (epoch, measured)
             self.rows[-1].update(self.prefix(measured))
+
+
+STATS_IMAGES = 2000  # training images whose embedding gives the effective rank and scale
+
+
+def probe_encoder(encoder, x_train, y_train, x_test, y_test, *, probe: str, epochs: int, batch_size: int,
+                  standardize: bool, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Linear-probe accuracy of the frozen ``encoder`` and its embedding's statistics.
+
+    ``probe="adam"`` is the authors' protocol (Tang, Yang & Amit 2022): one linear layer with
+    bias on the embedding, cross-entropy, Adam 1e-3, ``epochs`` passes in mini-batches of
+    ``batch_size`` (:func:`dynsim.readouts.fit_linear_probe`); ``"svc"`` / ``"ridge"`` are the
+    exact readouts of :mod:`dynsim.readouts`. ``standardize`` centres and scales each feature with
+    the training statistics first. Returns ``test_accuracy``, ``train_accuracy`` and, from the
+    first :data:`STATS_IMAGES` training images, ``effective_rank`` and ``feature_rms``.
+    """
+    from dynsim.readouts import fit_linear_probe, readout_accuracy
+
+    f_train, f_test = encoder.embed(x_train), encoder.embed(x_test)
+    if not (torch.isfinite(f_train).all() and torch.isfinite(f_test).all()):
+        return {"test_accuracy": None, "train_accuracy": None, "note": "non-finite features"}
+    stats = embedding_stats(f_train[:STATS_IMAGES])
+    if probe == "adam":
+        fit = fit_linear_probe(f_train, y_train, f_test, y_test, epochs=epochs, batch_size=batch_size, seed=seed,
+                               device=device, standardize=standardize)
+    else:
+        if standardize:
+            mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
+            f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+        r = readout_accuracy(probe, f_train, y_train, f_test, y_test, device=device)
+        fit = {"test_accuracy": r["accuracy"], "train_accuracy": r["train_accuracy"]}
+    return {**fit, **stats}

@@ -30,7 +30,7 @@ from dynsim.results import write_json_atomic  # noqa: E402
 from dynsim.ssl.stages import build_encoder  # noqa: E402
 from dynsim.ssl.training import probe_encoder  # noqa: E402
 
-READOUTS = (("adam (authors')", "adam", False), ("adam, standardised", "adam", True),
+READOUTS = (("adam (authors')", "adam", False), ("adam standardised", "adam", True),
             ("svc (exact)", "svc", False), ("ridge (exact)", "ridge", False))
 
 

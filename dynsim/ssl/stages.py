@@ -35,9 +35,9 @@ ARCHS: dict[str, str] = {
 """Named encoders. ``cifar`` is the CIFAR encoder of Tang et al. (2022) with the activations
 where their parameter file has them (after the first conv of each of the first two blocks;
 none after ``conv1a``, ``conv2a``, ``conv3``: ``pars_emb_cifar.txt`` in their code);
-``cifar-half`` the same at half the widths (the default for 28x28 grey images: one
-Fashion-MNIST epoch of 10,000 images costs a quarter of ``cifar``'s); ``vgg6`` the STL-10 net
-(six 3x3 conv layers with hardtanh after each; pool positions are our choice, 64x64 -> 2x2);
+``cifar-half`` the same at half the widths (the default for 28x28 grey images: a quarter of
+``cifar``'s multiply-adds per image); ``vgg6`` the STL-10 net (six 3x3 conv layers, the
+activation after each; pool positions are our choice, 64x64 -> 2x2);
 ``small`` the earlier 28x28 default (an activation after every conv); ``tiny`` the default for
 8x8 digits."""
 

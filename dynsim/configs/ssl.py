@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynsim.errors import ConfigError
-from dynsim.settings import check_ranges
+from dynsim.settings import check_settings, setting
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES
 from dynsim.ssl.schedules import SCHEDULES
@@ -34,7 +34,6 @@ DEFAULT_ARCH = {
 
 
 FLIP_DEFAULT = {"digits": False, "mnist": False}  # flips make no sense for digits
-
 
 # the authors' settings (Tang, Yang & Amit 2022, their CIFAR parameter files pars_emb_cifar.txt
 # and pars_emb_cifar_fa.txt); a run that differs lists the difference in result["departures"]
@@ -57,6 +56,8 @@ PROBES = ("adam", "svc", "ridge")
 RLL_BUDGETS = ("theirs", "shared")
 
 
+
+
 @dataclass
 class SSLConfig:
     """Settings of one SSL run (all keyword, all typed; see ``dynsim run ssl --help``).
@@ -64,47 +65,65 @@ class SSLConfig:
     ``epochs = 0`` gives the random-encoder baseline (no training). ``epochs`` is the budget:
     training ends earlier when the epoch loss reaches a plateau (``plateau_tol``,
     ``plateau_window``; :mod:`dynsim.ssl.training`). For GLL the epochs are shared equally
-    among the stages and a plateau ends a stage. The hinge loss is summed over pairs
-    (Tang et al. 2022: ``Σ_ij [δ − y_ij (τ − d_ij)]₊``); the history reports it per image.
-    ``lr = None`` is the authors' (1e-4; RF 1e-5). The defaults are the authors'
-    (:data:`AUTHORS`); every difference is listed in the result's ``departures``.
+    among the stages and a plateau ends a stage. The hinge loss ``Σ_ij [δ − y_ij (τ − d_ij)]₊``
+    is summed over pairs (Tang et al. 2022); the history reports it per image. ``lr = None`` is
+    the authors' (1e-4; RF 1e-5). The defaults are the authors' (:data:`AUTHORS`); every
+    difference is listed in the result's ``departures``.
     """
 
-    data: str = "digits"
-    data_dir: str | None = None
-    n_train: int | None = None
-    n_test: int | None = None
-    schedule: str = "e2e"
-    rule: str = "bp"
-    arch: str | None = None
-    act: str = "hardtanh"
-    negatives: int | None = None
-    negatives_wrap: bool = False
-    grad_block: bool = False
-    views: str = "clean+deformed"
-    tau: float = 6.0
-    delta: float = 3.0
-    head_dim: int = 64
-    head_pool: int = 2
-    epochs: int = 200
-    plateau_tol: float = 0.01
-    plateau_window: int = 5
-    batch_size: int = 500
-    lr: float | None = None
-    rll_budget: str = "theirs"
-    dtp_step: float = 0.1
-    dtp_noise: float = 0.1
-    flip: bool | None = None
-    probe: str = "adam"
-    probe_epochs: int = 400
-    probe_batch_size: int = 500
-    probe_standardize: bool = False
-    probe_every: int = 5
-    random_baseline: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    out: str | None = None
+    data: str = setting("digits", choices=DATASETS, help="data set")
+    data_dir: str | None = setting(None, help="folder of the dataset files", shown_default="the data set's own")
+    n_train: int | None = setting(None, help="training images, a stratified subset ('all': all)")
+    n_test: int | None = setting(None, help="test images, a stratified subset ('all': all)")
+    schedule: str = setting("e2e", choices=SCHEDULES, flag="--learning", deprecated=("--schedule",),
+                            help="learning schedule: end to end, greedy or random layer-wise (Python and result "
+                            "files: 'schedule')")
+    rule: str = setting("bp", choices=RULES, help="update rule: backprop, random or updated random feedback, "
+                        "target propagation")
+    arch: str | None = setting(None, help="encoder spec, e.g. c32-a-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 "
+                               "max-pool, a: the activation after the layer before; no 'a' at all: after every "
+                               "layer), or a name: " + ", ".join(ARCHS),
+                               shown_default="per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items()))
+    act: str = setting("hardtanh", choices=tuple(sorted(ACTIVATIONS)),
+                       help="activation, at the layers marked 'a' in --arch")
+    negatives: int | None = setting(None, metavar="K", help="use the offset diagonals: pairs (i, i+k), k < K, "
+                                    "i+k < B, negatives weighted 1/K ('all': every other image)")
+    negatives_wrap: bool = setting(False, help="with --negatives K, pairs (i, (i+k) mod B) instead (default: off, "
+                                   "as the authors)")
+    grad_block: bool = setting(False, help="no error into the deformed branch (default: off)")
+    views: str = setting("clean+deformed", choices=VIEWS, help="clean+deformed: the image and one deformed copy "
+                         "(the authors' CIFAR code); two: two independent deformations (their STL-10 code)")
+    tau: float = setting(6.0, help="hinge threshold τ of positive pairs")
+    delta: float = setting(3.0, help="margin δ of negative pairs")
+    head_dim: int = setting(64, help="width of each stage's linear loss head")
+    head_pool: int = setting(2, help="side of the average-pooled map the loss head sees")
+    epochs: int = setting(200, help="epoch budget (0: no training, the random-encoder baseline; GLL shares them "
+                          "equally among the stages); training ends earlier at a loss plateau")
+    plateau_tol: float = setting(0.01, help="stop when the epoch loss fell by less than this fraction over "
+                                 "--plateau-window epochs (GLL: go to the next stage; 0: train the whole budget)")
+    plateau_window: int = setting(5, help="epochs over which the plateau is judged")
+    batch_size: int = setting(500, help="images per batch, >= 2 (the other images are the negatives)")
+    lr: float | None = setting(None, help="Adam learning rate of every unit",
+                               shown_default="the authors', 1e-4; RF 1e-5")
+    rll_budget: str = setting("theirs", choices=RLL_BUDGETS, help="RLL epoch: theirs = L passes over the data "
+                              "(each stage sees every image once), shared = one pass shared among the L stages")
+    dtp_step: float = setting(0.1, help="DTP top-target step η")
+    dtp_noise: float = setting(0.1, help="DTP inverse-training noise σ")
+    flip: bool | None = setting(None, cli=False, help="horizontal flips among the deformations (None: the data "
+                                "set's default; config files only)")
+    probe: str = setting("adam", choices=PROBES, help="linear probe: adam = one linear layer, cross-entropy, Adam "
+                         "1e-3 (the authors'); svc / ridge = the exact readouts of dynsim.readouts")
+    probe_epochs: int = setting(400, help="epochs of the adam probe on the frozen embedding")
+    probe_batch_size: int = setting(500, help="mini-batch of the adam probe")
+    probe_standardize: bool = setting(False, help="standardise each feature before the probe (default: off, as "
+                                      "the authors)")
+    probe_every: int = setting(5, help="probe accuracy and effective rank every K epochs during training (0: only "
+                               "at the end)")
+    random_baseline: bool = setting(True, help="skip the random-encoder probe before training (default: run it)")
+    seed: int = setting(0, help="seed of weights, order and augmentations")
+    device: str = setting("cpu", help="cpu or cuda")
+    threads: int | None = setting(1, help="torch threads ('none': torch's default)")
+    out: str | None = setting(None, help="result JSON", shown_default="runs/ssl-<data>-<learning>-<rule>-<time>.json")
 
     def resolved_lr(self) -> float:
         """``lr``, or the authors' for the rule when ``lr`` is None (1e-4; RF 1e-5)."""
@@ -123,20 +142,7 @@ class SSLConfig:
 
     def validate(self) -> SSLConfig:
         """Raise :class:`ConfigError` naming the first bad value; return ``self``."""
-        if self.data not in DATASETS:
-            raise ConfigError(f"data {self.data!r} is unknown; use one of {', '.join(DATASETS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"schedule {self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}"
-            )
-        if self.rule not in RULES:
-            raise ConfigError(f"rule {self.rule!r} is unknown; use one of {', '.join(RULES)}")
-        if self.act not in ACTIVATIONS:
-            raise ConfigError(f"act {self.act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
-        for name, choices in (("views", VIEWS), ("probe", PROBES), ("rll_budget", RLL_BUDGETS)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} {getattr(self, name)!r} is unknown; use one of {', '.join(choices)}")
-        check_ranges(self, command="ssl")  # one range per setting across commands (dynsim.settings)
+        check_settings(self, command="ssl")  # each value against its description (choices, range)
         for name in ("grad_block", "random_baseline", "negatives_wrap", "probe_standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -144,7 +150,7 @@ class SSLConfig:
             raise ConfigError(f"flip must be true, false or None (the data set's default), got {self.flip!r}")
         layers = parse_spec(self.arch or DEFAULT_ARCH[self.data])
         if self.schedule == "gll" and 0 < self.epochs < len(layers):
-            raise ConfigError(f"GLL (--schedule gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
+            raise ConfigError(f"GLL (--learning gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
                               f"(got {self.epochs}); the epochs are shared equally among the stages")
         self.check_memory()
         check_hinge_settings(self.tau, self.delta, self.negatives)

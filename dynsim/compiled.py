@@ -379,14 +379,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     ``settle``'s RMS divergence bound. Call it where :func:`can_settle` holds.
     Returns ``(u, r, steps, status, residual, n_evals)``.
     """
-    if method == "euler":
-        if cap is None or dts is None or len(dts) < cap:
-            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
-        code = METHOD_EULER
-    elif method == "newton":
-        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
-    else:
-        raise ValueError(f"unknown compiled method {method!r}")
+    loop = loop_arguments(layer, method=method, tol=tol, cap=cap, cap_first=cap_first, max_state_norm=max_state_norm,
+                          picard_start=picard_start, dts=dts, atol=atol)
     w_np, ff_index, n_pixels, channels, lat_np, _ = _arrays(layer)
     dtype = layer.ff.weight.dtype
     b = x.shape[0]
@@ -395,16 +389,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     steps = torch.empty(b, dtype=torch.long)
     status = torch.empty(b, dtype=torch.int8)
     residual = torch.empty(b, dtype=dtype)
-    npt = np.float32 if dtype == torch.float32 else np.float64
-    dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
-    args = (
-        x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
-        npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
-        -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
-        -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
-        float(torch.finfo(dtype).max),
-        u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
-    )
+    args = (x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np, *loop,
+            u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
     # numba's default (workqueue) threading layer must not be entered from two Python threads at
     # once: parallel chunks only from the main thread, one thread elsewhere
@@ -417,33 +403,61 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     return u, r, steps, status, residual, int(n_evals)
 
 
-def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits: StopLimits | None,
-                   max_state_norm: float):
-    """:func:`dynsim.settle` on the compiled kernels, or ``None`` where they do not apply.
+def loop_arguments(layer, *, method: str, tol: float | None, cap: int | None, cap_first: bool,
+                   max_state_norm: float, picard_start: bool = True, dts: np.ndarray | None = None,
+                   atol: float = 0.0) -> tuple:
+    """The arguments of :func:`_settle_kernel` between the weights and the outputs (``sign`` …
+    ``big``) for these settings (see :func:`settle_layer`); shared with the fused online loop
+    (:mod:`dynsim.fused`), so both settle with the same method and stop rule."""
+    if method == "euler":
+        if cap is None or dts is None or len(dts) < cap:
+            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
+        code = METHOD_EULER
+    elif method == "newton":
+        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
+    else:
+        raise ValueError(f"unknown compiled method {method!r}")
+    dtype = layer.ff.weight.dtype
+    npt = np.float32 if dtype == torch.float32 else np.float64
+    dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
+    return (npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
+            -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
+            -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
+            float(torch.finfo(dtype).max))
 
-    They apply to :class:`~dynsim.solvers.SiteNewton` and to :class:`~dynsim.solvers.Euler` with
-    a step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap),
-    a stop rule with limits on the field residual and a cap > 0, and a layer and tensors that
-    :func:`can_settle` accepts. Returns ``SettleResult``'s fields ``(u, r, steps, status,
-    residual, n_evals)`` exactly as the torch loop would give them.
-    """
+
+def kernel_settings(solver, limits: StopLimits | None, max_state_norm: float) -> dict | None:
+    """The keyword settings of :func:`settle_layer` for ``solver`` and a stop rule's ``limits``, or
+    ``None`` where the compiled loop does not implement them.
+
+    It implements :class:`~dynsim.solvers.SiteNewton` and :class:`~dynsim.solvers.Euler` with a
+    step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap), and
+    a stop rule with limits on the field residual and a cap > 0."""
     if limits is None or limits.on != "field" or limits.cap == 0:
         return None
     kind = type(solver)
     if kind is Euler:
         if limits.cap is None or limits.cap > 10_000_000:
             return None
-        method, extra = "euler", {}
+        extra = {"method": "euler", "dts": _step_sizes(solver.schedule, limits.cap)}
     elif kind is SiteNewton:
-        method, extra = "newton", {"picard_start": solver.picard_start}
+        extra = {"method": "newton", "picard_start": solver.picard_start}
     else:
         return None
-    if not can_settle(system, x, u0):
+    return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,
+            "max_state_norm": max_state_norm, **extra}
+
+
+def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits: StopLimits | None,
+                   max_state_norm: float):
+    """:func:`dynsim.settle` on the compiled kernels, or ``None`` where they do not apply
+    (:func:`kernel_settings`, :func:`can_settle`). Returns ``SettleResult``'s fields ``(u, r,
+    steps, status, residual, n_evals)`` exactly as the torch loop would give them.
+    """
+    settings = kernel_settings(solver, limits, max_state_norm)
+    if settings is None or not can_settle(system, x, u0):
         return None
-    if method == "euler":
-        extra["dts"] = _step_sizes(solver.schedule, limits.cap)
-    return settle_layer(system, x, u0, method=method, tol=limits.rtol, atol=limits.atol, cap=limits.cap,
-                        cap_first=limits.cap_first, max_state_norm=max_state_norm, **extra)
+    return settle_layer(system, x, u0, **settings)
 
 
 _DTS_CACHE: dict = {}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dynsim.checkpoint import Checkpoint, checkpoint_path
-from dynsim.engine import Batch, DynamicsSettler, Engine
+from dynsim.engine import DynamicsSettler, Engine, EpochDraws
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.evaluation import READOUTS, Evaluator, readout_accuracy
 from dynsim.layer_monitor import LayerMonitor
@@ -405,17 +405,9 @@ def build_layer(config: DSSMConfig, image_shape: tuple[int, int, int]) -> Hebbia
     )
 
 
-def epoch_batches(x: torch.Tensor, *, images: int, batch_size: int, seed: int):
+def epoch_batches(x: torch.Tensor, *, images: int, batch_size: int, seed: int) -> EpochDraws:
     """``batches(epoch)``: ``images`` draws with replacement per epoch, seeded by (seed, epoch)."""
-
-    def batches(epoch: int):
-        rng = np.random.default_rng([seed, epoch])
-        order = torch.from_numpy(rng.integers(0, x.shape[0], size=images))
-        for number, start in enumerate(range(0, images, batch_size)):
-            idx = order[start : start + batch_size]
-            yield Batch(x=x[idx.to(x.device)], y=None, index=idx, epoch=epoch, number=number)
-
-    return batches
+    return EpochDraws(x, images=images, batch_size=batch_size, seed=seed)
 
 
 def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):

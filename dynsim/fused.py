@@ -209,8 +209,8 @@ class FusedOnline:
 
         batch = Batch(x=self.batches.x[index : index + 1], y=None, index=torch.tensor([index]), epoch=epoch,
                       number=number)
-        result = SettleResult(u=torch.from_numpy(u.copy()), r=torch.from_numpy(r.copy()),
-                              steps=torch.tensor([steps]), status=torch.tensor([int(Status.DIVERGED)], dtype=torch.int8),
-                              residual=torch.tensor([residual]), n_evals=n_evals)
+        diverged = torch.tensor([int(Status.DIVERGED)], dtype=torch.int8)
+        result = SettleResult(u=torch.from_numpy(u.copy()), r=torch.from_numpy(r.copy()), steps=torch.tensor([steps]),
+                              status=diverged, residual=torch.tensor([residual]), n_evals=n_evals)
         self.settler._checked(batch, result)  # raises
         raise AssertionError("a diverged input passed the settler's check")  # pragma: no cover

@@ -18,7 +18,11 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   the step counts of the torch path, and the same fixed points up to float rounding (tests:
   ``tests/test_compiled.py`` and the solver conformance table). Float32
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
-  ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting).
+  ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting):
+  Python threads, each running the kernel (it releases the GIL) on its slice, so that no
+  OpenMP pool of numba's competes with torch's (numba's ``parallel=True`` chunks did: with
+  both pools spinning, 2 threads cost 2.4× the CPU time of one and ran 2.5× slower;
+  benchmarks/README.md, issue 14 item 3).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
@@ -39,6 +43,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -291,24 +296,6 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
         n += 1
 
 
-def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, atol, cap, cap_first,
-                   bound, big, u, r, steps, status, residual, n_chunks):
-    """:func:`_settle_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
-    b = x.shape[0]
-    evals = np.zeros(n_chunks, dtype=np.int64)
-    for c in numba.prange(n_chunks):
-        lo = c * b // n_chunks
-        hi = (c + 1) * b // n_chunks
-        evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol,
-                                  atol, cap, cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
-                                  residual[lo:hi])
-    return evals.sum()
-
-
-if numba is not None:
-    _settle_chunks = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")(_settle_chunks)
-
-
 @_jit
 def _solve_sites(a, b):
     """Solve ``a[:, :, s] z = b[:, s]`` for every site ``s`` (see :func:`_eliminate`); ``a`` (M, M, S)
@@ -548,18 +535,36 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     steps = torch.empty(b, dtype=torch.long)
     status = torch.empty(b, dtype=torch.int8)
     residual = torch.empty(b, dtype=dtype)
-    args = (x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np, *loop,
-            u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
+    xs = x.detach().contiguous().numpy()
+    weights = (w_np, ff_index, n_pixels, channels, lat_np)
+    outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
+
+    def rows(lo: int, hi: int) -> int:
+        return _settle_kernel(xs[lo:hi], *weights, *loop, *(o[lo:hi] for o in outs))
+
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
-    # numba's default (workqueue) threading layer must not be entered from two Python threads at
-    # once: parallel chunks only from the main thread, one thread elsewhere
-    if threads > 1 and threading.current_thread() is threading.main_thread():
-        # large batches (evaluation) in torch's thread count, as torch would use
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        n_evals = _settle_chunks(*args, threads)
+    if threads > 1:  # large batches (evaluation) in torch's thread count: contiguous slices
+        cut = [c * b // threads for c in range(threads + 1)]
+        n_evals = sum(_pool(threads).map(rows, cut[:-1], cut[1:]))
     else:
-        n_evals = _settle_kernel(*args)
+        n_evals = rows(0, b)
     return u, r, steps, status, residual, int(n_evals)
+
+
+_POOL: list = [None, 0]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``threads`` worker threads for :func:`settle_layer`."""
+    with _POOL_LOCK:
+        if _POOL[1] < threads:
+            if _POOL[0] is not None:
+                _POOL[0].shutdown(wait=False)
+            _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="dynsim-settle"), threads
+        return _POOL[0]
+
+
+_POOL_LOCK = threading.Lock()
 
 
 def loop_arguments(layer, *, method: str, tol: float | None, cap: int | None, cap_first: bool,

@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine_peak  # noqa: E402
 from online_profile import arithmetic  # noqa: E402
 
+from dynsim.builders import build_layer, prepare_data  # noqa: E402
+from dynsim.configs.dssm import DSSMConfig  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine, EpochDraws  # noqa: E402
 from dynsim.evaluation import settle_dataset  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
 from dynsim.solvers import SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402

@@ -44,10 +44,11 @@ from online_profile import arithmetic  # noqa: E402
 from tight_loop import TightLoop  # noqa: E402
 
 from dynsim import compiled  # noqa: E402
+from dynsim.builders import build_layer, prepare_data  # noqa: E402
+from dynsim.configs.dssm import DSSMConfig  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine, EpochDraws  # noqa: E402
 from dynsim.evaluation import Evaluator  # noqa: E402
 from dynsim.monitors import SettlingMonitor  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data  # noqa: E402
 from dynsim.plasticity import SEED_RATE, SimilarityMatchingRule  # noqa: E402
 from dynsim.solvers import SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from dynsim.builders import build_layer, prepare_data
 from dynsim.callbacks import Callback
+from dynsim.configs.dssm import DSSMConfig
 from dynsim.engine import DynamicsSettler, Engine, EpochDraws
 from dynsim.errors import DivergenceError
 from dynsim.monitors import SettlingMonitor
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data, run_dssm
+from dynsim.pipelines.dssm import run_dssm
 from dynsim.plasticity import SimilarityMatchingRule
 from dynsim.solvers import Euler, SiteNewton
 from dynsim.stopping import MaxSteps, RelativeChange, Status, stop_rule

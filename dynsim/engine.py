@@ -286,6 +286,18 @@ class Engine:
         instance), in order: the per-batch hooks skip the no-op base methods."""
         return [getattr(cb, hook) for cb in self.callbacks if overrides(cb, hook) or hook in vars(cb)]
 
+    def _fused_runner(self, batches, on_step):
+        """The fused online backend (:mod:`dynsim.fused`) for an epoch of ``batches``, or ``None``:
+        it needs batch-1 :class:`EpochDraws`, a plain :class:`DynamicsSettler` (a subclass with its
+        own ``__call__`` settles its own way), no ``on_step`` listener, and ``fused=True``."""
+        settler = self.settler
+        if (not self.fused or on_step is not None or not isinstance(batches, EpochDraws) or batches.batch_size != 1
+                or not isinstance(settler, DynamicsSettler) or type(settler).__call__ is not DynamicsSettler.__call__):
+            return None
+        from dynsim.fused import online_runner
+
+        return online_runner(settler, batches, self.callbacks, Batch)
+
     def _step_hook(self) -> StepHook | None:
         listeners = [cb for cb in self.callbacks if overrides(cb, "on_step")]
         if not listeners:
@@ -311,8 +323,6 @@ class Engine:
         ``resume=True``: a :class:`~dynsim.checkpoint.Checkpoint` callback restores the last
         checkpoint (if its file exists) and training continues after its last epoch.
         """
-        from dynsim.fused import online_runner
-
         if resume:
             for cb in self.callbacks:
                 if hasattr(cb, "restore"):
@@ -329,7 +339,7 @@ class Engine:
                 t0 = time.perf_counter()
                 self._call("on_epoch_start", epoch)
                 on_input, on_settled, on_batch_end = (self._listeners(h) for h in _BATCH_HOOKS)
-                runner = online_runner(self, batches, on_step)  # the fused backend, or None
+                runner = self._fused_runner(batches, on_step)
                 fused = runner is not None and runner.run_epoch(self, epoch, self._bar if bar_on else None)
                 self._record["online_backend"] = "fused" if fused else "per-input"
                 for batch in () if fused else batches(epoch):

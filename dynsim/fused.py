@@ -24,10 +24,11 @@ per-input path's :class:`~dynsim.errors.DivergenceError`; ``"skip"``: that input
 left out), streaming with ``carry="u"`` (the state runs on from input to input, capped at
 ``stream_every`` steps each).
 
-It applies (:func:`online_runner`) when all of these hold, else the engine runs its
-per-input loop:
+It applies (the engine asks :func:`online_runner` each epoch) when all of these hold, else
+the engine runs its per-input loop:
 
-* the settler is a :class:`~dynsim.engine.DynamicsSettler` whose system, solver and stop rule
+* the settler is a :class:`~dynsim.engine.DynamicsSettler` (not a subclass with its own
+  ``__call__``) whose system, solver and stop rule
   the compiled kernels implement (a site-separable layer on CPU, SiteNewton or capped Euler, a
   field-residual rule; not streaming with ``carry="r"``), and ``Engine(fused=True)``;
 * the batches are an :class:`~dynsim.engine.EpochDraws` with batch size 1 on CPU;
@@ -106,15 +107,12 @@ def _covered(callback) -> bool:
     return True
 
 
-def online_runner(engine, batches, on_step) -> FusedOnline | None:
-    """The fused backend for this epoch of ``engine`` over ``batches``, or ``None`` (then the
-    engine runs its per-input loop). Conditions: module docstring."""
-    from dynsim.engine import DynamicsSettler, EpochDraws
-
-    settler = engine.settler
-    if (not getattr(engine, "fused", False) or on_step is not None or not compiled.available()
-            or not isinstance(settler, DynamicsSettler) or not isinstance(batches, EpochDraws)
-            or batches.batch_size != 1 or settler.on_divergence not in ("raise", "skip")):
+def online_runner(settler, batches, callbacks, batch_type) -> FusedOnline | None:
+    """The fused backend for an epoch of ``batches`` (an ``EpochDraws`` of batch size 1, checked by
+    the engine, as are ``Engine(fused=True)``, a plain ``DynamicsSettler`` and no ``on_step``
+    listener), or ``None`` (then the engine runs its per-input loop). ``batch_type``: the engine's
+    ``Batch`` (for the per-input path's divergence error). Conditions: module docstring."""
+    if not compiled.available() or settler.on_divergence not in ("raise", "skip"):
         return None
     streaming = settler.stream_every is not None
     if streaming and settler.carry != "u":
@@ -133,7 +131,7 @@ def online_runner(engine, batches, on_step) -> FusedOnline | None:
                               or not bool(torch.isfinite(state).all())):
         return None
     rules, monitors = [], []
-    for cb in engine.callbacks:
+    for cb in callbacks:
         if not _covered(cb):
             return None
         if hasattr(cb, "fused_update") and any(overrides(cb, h) for h in _PER_INPUT_HOOKS):
@@ -142,15 +140,15 @@ def online_runner(engine, batches, on_step) -> FusedOnline | None:
             monitors.append(cb)
     if len(rules) > 1:
         return None
-    return FusedOnline(settler, batches, settings, rules[0] if rules else None, monitors)
+    return FusedOnline(settler, batches, settings, rules[0] if rules else None, monitors, batch_type)
 
 
 class FusedOnline:
     """One epoch of batch-1 online steps in compiled chunks (built by :func:`online_runner`)."""
 
-    def __init__(self, settler, batches, settings: dict, rule, monitors: list):
+    def __init__(self, settler, batches, settings: dict, rule, monitors: list, batch_type):
         self.settler, self.batches, self.settings = settler, batches, settings
-        self.rule, self.monitors = rule, monitors
+        self.rule, self.monitors, self.batch_type = rule, monitors, batch_type
 
     def run_epoch(self, engine, epoch: int, bar=None) -> bool:
         """Run ``epoch``'s draws; returns False (nothing done) if the rule has no fused form now
@@ -205,9 +203,7 @@ class FusedOnline:
 
     def _raise_diverged(self, epoch, number, index, u, r, steps, residual, n_evals):
         """The per-input path's DivergenceError for the input at ``number`` of ``epoch``."""
-        from dynsim.engine import Batch
-
-        batch = Batch(x=self.batches.x[index : index + 1], y=None, index=torch.tensor([index]), epoch=epoch,
+        batch = self.batch_type(x=self.batches.x[index : index + 1], y=None, index=torch.tensor([index]), epoch=epoch,
                       number=number)
         diverged = torch.tensor([int(Status.DIVERGED)], dtype=torch.int8)
         result = SettleResult(u=torch.from_numpy(u.copy()), r=torch.from_numpy(r.copy()), steps=torch.tensor([steps]),

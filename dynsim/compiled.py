@@ -20,9 +20,8 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
   ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting):
   Python threads, each running the kernel (it releases the GIL) on its slice, so that no
-  OpenMP pool of numba's competes with torch's (numba's ``parallel=True`` chunks did: with
-  both pools spinning, 2 threads cost 2.4× the CPU time of one and ran 2.5× slower;
-  benchmarks/README.md, issue 14 item 3).
+  OpenMP pool of numba's competes with torch's (numba's ``parallel=True`` chunks did, with
+  both pools spinning: benchmarks/README.md, issue 14 item 3).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``

@@ -56,8 +56,8 @@ Settler = Callable[[Batch, StepHook | None], Any]
 
 class EpochDraws:
     """``batches(epoch)`` for :meth:`Engine.fit`: ``images`` rows of ``x`` drawn with replacement
-    per epoch, seeded by ``(seed, epoch)`` (DESIGN §2: an epoch is 1000 random images), in
-    batches of ``batch_size``.
+    per epoch, seeded by ``(seed, epoch)`` (an epoch of the DSSM papers is 1000 images drawn at
+    random; Obeid, Ramambason & Pehlevan 2019), in batches of ``batch_size``.
 
     :meth:`order` gives an epoch's draws as indices, so that the engine's fused online backend
     (:mod:`dynsim.fused`) can run them without building a :class:`Batch` per image.

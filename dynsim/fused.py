@@ -1,28 +1,27 @@
 """The fused online backend of the :class:`~dynsim.engine.Engine`: many batch-1 steps per compiled call.
 
-Online DSSM learning (batch 1, DESIGN §2) settles one image, applies the
+Online DSSM learning (batch 1, as in Obeid, Ramambason & Pehlevan 2019) settles one image, applies the
 Hebbian/anti-Hebbian rule
 
     ΔW = η (r xᵀ − W),   ΔL = (η/2) (r rᵀ − L)      (stored entries only),
 
-and moves on. Per image that is ~0.1–0.3 MFLOP (drive ``W x``, a few Newton steps, 44k
-weight updates at NpS 4): microseconds of arithmetic, against ~100–200 µs of Python and
-torch dispatch when the event loop calls ``settle`` and the rule once per image. This
-backend runs a whole chunk of the epoch's draws — the epoch, or 256 images while a progress
-bar is shown — in one compiled call (:func:`dynsim.compiled._train_online`: for each drawn
-index, gather the image, settle it with the same iteration as every compiled settle
-(:func:`dynsim.compiled._settle_row`), apply the rule, write the per-input numbers), then
-hands the monitors their arrays. It is a backend of the same loop, not a second engine: the
-same settling iteration, stop rules, caps and statuses, and the same update formula as the
-per-input path; the weights live in a site-last copy during the call, so the drive ``W x``
-sums in another order and the weights agree with the per-input path's to float rounding
-(relative ~1e-6 after 2 epochs, far inside the settling tolerance; the steps and statuses
-agree except where an input's residual lies within that rounding of the threshold; tests:
-``tests/test_fused.py``). Same divergence handling (``on_divergence="raise"``: the
-input that diverged is not learned from, the inputs before it are, and the engine raises the
-per-input path's :class:`~dynsim.errors.DivergenceError`; ``"skip"``: that input's update is
-left out), streaming with ``carry="u"`` (the state runs on from input to input, capped at
-``stream_every`` steps each).
+and moves on. Per image that is little arithmetic (the drive ``W x``, a few Newton steps on NpS
+× NpS blocks, one pass over the weights), far less than the Python and torch dispatch of
+calling ``settle`` and the rule once per image from the event loop. This backend runs a whole
+chunk of the epoch's draws — the epoch, or 256 images while a progress bar is shown — in one
+compiled call (:func:`dynsim.compiled._train_online`: for each drawn index, gather the image,
+settle it with the same iteration as every compiled settle
+(:func:`dynsim.compiled._settle_row`), apply the rule, write the per-input numbers), then hands
+the monitors their arrays. It is a backend of the same loop, not a second engine: the same
+settling iteration, stop rules, caps and statuses, and the same update formula as the per-input
+path; the weights live in a site-last copy during the call, so the drive ``W x`` sums in
+another order and the weights agree with the per-input path's to float rounding, far inside the
+settling tolerance (the steps and statuses agree except where an input's residual lies within
+that rounding of the threshold; tests: ``tests/test_fused.py``). Same divergence handling
+(``on_divergence="raise"``: the input that diverged is not learned from, the inputs before it
+are, and the engine raises the per-input path's :class:`~dynsim.errors.DivergenceError`;
+``"skip"``: that input's update is left out), streaming with ``carry="u"`` (the state runs on
+from input to input, capped at ``stream_every`` steps each).
 
 It applies (the engine asks :func:`online_runner` each epoch) when all of these hold, else
 the engine runs its per-input loop:

@@ -14,6 +14,7 @@ from dynsim.solvers.controllers import PIController
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
+from dynsim.solvers.newton_cg import SiteNewtonCG
 from dynsim.solvers.rk import (
     BOGACKI_SHAMPINE,
     RALSTON,
@@ -43,7 +44,7 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, BlockNewton, TorchDiffEq, TorchODE):
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, SiteNewtonCG, BlockNewton, TorchDiffEq, TorchODE):
     register(_cls)
 Ralston = register(register_rk("ralston", RALSTON))
 Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))
@@ -80,6 +81,7 @@ __all__ = [
     "FixedStepSolver",
     "Heun",
     "SiteNewton",
+    "SiteNewtonCG",
     "Solver",
     "StepSchedule",
     "TorchDiffEq",

@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dssm_speed import median_time  # noqa: E402
 
 from dynsim import compiled, settle  # noqa: E402
+from dynsim.builders import build_layer, epoch_batches, prepare_data  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data  # noqa: E402
+from dynsim.pipelines.dssm import DSSMConfig  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
 from dynsim.solvers import Euler, SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from dynsim import compiled, settle
+from dynsim.builders import build_system, epoch_batches, prepare_data
 from dynsim.engine import DynamicsSettler, Engine
-from dynsim.pipelines.dssm import DSSMConfig, build_system, epoch_batches, prepare_data
+from dynsim.pipelines.dssm import DSSMConfig
 from dynsim.plasticity.deep import DeepSimilarityMatchingRule
 from dynsim.results import write_json_atomic
 from dynsim.solvers import BlockNewton, Euler, SiteNewton

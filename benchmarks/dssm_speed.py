@@ -53,8 +53,9 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from tight_loop import TightLoop  # noqa: E402
 
 from dynsim import settle  # noqa: E402
+from dynsim.builders import build_layer, prepare_data  # noqa: E402
 from dynsim.evaluation import settle_dataset  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data, run_dssm  # noqa: E402
+from dynsim.pipelines.dssm import DSSMConfig, run_dssm  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule  # noqa: E402
 from dynsim.readouts import readout_accuracy  # noqa: E402
 from dynsim.solvers import Euler, SiteNewton  # noqa: E402
@@ -76,9 +77,9 @@ def median_time(fn, repeats):
 def dynsim_train(layer, x_train, *, epochs, images, seed=0, start_epoch=0):
     """Online training with the Newton solver through the engine, with the plasticity rule and the
     settling monitor (as ``run_dssm`` wires it; its evaluator only acts at epoch ends)."""
+    from dynsim.builders import epoch_batches
     from dynsim.engine import DynamicsSettler, Engine
     from dynsim.monitors import SettlingMonitor
-    from dynsim.pipelines.dssm import epoch_batches
 
     stop = stop_rule(1e-4, 3000)
     rule = SimilarityMatchingRule(layer)

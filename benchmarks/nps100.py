@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from dynsim.builders import build_layer, epoch_batches, prepare_data
 from dynsim.evaluation import settle_dataset
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
+from dynsim.pipelines.dssm import DSSMConfig
 from dynsim.plasticity import hebbian_update
 from dynsim.readouts import readout_accuracy
 from dynsim.settle import settle

@@ -42,10 +42,11 @@ import machine_peak  # noqa: E402
 from tight_loop import TightLoop  # noqa: E402
 
 from dynsim import compiled, settle  # noqa: E402
+from dynsim.builders import build_layer, epoch_batches, prepare_data  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine  # noqa: E402
 from dynsim.evaluation import Evaluator  # noqa: E402
 from dynsim.monitors import SettlingMonitor  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data  # noqa: E402
+from dynsim.pipelines.dssm import DSSMConfig  # noqa: E402
 from dynsim.plasticity import SEED_RATE, SimilarityMatchingRule, hebbian_update  # noqa: E402
 from dynsim.solvers import SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402

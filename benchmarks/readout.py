@@ -102,9 +102,10 @@ def measure(name: str, xtr, ytr, xte, yte, prev_svc: torch.Tensor | None, rows_d
 
 def dssm_features(evals: int, epochs_between: int, seed: int):
     """Train the default DSSM (Newton) and yield (epoch, train rates, test rates) at each evaluation."""
+    from dynsim.builders import build_system, epoch_batches, prepare_data
     from dynsim.engine import DynamicsSettler, Engine
     from dynsim.evaluation import settle_dataset
-    from dynsim.pipelines.dssm import DSSMConfig, build_system, epoch_batches, prepare_data
+    from dynsim.pipelines.dssm import DSSMConfig
     from dynsim.plasticity import DecayingRate, SimilarityMatchingRule
     from dynsim.solvers import solver_from_spec
     from dynsim.stopping import stop_rule

@@ -9,7 +9,7 @@ This is DESIGN §2 written the way the authors' code runs: dense ``W`` (N × D) 
     ΔW = η (r xᵀ − W) ⊙ mask_W,     ΔL = (η/2)(r rᵀ − L) ⊙ mask_L,     η_e = max(5e-3/(1+0.5e), 1e-4).
 
 It takes its initial weights from ``HebbianLayer.dense_weights()`` and draws images with
-the same generator as ``dynsim.pipelines.dssm.epoch_batches``, so runs are comparable
+the same generator as ``dynsim.builders.epoch_batches``, so runs are comparable
 image by image. Neuron order is dynsim's site-major order (a permutation of the
 authors' order; it changes nothing in the dynamics).
 """
@@ -98,7 +98,8 @@ def load_dense(layer, W, L):
 
 
 if __name__ == "__main__":  # tiny demo: one epoch of 100 digits
-    from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
+    from dynsim.builders import build_layer, prepare_data
+    from dynsim.pipelines.dssm import DSSMConfig
 
     cfg = DSSMConfig(data="digits")
     ds, xtr, _ = prepare_data(cfg)

@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine_peak  # noqa: E402
 
 from dynsim import settle  # noqa: E402
+from dynsim.builders import build_layer, epoch_batches, prepare_data  # noqa: E402
 from dynsim.engine import DynamicsSettler, Engine  # noqa: E402
 from dynsim.evaluation import READOUTS, readout_accuracy, settle_dataset  # noqa: E402
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data  # noqa: E402
+from dynsim.pipelines.dssm import DSSMConfig  # noqa: E402
 from dynsim.plasticity import SimilarityMatchingRule, hebbian_update  # noqa: E402
 from dynsim.solvers import SiteNewton  # noqa: E402
 from dynsim.stopping import stop_rule  # noqa: E402

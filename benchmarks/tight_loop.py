@@ -14,7 +14,7 @@ step, as ``RelativeChange(T, on="field")``; ``‖u‖`` floored at 1e-12) or at 
 
     W ← (1 − η) W + η r xᵀ,   L ← (1 − η/2) L + (η/2) r rᵀ     (per site, stored entries only),
 
-``η_e = max(5e-3/(1+0.5e), 1e-4)``, images drawn as ``dynsim.pipelines.dssm.epoch_batches``.
+``η_e = max(5e-3/(1+0.5e), 1e-4)``, images drawn as ``dynsim.builders.epoch_batches``.
 
 What makes it tight (each choice measured on this machine against the obvious alternative,
 see benchmarks/README.md "Baselines"): float32 arrays preallocated once and written with

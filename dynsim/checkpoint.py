@@ -12,7 +12,7 @@ always the last *complete* checkpoint.
 >>> engine.fit(batches, epochs=100, resume=True)  # continues from runs/a.ckpt.pt if present  # doctest: +SKIP
 
 Resuming reproduces an uninterrupted run bit for bit when the batches of epoch ``e``
-depend only on ``(seed, e)`` (as :func:`dynsim.pipelines.dssm.epoch_batches` does).
+depend only on ``(seed, e)`` (as :func:`dynsim.builders.epoch_batches` does).
 """
 
 from __future__ import annotations

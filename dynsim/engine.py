@@ -158,8 +158,8 @@ class DynamicsSettler:
 
 
 def _any_diverged(status: torch.Tensor) -> bool:
-    """``(status == DIVERGED).any()``; small batches through a Python list (0.3 µs instead of
-    ~10 µs for a tensor comparison with the ``Status`` enum at batch 1; benchmarks/online_profile.py)."""
+    """``(status == DIVERGED).any()``; small batches through a Python list, which is cheaper than
+    a tensor comparison with the ``Status`` enum at batch 1 (timings: benchmarks/online_profile.py)."""
     if status.numel() <= _LIST_TEST_MAX:
         return int(Status.DIVERGED) in status.tolist()
     return bool((status == int(Status.DIVERGED)).any())

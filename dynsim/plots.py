@@ -410,14 +410,13 @@ def plot_seed_accuracy(result: dict[str, Any]) -> Figure:
 
 
 @styled
-def plot_repro_accuracy(study: dict[str, Any]) -> Figure:
+def plot_repro_accuracy(study: dict[str, Any], panels: tuple[tuple[str, ...], tuple[str, ...]]) -> Figure:
     """``study repro`` Figure 1: test accuracy vs epochs, left the thresholds and batching, right
-    the caps and streaming (mean ± s.e. band where a setting has several seeds), raw pixels dashed."""
-    from dynsim.studies.repro import PANELS
-
+    the caps and streaming (the setting names of each panel: ``panels``; mean ± s.e. band where a
+    setting has several seeds), raw pixels dashed."""
     settings = study["settings"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, names, title in zip(axes, PANELS, ("thresholds and batching", "step caps and streaming"), strict=True):
+    for ax, names, title in zip(axes, panels, ("thresholds and batching", "step caps and streaming"), strict=True):
         for i, name in enumerate(n for n in names if n in settings):
             s = settings[name]
             m = 100 * np.asarray(s["test_accuracy_mean"])
@@ -434,7 +433,7 @@ def plot_repro_accuracy(study: dict[str, Any]) -> Figure:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if names is PANELS[1]:  # between the capped runs near 85 % and the one-step runs below 70 %
+        if names is panels[1]:  # between the capped runs near 85 % and the one-step runs below 70 %
             ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.8))
         else:
             ax.legend(fontsize=8, loc="best")
@@ -444,13 +443,11 @@ def plot_repro_accuracy(study: dict[str, Any]) -> Figure:
 
 
 @styled
-def plot_repro_iterations(study: dict[str, Any]) -> Figure:
-    """``study repro`` Figure 2: Euler iterations to settle for each training input (log scale),
-    T = 1e-4 vs T = 1e-2, with running means."""
-    from dynsim.studies.repro import FIGURE2
-
+def plot_repro_iterations(study: dict[str, Any], names: tuple[str, ...]) -> Figure:
+    """``study repro`` Figure 2: Euler iterations to settle for each training input (log scale)
+    of the settings ``names`` (T = 1e-4 vs T = 1e-2), with running means."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, name in enumerate(FIGURE2):
+    for i, name in enumerate(names):
         runs = [c for c in study["cells"] if c["setting"] == name and "iterations_per_input" in c]
         if not runs:
             continue

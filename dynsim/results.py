@@ -33,15 +33,15 @@ from dynsim.errors import OutputError
 
 
 def result_header(command: str, config: Any, **machine: Any) -> dict[str, Any]:
-    """The head every result JSON starts with (DESIGN §4): the command, dynsim's and torch's
+    """The head every result JSON starts with: the command, dynsim's and torch's
     versions, the machine (platform, torch threads, plus ``machine`` extras such as the
     device) and the full resolved config (a dataclass or a dict)."""
-    import dynsim
+    from dynsim._version import __version__
 
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return {
         "command": command,
-        "dynsim_version": dynsim.__version__,
+        "dynsim_version": __version__,
         "torch_version": torch.__version__,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), **machine},
         "config": cfg,

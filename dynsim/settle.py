@@ -26,11 +26,10 @@ import torch
 from dynsim import backend
 from dynsim.errors import ConfigError, DataError
 from dynsim.solvers.base import Solver, StepResult
-from dynsim.stopping import Status, StopLimits, StopRule
+from dynsim.stopping import Status, StopLimits, StopRule, relative_norm
 from dynsim.systems.base import System
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-_TINY = 1e-12
 
 
 @dataclass
@@ -108,13 +107,6 @@ def _all_settle_now(limits: StopLimits | None, residual: torch.Tensor, state_nor
     if limits.cap is not None and steps >= limits.cap:
         return False
     return not bool(limits.running(residual, state_norm).any())
-
-
-def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``‖f‖ / ‖u‖`` (``‖f‖ / 1e-12`` where ``u = 0``, 0 where ``f = 0``)."""
-    num = torch.linalg.vector_norm(f, dim=1)
-    den = torch.linalg.vector_norm(u, dim=1)
-    return num / den.clamp_min(_TINY)  # 0 where f = 0; large where u = 0 only
 
 
 def residual_norm_of(system: System) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -133,7 +133,8 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return tuple(int(v) for v in shape)
 
     def _config(self, n_samples: int, shape: tuple[int, int, int], seed: int):
-        from dynsim.pipelines.dssm import DEFAULT_GEOMETRY, DSSMConfig
+        from dynsim.builders import DEFAULT_GEOMETRY
+        from dynsim.configs.dssm import DSSMConfig
 
         _, h, w = shape
         d_stride, d_radius = DEFAULT_GEOMETRY.get((h, w), (2, 4.0))
@@ -159,11 +160,8 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     # --- scikit-learn API -----------------------------------------------------------
     def fit(self, X, y=None):
         """Train the network on ``X`` (n_samples, n_features); ``y`` is ignored. Returns ``self``."""
-        from dynsim.engine import DynamicsSettler, Engine
-        from dynsim.pipelines.dssm import build_layer, epoch_batches
-        from dynsim.plasticity import DecayingRate, SimilarityMatchingRule
-        from dynsim.solvers import solver_from_spec
-        from dynsim.stopping import stop_rule
+        from dynsim.builders import build_dssm, epoch_batches
+        from dynsim.engine import Engine
 
         X = validate_data(self, X, dtype=[np.float64, np.float32])
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max)) \
@@ -171,13 +169,9 @@ class DSSMTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         shape = self._resolve_image_shape(X.shape[1])
         cfg = self._config(X.shape[0], shape, seed)
         x = torch.as_tensor(self._prepare(X))
-        layer = build_layer(cfg, shape)
-        solver = solver_from_spec(cfg.resolved_solver(), schedule=cfg.schedule)
-        stop = stop_rule(cfg.threshold, cfg.max_steps, on=cfg.residual)
-        rule = SimilarityMatchingRule(layer, rate=DecayingRate(cfg.eta0, cfg.eta_decay, cfg.eta_min),
-                                      batch_rule=cfg.batch_rule)
-        engine = Engine(DynamicsSettler(layer, solver, stop, on_divergence=cfg.on_divergence), [rule],
-                        progress=False)
+        net = build_dssm(cfg, shape)
+        layer, solver, stop = net.system, net.solver, net.stop
+        engine = Engine(net.settler, [net.rule], progress=False)
         with torch.no_grad():
             engine.fit(epoch_batches(x, images=cfg.images_per_epoch, batch_size=cfg.batch_size, seed=seed),
                        cfg.epochs)

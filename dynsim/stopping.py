@@ -257,3 +257,10 @@ def stop_rule(threshold: float | None, max_steps: int | None, *, on: str = "fiel
     if not rules:
         raise ConfigError("settling needs a threshold, a step cap, or both; got neither")
     return rules[0] if len(rules) == 1 else AnyOf(tuple(rules))
+
+
+def relative_norm(f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``‖f‖ / ‖u‖`` (``‖f‖ / 1e-12`` where ``u = 0``, 0 where ``f = 0``)."""
+    num = torch.linalg.vector_norm(f, dim=1)
+    den = torch.linalg.vector_norm(u, dim=1)
+    return num / den.clamp_min(_TINY)  # 0 where f = 0; large where u = 0 only

@@ -231,7 +231,7 @@ def run_grid(
     ------
     SweepError : after every cell has run, if some failed (the others are saved).
     """
-    import dynsim
+    from dynsim._version import __version__
 
     if ray_address is not None:
         backend = "ray"
@@ -243,7 +243,7 @@ def run_grid(
     if len(set(keys)) != len(keys):
         raise ConfigError("sweep cells must be distinct (two cells have the same settings)")
     resolve = resolve or (lambda c: c)
-    fingerprints = [{"dynsim_version": dynsim.__version__, "config_hash": config_hash(resolve(c))} for c in cells]
+    fingerprints = [{"dynsim_version": __version__, "config_hash": config_hash(resolve(c))} for c in cells]
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     book = _Book(cells, results_dir, fingerprints, progress)
@@ -312,9 +312,7 @@ def _run_pool(book: _Book, fn, todo: list[int], workers: int) -> None:
 # --- Ray ---------------------------------------------------------------------------------------
 def _runtime_env() -> dict:
     """Ship the driver's dynsim package to the workers (its source, without caches)."""
-    import dynsim
-
-    return {"py_modules": [str(Path(dynsim.__file__).parent)], "excludes": ["__pycache__", "*.pyc"]}
+    return {"py_modules": [str(Path(__file__).resolve().parent)], "excludes": ["__pycache__", "*.pyc"]}
 
 
 def _connect_ray(ray, ray_address: str | None) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import dynsim
-from dynsim.pipelines.dssm import epoch_batches
+from dynsim.builders import epoch_batches
 
 
 class LinearNeuron(dynsim.System):

@@ -170,9 +170,9 @@ def test_json_write_is_atomic(tmp_path, monkeypatch):
 def _toy_engine(path, seed=0):
     """A library-level training loop (no CLI): layer, settler, plasticity, monitor, checkpoint."""
     from dynsim import Euler, HebbianLayer, MaxSteps, RelativeChange
+    from dynsim.builders import epoch_batches
     from dynsim.engine import DynamicsSettler, Engine
     from dynsim.monitors import SettlingMonitor
-    from dynsim.pipelines.dssm import epoch_batches
     from dynsim.plasticity import SimilarityMatchingRule
 
     layer = HebbianLayer((1, 4, 4), nps=2, stride=2, radius=2.0, seed=seed)

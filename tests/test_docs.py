@@ -22,6 +22,7 @@ MODULES = [
     "dynsim.ssl.augment",
     "dynsim.ssl.loss",
     "dynsim.ssl.stages",
+    "dynsim.studies.ssl",
     "dynsim.streaming",
     "dynsim.sweeps",
     "dynsim.systems.deep",

@@ -149,7 +149,7 @@ PLAUSIBLE = {
 @given(st.fixed_dictionaries({}, optional=PLAUSIBLE))
 def test_valid_config_builds_a_layer_that_settles(values):
     """Whatever validate() accepts must build a network and settle a digit without crashing."""
-    from dynsim.pipelines.dssm import build_layer
+    from dynsim.builders import build_layer
     from dynsim.solvers import solver_from_spec
 
     values = {k: v for k, v in values.items() if k not in ("data", "device")}
@@ -182,7 +182,8 @@ token = st.one_of(st.sampled_from(["0", "-1", "1", "2", "1e-4", "nan", "inf", "n
 def test_cli_parser_and_validation(pairs):
     """The parser either exits with argparse's usage error (status 2) or yields a config that
     validates or raises our error: ``main`` would print 'dynsim: error: ...' and exit 2."""
-    from dynsim.cli import _config_from_args, build_parser
+    from dynsim.cli import build_parser
+    from dynsim.cli.dssm import config_from_args
 
     argv = ["run", "dssm", "--out", "x.json"]
     for flag, value in pairs:
@@ -193,7 +194,7 @@ def test_cli_parser_and_validation(pairs):
         assert exc.code == 2
         return
     try:
-        _config_from_args(args).validate()
+        config_from_args(args).validate()
     except DynsimError:
         pass
 

@@ -100,7 +100,7 @@ def _figures(run_path, study_path):
                                      for i, spec in enumerate(("euler,schedule=seed", "newton", "anderson,beta=0.5",
                                                                "dopri5,rtol=1e-5"))]}
                         for s in ("init", "trained")}}
-    from dynsim.pipelines.ssl import plot_study
+    from dynsim.studies.ssl import plot_study
     from dynsim.studies.trajectories import TrajectoryConfig, run_trajectories
 
     traj = run_trajectories(TrajectoryConfig(solvers=("euler", "rk4,schedule=constant:1.0", "anderson,beta=0.5"),

@@ -11,22 +11,16 @@ from sklearn.datasets import load_digits
 
 from dynsim.callbacks import Callback
 from dynsim.cli import main
+from dynsim.cli.ssl import add_run_arguments, add_study_arguments, run_from_args
 from dynsim.errors import ConfigError
-from dynsim.pipelines.ssl import (
-    STUDY_GRID,
-    SSLConfig,
-    add_run_arguments,
-    add_study_arguments,
-    run_from_args,
-    run_ssl,
-    run_study,
-)
+from dynsim.pipelines.ssl import SSLConfig, run_ssl
 from dynsim.readouts import fit_linear_probe
 from dynsim.ssl.augment import Deform
 from dynsim.ssl.rules import make_rules
 from dynsim.ssl.schedules import Greedy, RandomLayerwise, make_schedule
 from dynsim.ssl.settler import ContrastiveSettler
 from dynsim.ssl.stages import build_encoder
+from dynsim.studies.ssl import STUDY_GRID, run_study
 
 SHAPE = (1, 8, 8)
 
@@ -370,7 +364,7 @@ def test_run_ssl_seeds_mean_and_paired_gain(tmp_path, capsys):
 
 
 def test_study_rows_mean_and_sem_over_seeds():
-    from dynsim.pipelines.ssl import study_cells, study_rows
+    from dynsim.studies.ssl import study_cells, study_rows
 
     base = SSLConfig(data="digits", epochs=3)
     cells = study_cells(base, [0, 1, 2])

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dynsim import settle
+from dynsim.builders import build_layer, epoch_batches, prepare_data
 from dynsim.engine import DynamicsSettler, Engine
-from dynsim.pipelines.dssm import DSSMConfig, build_layer, epoch_batches, prepare_data
+from dynsim.pipelines.dssm import DSSMConfig
 from dynsim.plasticity import SimilarityMatchingRule
 from dynsim.solvers import Euler
 from dynsim.stopping import MaxSteps, RelativeChange, Status

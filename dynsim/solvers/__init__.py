@@ -1,13 +1,12 @@
 """How a system evolves: ODE solvers behind one interface, looked up by name.
 
 ``SOLVERS`` maps a name to a solver class; :func:`make_solver` builds one with typed
-keyword options. Register a new method with :func:`register`; a new explicit Runge–Kutta
-method is a tableau (:mod:`dynsim.solvers.rk`) and one line below.
+keyword options (both in :mod:`.registry`). Register a new method with :func:`register`; a new
+explicit Runge–Kutta method is a tableau (:mod:`dynsim.solvers.rk`) and one line in :mod:`.registry`.
 """
 
 from __future__ import annotations
 
-from dynsim.errors import ConfigError
 from dynsim.solvers.base import FixedStepSolver, Solver, StepResult
 from dynsim.solvers.block import BlockNewton
 from dynsim.solvers.controllers import PIController
@@ -15,9 +14,8 @@ from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
 from dynsim.solvers.newton_cg import SiteNewtonCG
+from dynsim.solvers.registry import SOLVERS, Bosh3, Ralston, make_solver, register
 from dynsim.solvers.rk import (
-    BOGACKI_SHAMPINE,
-    RALSTON,
     RK4,
     ButcherTableau,
     Dopri5,
@@ -35,35 +33,10 @@ from dynsim.solvers.step_sizes import (
     parse_schedule,
 )
 
-SOLVERS: dict[str, type[Solver]] = {}
-
-
-def register(cls: type[Solver]) -> type[Solver]:
-    """Class decorator adding a solver to :data:`SOLVERS` under ``cls.name``."""
-    SOLVERS[cls.name] = cls
-    return cls
-
-
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, SiteNewtonCG, BlockNewton, TorchDiffEq, TorchODE):
-    register(_cls)
-Ralston = register(register_rk("ralston", RALSTON))
-Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))
-
-
-def make_solver(name: str, **options) -> Solver:
-    """Build the solver registered as ``name`` with keyword ``options``."""
-    try:
-        cls = SOLVERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}") from None
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise ConfigError(f"solver {name!r}: {exc}") from None
-
-
 __all__ = [
     "RK4",
+    "Bosh3",
+    "Ralston",
     "ButcherTableau",
     "EmbeddedRK",
     "ExplicitRK",

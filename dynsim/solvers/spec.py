@@ -36,7 +36,7 @@ def parse_solver_spec(spec: str, *, schedule: str | None = None) -> tuple[str, d
     ``schedule`` (a schedule string such as ``"seed"``) is added for fixed-step solvers
     when the spec names none.
     """
-    from dynsim.solvers import SOLVERS
+    from dynsim.solvers.registry import SOLVERS
 
     head, *pairs = _SPLIT.split(spec.strip())
     name = head.strip()
@@ -61,7 +61,7 @@ def parse_solver_spec(spec: str, *, schedule: str | None = None) -> tuple[str, d
 
 def solver_from_spec(spec: str, *, schedule: str | None = None) -> Solver:
     """Build the solver a spec names (see :func:`parse_solver_spec`)."""
-    from dynsim.solvers import make_solver
+    from dynsim.solvers.registry import make_solver
 
     name, options = parse_solver_spec(spec, schedule=schedule)
     try:

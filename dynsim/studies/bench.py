@@ -124,15 +124,14 @@ def reference_fixed_points(layer, x: torch.Tensor, *, tol: float, max_steps: int
 
 def train_layer(config: BenchConfig, layer, x_train: torch.Tensor) -> dict[str, Any]:
     """A short online training run (Euler, seed schedule, T = ``train_threshold``)."""
-    from dynsim.engine import DynamicsSettler, Engine
-    from dynsim.pipelines.dssm import epoch_batches
-    from dynsim.plasticity import SEED_RATE, SimilarityMatchingRule
-    from dynsim.solvers import Euler
+    from dynsim.builders import build_dssm, epoch_batches
+    from dynsim.configs.dssm import DSSMConfig
+    from dynsim.engine import Engine
 
-    stop = ResidualBelow(config.train_threshold) | MaxSteps(3000)
-    settler = DynamicsSettler(layer, Euler(), stop, on_divergence="skip")
-    rule = SimilarityMatchingRule(layer, rate=SEED_RATE)
-    engine = Engine(settler, [rule], progress=config.progress, desc="bench: train")
+    # the seed's method and learning rates (DSSMConfig's defaults), Euler at T = train_threshold
+    train = DSSMConfig(solver="euler", threshold=config.train_threshold, max_steps=3000, on_divergence="skip")
+    net = build_dssm(train, system=layer)
+    engine = Engine(net.settler, [net.rule], progress=config.progress, desc="bench: train")
     t0 = time.perf_counter()
     with torch.no_grad():
         engine.fit(
@@ -190,7 +189,8 @@ def run_setting(
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the benchmark; write JSON + Pareto plot if ``config.out``; return the result."""
-    from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
+    from dynsim.builders import build_layer, prepare_data
+    from dynsim.configs.dssm import DSSMConfig
 
     config.validate()
     torch.set_num_threads(config.threads)

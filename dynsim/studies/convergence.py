@@ -96,7 +96,7 @@ def _parse_value(v: Any) -> Any:
 
 
 def cell_config(cell: dict[str, Any]):
-    """The :class:`~dynsim.pipelines.dssm.DSSMConfig` a cell trains with (quiet, no files, one thread)."""
+    """The :class:`~dynsim.configs.dssm.DSSMConfig` a cell trains with (quiet, no files, one thread)."""
     from dynsim.pipelines.dssm import DSSMConfig
 
     return DSSMConfig.from_dict(

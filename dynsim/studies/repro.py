@@ -193,8 +193,9 @@ def write_repro_outputs(study: dict[str, Any], out: Path) -> dict[str, str]:
     from dynsim.plots import plot_repro_accuracy, plot_repro_iterations
     from dynsim.results import write_result
 
-    return write_result(out / "repro.json", study, {"figure1": ("_figure1_accuracy", plot_repro_accuracy(study)),
-                                                     "figure2": ("_figure2_iterations", plot_repro_iterations(study))})
+    plots = {"figure1": ("_figure1_accuracy", plot_repro_accuracy(study, PANELS)),
+             "figure2": ("_figure2_iterations", plot_repro_iterations(study, FIGURE2))}
+    return write_result(out / "repro.json", study, plots)
 
 
 

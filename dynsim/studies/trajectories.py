@@ -61,7 +61,8 @@ class TrajectoryConfig:
 
 def run_trajectories(config: TrajectoryConfig) -> dict[str, Any]:
     """Record the trajectories; write JSON + PNG if ``config.out``; return the result."""
-    from dynsim.pipelines.dssm import DSSMConfig, build_layer, prepare_data
+    from dynsim.builders import build_layer, prepare_data
+    from dynsim.configs.dssm import DSSMConfig
     from dynsim.studies.bench import BenchConfig, reference_fixed_points, train_layer
 
     config.validate()

@@ -314,14 +314,14 @@ class DeepHebbianNet(System):
 
     def split_residuals(self, f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Per-layer ``‖f_p‖/‖u_p‖`` of a field ``f`` at ``u``: (B, P)."""
-        from dynsim.settle import relative_norm
+        from dynsim.stopping import relative_norm
 
         return torch.stack([relative_norm(f[:, sl], u[:, sl]) for sl in self._slices], dim=1)
 
     def residual_norm(self, f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The residual that stop rules judge, (B,): ``max_p ‖f_p‖/‖u_p‖`` (``layer_stop="each"``)
         or ``‖f‖/‖u‖`` (``"state"``). :func:`dynsim.settle` uses it for every solver."""
-        from dynsim.settle import relative_norm
+        from dynsim.stopping import relative_norm
 
         if self.layer_stop == "state" or self.n_layers == 1:
             return relative_norm(f, u)

@@ -77,7 +77,7 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_bench(config)
-    from dynsim.cli import print_table
+    from dynsim.cli.common import print_table
 
     print_table(args, result, format_table(result))
     for key, path in result.get("files", {}).items():
@@ -160,7 +160,7 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
 
     result = run_convergence(_convergence_config(args))
     if getattr(args, "format", "text") == "csv":
-        from dynsim.cli import print_table
+        from dynsim.cli.common import print_table
 
         print_table(args, result, "")
         return 0
@@ -176,7 +176,7 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the commands of this module to the top-level subparsers ``sub``."""
-    from dynsim.cli import command_group
+    from dynsim.cli.common import command_group
 
     bench = command_group(sub, "bench", "measure solvers and code paths")
     p = bench.add_parser(

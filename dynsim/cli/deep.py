@@ -51,7 +51,7 @@ def cmd_study_deep(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``dynsim study deep`` to the top-level subparsers ``sub``."""
-    from dynsim.cli import command_group
+    from dynsim.cli.common import command_group
     from dynsim.data import DATASETS
     from dynsim.studies.deep import DeepStudyConfig
 

@@ -22,8 +22,8 @@ per sample: an inexact Newton method whose forcing term shrinks with the residua
 Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
 
 Where ``K`` is not positive definite (``s = +1`` with a large ``L``, an indefinite or
-non-symmetric ``L`` given by hand) CG meets ``pᵀKp ≤ 0``; those samples take the exact
-Newton step of :func:`~dynsim.solvers.newton.newton_step` instead (same result as
+non-symmetric ``L`` given by hand) CG meets ``pᵀKp ≤ 0`` or does not reach its tolerance in
+``max_cg`` iterations; those samples take the exact Newton step of :func:`~dynsim.solvers.newton.newton_step` instead (same result as
 ``SiteNewton``), so the solver is correct for every layer and fast where the theory applies.
 
 The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
@@ -87,7 +87,8 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
 
     Shapes (site-major, sample last): a (S, M, M) symmetric, h and b (S, M, B), tol (B,) the
     relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. Returns v (S, M, B),
-    the CG iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite)."""
+    the CG iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite) or
+    did not reach ``tol`` within ``max_iter`` iterations."""
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -110,7 +111,8 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
         beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), 0.0)
         p = torch.where(active, r + beta.unsqueeze(1) * p, p)
         rr = rr_new
-    return v, it, indefinite
+    failed = indefinite | (rr.sum(0) > target)
+    return v, it, failed
 
 
 def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0, max_cg: int = 0,
@@ -127,12 +129,12 @@ def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.
     rel = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1) / torch.linalg.vector_norm(u, dim=1).clamp_min(1e-12)
     floor = 50 * torch.finfo(g.dtype).eps
     tol = rel.clamp(min=floor, max=forcing)
-    v, _, indefinite = site_cg(a, h, -h * gs, tol, max_cg or m)
+    v, _, failed = site_cg(a, h, -h * gs, tol, max_cg or m)
     z = (torch.bmm(a, h * v) - gs).permute(2, 0, 1)  # (B, S, M)
     us = u.reshape(g.shape)
     u_next = system.newton_safeguard(us - z, drive)
-    if bool(indefinite.any()):  # K not positive definite there: the exact (LU) Newton step
-        idx = indefinite.nonzero().squeeze(1)
+    if bool(failed.any()):  # K not positive definite there, or CG short of its tolerance: the exact step
+        idx = failed.nonzero().squeeze(1)
         u_next = u_next.reshape(bsz, -1).index_copy(0, idx, newton_step(system, u[idx], drive[idx], tau)[0])
     f = g if tau == 1.0 else g / tau
     return u_next.reshape(bsz, -1), f.reshape(bsz, -1)

@@ -24,7 +24,8 @@ Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Ste
 Where ``K`` is not positive definite (``s = +1`` with a large ``L``, an indefinite or
 non-symmetric ``L`` given by hand) CG meets ``pᵀKp ≤ 0`` or does not reach its tolerance in
 ``max_cg`` iterations; those samples take the exact Newton step of
-:func:`~dynsim.solvers.newton.newton_step` instead (same result as ``SiteNewton``), so the solver is correct for every layer and fast where the theory applies.
+:func:`~dynsim.solvers.newton.newton_step` instead (same result as ``SiteNewton``), so the
+solver is correct for every layer and fast where the theory applies.
 
 The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
 safeguard the same tanh box; a sample stops on the same residual test as every solver.

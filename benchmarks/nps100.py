@@ -136,7 +136,8 @@ def main(argv=None):
             f"| {r['train_speedup_vs_newton']:.2f} | {r['eval_speedup_vs_newton']:.2f} "
             f"| {r['readout_seconds_subset']:.1f} | {r['peak_rss_gib']:.2f} "
             f"| {r['projected_15_epochs_one_eval_seconds'] / 60:.0f} min "
-            f"| {r['projected_120_epochs_8_evals_seconds'] / 3600:.1f} h | {r['max_rel_state_distance_to_newton']:.1e} |")
+            f"| {r['projected_120_epochs_8_evals_seconds'] / 3600:.1f} h "
+            f"| {r['max_rel_state_distance_to_newton']:.1e} |")
     table = "\n".join(lines)
     print(table)
     result = {"settings": vars(args), "rows": rows, "table": table}

@@ -34,13 +34,13 @@ def test_site_cg_solves_each_block_system():
     s, m, b = 5, 6, 3
     q = torch.randn(s, m, m, generator=gen, dtype=torch.float64)
     a = torch.eye(m, dtype=torch.float64) - (q @ q.mT / m + 0.2 * torch.eye(m, dtype=torch.float64))  # I − L
-    h = torch.rand(s, m, b, generator=gen, dtype=torch.float64)
-    rhs = torch.randn(s, m, b, generator=gen, dtype=torch.float64)
+    h = torch.rand(s, b, m, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(s, b, m, generator=gen, dtype=torch.float64)
     v, iters, failed = site_cg(a, h, rhs, torch.full((b,), 1e-12, dtype=torch.float64), 3 * m)
     for j in range(b):
-        k = torch.eye(m, dtype=torch.float64) - h[:, :, j, None] * a * h[:, None, :, j]
-        expected = torch.linalg.solve(k, rhs[:, :, j])
-        torch.testing.assert_close(v[:, :, j], expected, rtol=1e-9, atol=1e-10)
+        k = torch.eye(m, dtype=torch.float64) - h[:, j, :, None] * a * h[:, j, None, :]
+        expected = torch.linalg.solve(k, rhs[:, j, :])
+        torch.testing.assert_close(v[:, j, :], expected, rtol=1e-9, atol=1e-10)
     assert not bool(failed.any())
     assert 1 <= iters <= 3 * m
 
@@ -49,9 +49,9 @@ def test_site_cg_flags_an_indefinite_block():
     """A block with a negative eigenvalue meets pᵀKp ≤ 0 (reported per sample)."""
     m = 4
     a = torch.diag(torch.tensor([0.0, 0.0, 0.0, 3.0], dtype=torch.float64))[None]  # K = I − a: eigenvalue −2
-    h = torch.ones(1, m, 2, dtype=torch.float64)
-    rhs = torch.zeros(1, m, 2, dtype=torch.float64)
-    rhs[0, 3, 1] = 1.0  # sample 1 excites the negative direction, sample 0 only positive ones
+    h = torch.ones(1, 2, m, dtype=torch.float64)
+    rhs = torch.zeros(1, 2, m, dtype=torch.float64)
+    rhs[0, 1, 3] = 1.0  # sample 1 excites the negative direction, sample 0 only positive ones
     rhs[0, 0, 0] = 1.0
     _, _, failed = site_cg(a, h, rhs, torch.full((2,), 1e-12, dtype=torch.float64), m)
     assert failed.tolist() == [False, True]

@@ -17,7 +17,7 @@ positive combination of ``I`` and ``r rᵀ``; ``0 ≤ f' ≤ 1`` for tanh). No `
 saturated units (``f' → 0``) need no guard: there ``h = 0`` and ``z = −G``, the Picard step.
 ``K`` is solved per site by conjugate gradients (Hestenes & Stiefel 1952), one ``a_k``-times-
 vector product per iteration for all samples and sites at once (a batched matrix product,
-``S`` products of (M, M) by (M, B)), to a relative residual ``η_b = min(forcing, ‖G_b‖/‖u_b‖)``
+``S`` products of (B, M) by (M, M)), to a relative residual ``η_b = min(forcing, ‖G_b‖/‖u_b‖)``
 per sample: an inexact Newton method whose forcing term shrinks with the residual, so it keeps
 Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
 
@@ -86,31 +86,33 @@ class SiteNewtonCG(Solver):
 def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor, max_iter: int):
     """Solve ``(I − h a h) v = b`` per site by conjugate gradients, all samples at once.
 
-    Shapes (site-major, sample last): a (S, M, M) symmetric, h and b (S, M, B), tol (B,) the
-    relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. Returns v (S, M, B),
-    the CG iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite) or
-    did not reach ``tol`` within ``max_iter`` iterations."""
+    Shapes (site first, then sample): a (S, M, M) symmetric, h and b (S, B, M), tol (B,) the
+    relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. ``a`` is applied as
+    ``x a`` on rows (``= (a x)ᵀ`` for symmetric ``a``), the layout in which one batched product
+    reads ``a`` once, also for B = 1 (benchmarks/README.md, issue 15). Returns v (S, B, M), the CG
+    iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite) or did
+    not reach ``tol`` within ``max_iter`` iterations."""
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    rr = (r * r).sum(1)  # (S, B)
+    rr = (r * r).sum(-1)  # (S, B)
     target = tol.square() * rr.sum(0)
-    indefinite = torch.zeros(b.shape[-1], dtype=torch.bool, device=b.device)
+    indefinite = torch.zeros(b.shape[1], dtype=torch.bool, device=b.device)
     it = 0
     for it in range(1, max_iter + 1):
         active = rr.sum(0) > target  # (B,)
         if not bool(active.any()):
             it -= 1
             break
-        q = p - h * torch.bmm(a, h * p)
-        pq = (p * q).sum(1)
+        q = p - h * torch.bmm(h * p, a)
+        pq = (p * q).sum(-1)
         indefinite |= ((pq <= 0) & (rr > 0)).any(0)
         alpha = torch.where(pq > 0, rr / pq.clamp_min(torch.finfo(pq.dtype).tiny), 0.0) * active
-        v.addcmul_(alpha.unsqueeze(1), p)
-        r.addcmul_(alpha.unsqueeze(1), q, value=-1.0)
-        rr_new = (r * r).sum(1)
+        v.addcmul_(alpha.unsqueeze(-1), p)
+        r.addcmul_(alpha.unsqueeze(-1), q, value=-1.0)
+        rr_new = (r * r).sum(-1)
         beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), 0.0)
-        p = torch.where(active, r + beta.unsqueeze(1) * p, p)
+        p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
         rr = rr_new
     failed = indefinite | (rr.sum(0) > target)
     return v, it, failed
@@ -125,13 +127,13 @@ def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.
     bsz, _, m = g.shape
     if not symmetric:  # CG needs symmetric blocks: every sample takes the exact step
         return newton_step(system, u, drive, tau)
-    gs = g.permute(1, 2, 0)  # (S, M, B)
-    h = fp.clamp_min(0).sqrt().permute(1, 2, 0)
+    gs = g.transpose(0, 1)  # (S, B, M)
+    h = fp.clamp_min(0).sqrt().transpose(0, 1)
     rel = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1) / torch.linalg.vector_norm(u, dim=1).clamp_min(1e-12)
     floor = 50 * torch.finfo(g.dtype).eps
     tol = rel.clamp(min=floor, max=forcing)
     v, _, failed = site_cg(a, h, -h * gs, tol, max_cg or m)
-    z = (torch.bmm(a, h * v) - gs).permute(2, 0, 1)  # (B, S, M)
+    z = (torch.bmm(h * v, a) - gs).transpose(0, 1)  # (B, S, M); a symmetric: (h v) a = (a h v)ᵀ
     us = u.reshape(g.shape)
     u_next = system.newton_safeguard(us - z, drive)
     if bool(failed.any()):  # K not positive definite there, or CG short of its tolerance: the exact step

@@ -232,10 +232,12 @@ class HebbianLayer(System):
                 "the per-site Newton solvers need lateral_distance 0 and a tanh/linear/relu rate; "
                 "use --solver euler for this layer"
             )
-        a, _ = self._lateral_blocks()
+        a, a_t = self._lateral_blocks()
         us = self.sites(u)
         r, fp = _DERIVATIVES[self.activation](us)
-        g = self.sites(drive) - us + torch.bmm(a, r.permute(1, 2, 0)).permute(2, 0, 1)
+        # (a_k r_k)ᵀ = r_kᵀ a_kᵀ for all samples: one bmm over sites of (B, M) rows by (M, M), the
+        # layout that reads each block once also at batch 1 (benchmarks/README.md, issue 15)
+        g = self.sites(drive) - us + torch.bmm(r.transpose(0, 1), a_t).transpose(0, 1)
         return g, a, fp, self._symmetric
 
     def newton_safeguard(self, u_next: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.systems import ACTIVATIONS
 from dynsim.systems.deep import LAYER_STOPS
 
-NEWTON_CG_MIN_NPS = 33  # auto picks newton-cg from here (the compiled Newton kernels stop at NpS 32)
+NEWTON_CG_MIN_NPS = 32  # auto picks newton-cg from here (measured: benchmarks/nps100.py, issue 15)
 
 
 @dataclass
@@ -253,7 +253,7 @@ class DSSMConfig:
         # deep: block Gauss–Seidel over layers with per-site Newton (benchmarks/deep_settle.py)
         if self.layers > 1:
             return "block"
-        # past the compiled kernels' NpS, with the inhibitory sign (symmetric positive definite
+        # from NpS 32 (faster than the compiled Newton kernels there), with the inhibitory sign (SPD
         # Newton systems): Newton–CG, no per-site factorisation (benchmarks/nps100.py)
         if self.per_layer("nps")[0] >= NEWTON_CG_MIN_NPS and self.lateral_sign == -1:
             return "newton-cg"

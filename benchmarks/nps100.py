@@ -20,6 +20,7 @@ evaluation of all 70,000 images = 15,000 × train + 70,000 × eval settle; the d
 Example::
 
     PYTHONPATH=. python benchmarks/nps100.py --nps 16,32,64,100 --out benchmarks/results/nps100_issue15.json
+    PYTHONPATH=. python benchmarks/nps100.py --full-readout 64 --out runs/readout64.json  # all 70k images + svc
 """
 
 from __future__ import annotations
@@ -88,6 +89,43 @@ def measure(args: dict) -> dict:
     return out
 
 
+def full_readout(args: dict) -> dict:
+    """Settle all train and test images with newton-cg (after the warm images) and time the ``svc``
+    readout on them: the full-size readout cost at this NpS (n = 60,000, d = 196·NpS)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    torch.set_grad_enabled(False)
+    from dynsim.builders import build_layer, epoch_batches, prepare_data
+    from dynsim.configs.dssm import DSSMConfig
+    from dynsim.evaluation import settle_dataset
+    from dynsim.plasticity import hebbian_update
+    from dynsim.readouts import readout_accuracy
+    from dynsim.settle import settle
+    from dynsim.solvers import make_solver
+    from dynsim.stopping import stop_rule
+
+    cfg = DSSMConfig(data=args["data"], nps=args["nps"])
+    ds, xtr, xte = prepare_data(cfg)
+    layer = build_layer(cfg, ds.image_shape)
+    stop, solver = stop_rule(1e-4, 3000), make_solver("newton-cg")
+    for batch in epoch_batches(torch.as_tensor(xtr), images=args["warm_images"], batch_size=1, seed=1)(0):
+        hebbian_update(layer, batch.x, settle(layer, batch.x, solver=solver, stop=stop).r, 5e-3)
+    t0 = time.perf_counter()
+    rep_tr = settle_dataset(layer, xtr, solver=solver, stop=stop, batch_size=args["eval_batch"])
+    rep_te = settle_dataset(layer, xte, solver=solver, stop=stop, batch_size=args["eval_batch"])
+    settle_seconds = time.perf_counter() - t0
+    probe = readout_accuracy("svc", rep_tr.r, ds.y_train, rep_te.r, ds.y_test)
+    return {"nps": args["nps"], "n_train": len(xtr), "n_test": len(xte), "features": int(rep_tr.r.shape[1]),
+            "settle_seconds_all_images": settle_seconds, "eval_settle_seconds_per_image": settle_seconds / (
+                len(xtr) + len(xte)), "readout_seconds": probe["readout_seconds"],
+            "readout_iterations": probe.get("readout_iterations"), "readout_converged": probe.get("readout_converged"),
+            "test_accuracy_after_warm_images": probe["accuracy"], "mean_steps": float(np.mean(rep_te.steps)),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "load_average": os.getloadavg()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
@@ -98,9 +136,20 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=200, help="train and test images each")
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--full-readout", type=int, default=None, metavar="NPS",
+                   help="instead: settle all images at this NpS with newton-cg and time the svc readout on them")
     p.add_argument("--out", default="runs/nps100.json")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
+    if args.full_readout:
+        job = {"data": args.data, "nps": args.full_readout, "warm_images": args.warm_images,
+               "eval_batch": args.eval_batch, "threads": args.threads}
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            row = pool.apply(full_readout, (job,))
+        print(json.dumps(row, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "full_readout": row}, indent=1))
+        return
     rows = []
     tmp = Path(args.out).with_suffix("")
     for nps in [int(v) for v in args.nps.split(",")]:

@@ -36,6 +36,16 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = 1
 
 
+def check_resume(resume: bool, out: str | Path | None) -> None:
+    """Refuse ``resume`` without ``out``: a run is continued from what lies beside its result
+    (the checkpoint ``<out>.ckpt.pt``, or a study's cells). The one place this is said."""
+    if resume and not out:
+        from dynsim.errors import ConfigError
+
+        raise ConfigError("--resume needs --out PATH: the result of the run to continue "
+                          "(its checkpoint <out>.ckpt.pt, or a study's cells, lie beside it)")
+
+
 def checkpoint_path(out: str | Path) -> Path:
     """The checkpoint that belongs to result file ``out``: ``runs/x.json`` -> ``runs/x.ckpt.pt``."""
     out = Path(out)

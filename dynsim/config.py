@@ -116,7 +116,7 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 def _converted(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
     """A file value as the flag would parse it (strings go through the flag's type), checked
     against the flag's choices; :class:`ConfigError` naming the file, key and value otherwise."""
-    if isinstance(value, list) and action.nargs in ("+", "*") or isinstance(action.nargs, int):
+    if isinstance(value, list) and action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 0:
         return [_converted_one(action, key, v, path) for v in (value if isinstance(value, list) else [value])]
     return _converted_one(action, key, value, path)
 
@@ -155,6 +155,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     leaf = _leaf_parser(parser, args)
     values = load_config_file(path, section=leaf.prog.split()[-1])  # "dynsim run dssm" -> [dssm]
     actions = {a.dest: a for a in leaf._actions if a.dest not in ("help", "config")}
+    values = _keys_as_settings(values, leaf, actions)
     leaf.set_defaults(**{k: _converted(actions[k], k, v, path) for k, v in values.items() if k in actions})
     args = parser.parse_args(argv)
     args.config_values = {k: v for k, v in values.items() if k not in actions}
@@ -162,6 +163,23 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     reject_unknown({k: v for k, v in args.config_values.items() if k not in extra_ok},
                    [*actions, *extra_ok], source=f"config file {path}")
     return args
+
+
+def _keys_as_settings(values: dict[str, Any], leaf: argparse.ArgumentParser,
+                      actions: dict[str, argparse.Action]) -> dict[str, Any]:
+    """A key may also be a flag's name where it differs from its setting's: ``learning`` for
+    ``schedule``; ``no_progress = true`` for ``progress = false``."""
+    out = {}
+    for key, value in values.items():
+        action = next((a for a in leaf._actions if a.dest in actions and a.dest != key
+                       and f"--{key.replace('_', '-')}" in a.option_strings), None) if key not in actions else None
+        if action is None:
+            out[key] = value
+        elif isinstance(action, argparse._StoreFalseAction) and isinstance(value, bool):
+            out[action.dest] = not value
+        else:
+            out[action.dest] = value
+    return out
 
 
 def reject_unknown(values: dict[str, Any], known: Sequence[str], *, source: str) -> None:

@@ -219,9 +219,9 @@ class OutputSpec:
         if self.validate is not None:
             self.validate(args)
         if not getattr(args, "out", None):
-            if getattr(args, "resume", False):
-                raise OutputError("--resume needs --out PATH: the result of the run to continue "
-                                  "(its checkpoint or cells lie beside it)")
+            from dynsim.checkpoint import check_resume
+
+            check_resume(bool(getattr(args, "resume", False)), None)
             args.out = self.default(args)
         out = Path(args.out)
         return claim_output(out, related=self.related(out), resume=bool(getattr(args, "resume", False)),

@@ -239,3 +239,144 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} PB"  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Settings described once: a dataclass field per setting, its metadata the one description
+# from which the command line (dynsim.cli.common.add_settings), config files (dynsim.config)
+# and validation (check_settings) are all generated.
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a command-line flag and a config-file key need to know about one setting.
+
+    help : one line (the default is appended to ``--help``, from the field itself).
+    choices : the allowed values (a tuple, or a function returning one, for lists that live
+        in lower modules); checked by :func:`check_setting`.
+    flag : the flag, default ``--`` + the name with ``-``; ``deprecated``: older spellings,
+        still accepted with a warning naming the new one.
+    per_layer : one value or a comma-separated list (one value per layer).
+    group : the ``--help`` section; ``cli``: False for settings without a flag.
+    shown_default : how ``--help`` shows the default, where the value itself says little.
+    """
+
+    help: str
+    choices: tuple | Callable[[], tuple] | None = None
+    flag: str | None = None
+    deprecated: tuple[str, ...] = ()
+    per_layer: bool = False
+    group: str | None = None
+    cli: bool = True
+    metavar: str | None = None
+    shown_default: str | None = None
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+            **meta: Any) -> Any:
+    """A dataclass field described once: ``tau: float = setting(1.0, help="time constant τ")``.
+
+    Keyword arguments beyond ``default``/``default_factory`` are those of :class:`Setting`.
+    """
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"setting": Setting(help=help, **meta)})
+
+
+def described(cls: type) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` that carry a :class:`Setting`."""
+    return [f for f in dataclasses.fields(cls) if "setting" in f.metadata]
+
+
+def meta_of(f: dataclasses.Field) -> Setting:
+    """The :class:`Setting` of field ``f``."""
+    return f.metadata["setting"]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """``--max-steps`` for the field ``max_steps`` (or the flag its metadata names); a switch
+    that is on by default is turned off by ``--no-<name>``."""
+    if meta_of(f).flag:
+        return meta_of(f).flag
+    return flag("no_" + f.name) if f.default is True and meta_of(f).choices is None else flag(f.name)
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of field ``f`` (None: any value its range allows)."""
+    choices = meta_of(f).choices
+    return tuple(choices()) if callable(choices) else choices
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The default value of field ``f``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def check_setting(f: dataclasses.Field, value: Any, *, command: str | None = None) -> Any:
+    """Raise :class:`ConfigError` unless ``value`` is allowed for field ``f`` (its choices,
+    then its range in :data:`RANGES`); return it. The one message for a bad value, whether it
+    came from a flag, a config file or Python."""
+    choices = choices_of(f)
+    name = flag_of(f)
+    items = value if meta_of(f).per_layer and isinstance(value, (list, tuple)) else [value]
+    if choices is not None:
+        for item in items:
+            if item not in choices or isinstance(item, bool) != any(isinstance(c, bool) for c in choices):
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {item!r}")
+    rng = range_of(f.name, command)
+    if rng is not None:
+        for item in items:
+            if not rng.ok(item):
+                raise ConfigError(f"{name} must be {rng.describe()}, got {item!r}")
+    return value
+
+
+def check_settings(config: Any, *, command: str | None = None, skip: Iterable[str] = ()) -> None:
+    """:func:`check_setting` on every described field of dataclass instance ``config``."""
+    for f in described(type(config)):
+        if f.name not in skip:
+            check_setting(f, getattr(config, f.name), command=command)
+
+
+def parse_setting(f: dataclasses.Field, *, command: str | None = None) -> Callable[[str], Any]:
+    """``text -> value`` for field ``f``: a number (``none``/``off``/``all`` -> None where the
+    range allows it), one of its choices, or (``per_layer``) a comma-separated list of them;
+    checked by :func:`check_setting`, so a bad value gets the same one-line error here as from
+    a config file or from Python."""
+    rng = range_of(f.name, command)
+    choices = choices_of(f)
+    kinds = {type(c) for c in choices or ()}
+
+    def one(text: str) -> Any:
+        text = text.strip()
+        if rng is not None:
+            if text.lower() in NONE_WORDS and rng.none is not None:
+                return None
+            try:
+                return int(text) if rng.kind is int else float(text)
+            except ValueError:
+                raise ConfigError(f"{flag_of(f)} must be {rng.describe()}, got {text!r}") from None
+        if kinds == {int}:
+            try:
+                return int(text)
+            except ValueError:
+                return text  # refused by check_setting, naming the choices
+        if text.lower() in ("none", "null") and f.default is None:
+            return None
+        return text
+
+    def parse(text: str) -> Any:
+        if not isinstance(text, str):  # a config file's typed value
+            return check_setting(f, text, command=command)
+        if meta_of(f).per_layer:
+            parts = [one(p) for p in text.split(",") if p.strip()]
+            if not parts:
+                raise ConfigError(f"{flag_of(f)} {text!r} is empty; give one value or one per layer")
+            value = parts[0] if len(parts) == 1 else parts
+        else:
+            value = one(text)
+        return check_setting(f, value, command=command)
+
+    parse.__name__ = f.name
+    return parse

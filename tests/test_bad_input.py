@@ -18,7 +18,7 @@ FAST = ["--data", "digits", "--images-per-epoch", "20", "--max-steps", "100", "-
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--lateral-distance", "-1"], "--lateral-distance must be a finite number >= 0"),
+        (["--lateral-distance", "-1"], "--lateral-distance must be >= 0 (a finite number), got -1.0"),
         (["--seed", "-1"], "--seed must be an integer in 0 .. 4294967295, got -1"),
         (["--eta0", "nan"], "--eta0 must be >= 0 (a finite number), got nan"),
         (["--schedule", "constant:0"], "--schedule 'constant:0': dt must be a positive"),

@@ -34,7 +34,7 @@ def test_flags_override_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(TOML)
     args = parse_args_with_config(build_parser(), ["run", "dssm", "--config", str(path), "--nps", "5"])
-    assert args.nps == 5 and args.max_steps == 100 and args.threshold is None and args.no_progress
+    assert args.nps == 5 and args.max_steps == 100 and args.threshold is None and not args.progress
     plain = parse_args_with_config(build_parser(), ["run", "dssm"])
     assert plain.nps == 4 and plain.config_values == {}  # the file's values did not leak into a new parser
 
@@ -59,9 +59,9 @@ def test_result_json_repeats_the_run(tmp_path):
     [
         ("a.toml", "nps = [1,\n", "not valid TOML"),
         ("a.toml", "npss = 4\n", "did you mean 'nps'"),
-        ("a.toml", "nps = 'four'\n", "nps = 'four' is not a valid int"),
+        ("a.toml", "nps = 'four'\n", "--nps must be an integer >= 1, got 'four'"),
         ("a.toml", "nps = 4.5\n", "--nps must be an integer >= 1, got 4.5"),
-        ("a.toml", "residual = 'both'\n", "choose one of field, increment"),
+        ("a.toml", "residual = 'both'\n", "--residual must be one of field, increment, got 'both'"),
         ("a.toml", "[network]\nnps = 4\n", "[network] is a table"),
         ("a.yaml", "nps: 4\n", "use a .toml file"),
         ("a.json", "[1, 2]", "must hold a JSON object"),

@@ -183,6 +183,7 @@ def test_cli_parser_and_validation(pairs):
     """The parser either exits with argparse's usage error (status 2) or yields a config that
     validates or raises our error: ``main`` would print 'dynsim: error: ...' and exit 2."""
     from dynsim.cli import build_parser
+    from dynsim.cli.common import SettingRefused
     from dynsim.cli.dssm import config_from_args
 
     argv = ["run", "dssm", "--out", "x.json"]
@@ -192,6 +193,9 @@ def test_cli_parser_and_validation(pairs):
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         assert exc.code == 2
+        return
+    except SettingRefused as exc:  # a value its setting's description refuses: main prints it, exit 2
+        assert isinstance(exc.error, DynsimError) and "\n" not in str(exc)
         return
     try:
         config_from_args(args).validate()

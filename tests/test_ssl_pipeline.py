@@ -147,8 +147,8 @@ def test_run_ssl_result_follows_the_json_contract(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rule="hebb"), "rule 'hebb'"),
-        (dict(schedule="cyclic"), "schedule 'cyclic'"),
+        (dict(rule="hebb"), "--rule must be one of bp, rf, urf, dtp, got 'hebb'"),
+        (dict(schedule="cyclic"), "--learning must be one of e2e, gll, rll, got 'cyclic'"),
         (dict(negatives=0), "negatives"),
         (dict(negatives=300, batch_size=50), "negatives"),
         (dict(tau=3.0, delta=3.0), "tau"),

@@ -58,7 +58,7 @@ def refused(argv, capsys, tmp_path, out="r.json") -> str:
         ("run dssm", ["--data", "fashion-mnist", "--nps", "100000"], "needs about 73.9 TB of memory"),
         ("run ssl", ["--arch", "c100000-c100000"], "the encoder 'c100000-c100000' at batch size 250 needs about"),
         ("run ssl", ["--lr", "0"], "--lr must be > 0 (a finite number), got 0"),
-        ("study ssl", ["--epochs", "1"], "GLL (--schedule gll) with 3 stages needs --epochs >= 3 (got 1)"),
+        ("study ssl", ["--epochs", "1"], "GLL (--learning gll) with 3 stages needs --epochs >= 3 (got 1)"),
     ],
 )
 def test_bad_flags_are_refused_in_one_line(command, args, message, capsys, tmp_path):
@@ -118,7 +118,7 @@ def test_every_run_ssl_flag_has_help_and_default():
     parser = build_parser()
     run_ssl = parser._subparsers._group_actions[0].choices["run"]._subparsers._group_actions[0].choices["ssl"]
     for action in run_ssl._actions:
-        if action.dest in ("help",):
+        if action.dest in ("help",) or action.help == argparse.SUPPRESS:  # hidden: deprecated spellings
             continue
         assert action.help, f"--{action.dest} has no help"
         if action.default not in (None, False) and not isinstance(action, argparse._StoreTrueAction):

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import ExitStack, redirect_stdout
 
-from dynsim.cli.common import command_group, print_table
+from dynsim.cli.common import SettingRefused, command_group, print_table
 from dynsim.config import add_config_everywhere, parse_args_with_config
 from dynsim.errors import DynsimError
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args_with_config(parser, argv)
         _configure_logging()
         return _run(args)
-    except DynsimError as exc:
+    except (DynsimError, SettingRefused) as exc:
         print(f"dynsim: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # an optional extra that is not installed

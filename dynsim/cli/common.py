@@ -1,5 +1,5 @@
-"""Helpers shared by the commands of :mod:`dynsim.cli`: value parsers, command groups,
-printed tables, what holds an unfinished run."""
+"""Helpers shared by the commands of :mod:`dynsim.cli`: flags generated from a settings
+dataclass (:func:`add_settings`), command groups, printed tables, what holds an unfinished run."""
 
 from __future__ import annotations
 
@@ -7,29 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def optional(kind):
-    """``kind``, or None for 'none'/'off' (each flag's help says what None means; 'inf' is a
-    number, refused by the range check where it would mean nothing)."""
-
-    def parse(text: str):
-        return None if text.lower() in ("none", "off") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def per_layer(kind):
-    """``"4"`` -> 4, ``"4,8"`` -> [4, 8] (one value per layer)."""
-
-    def parse(text: str):
-        parts = [kind(v) for v in text.split(",") if v.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list, got {text!r}")
-        return parts[0] if len(parts) == 1 else parts
-
-    parse.__name__ = kind.__name__
-    return parse
+from dynsim.errors import ConfigError
 
 
 def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
@@ -61,3 +39,88 @@ def checkpoint_of(out):
     from dynsim.studies.seeds import seeds_dir
 
     return [checkpoint_path(out), seeds_dir(Path(out))]
+
+
+class SettingRefused(Exception):
+    """A flag's value refused by its setting's description (carries the :class:`ConfigError`).
+
+    Not a ``ValueError``, so that argparse lets it through instead of replacing the message
+    with its own: :func:`dynsim.cli.main` prints the same one line as for a config-file value."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _flag_type(parse):
+    def convert(text):
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise SettingRefused(exc) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+class _Deprecated(argparse.Action):
+    """An older spelling of a flag: stores like the new one and says which one to use."""
+
+    def __init__(self, option_strings, dest, new_flag: str = "", **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warned = getattr(namespace, "_deprecated_warned", set())
+        if option_string not in warned:
+            print(f"dynsim: warning: {option_string} is deprecated; use {self.new_flag}", file=sys.stderr)
+            namespace._deprecated_warned = warned | {option_string}
+        setattr(namespace, self.dest, values)
+
+
+def _help(f, command: str | None = None) -> str:
+    from dynsim.settings import default_of, meta_of, range_of
+
+    meta = meta_of(f)
+    text = meta.help.replace("%", "%%")
+    if "(default" not in meta.help:
+        rng = range_of(f.name, command)
+        shown = meta.shown_default or (rng.none if default_of(f) is None and rng and rng.none else None)
+        text += f" (default: {shown.replace('%', '%%') if shown else '%(default)s'})"
+    return text
+
+
+def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                 command: str | None = None) -> None:
+    """Add one flag per described field of dataclass ``cls`` (:func:`dynsim.settings.setting`):
+    name, type, choices, range check, default and help all come from the field. A boolean
+    defaulting to False becomes ``--name``, one defaulting to True ``--no-name``; ``--help``
+    sections follow the fields' ``group``; deprecated spellings warn and then act like the flag.
+
+    Settings without a flag (``cli=False``) may still come from a config file
+    (``config_extra_keys``).
+    """
+    from dynsim.settings import choices_of, default_of, described, flag_of, meta_of, parse_setting
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in described(cls):
+        meta = meta_of(f)
+        if not meta.cli or f.name in skip:
+            continue
+        where = parser if meta.group is None else groups.setdefault(meta.group, parser.add_argument_group(meta.group))
+        default = default_of(f)
+        if isinstance(default, bool) and meta.choices is None:
+            where.add_argument(flag_of(f), dest=f.name, default=default,
+                               action="store_false" if default else "store_true", help=meta.help.replace("%", "%%"))
+            continue
+        kwargs = dict(dest=f.name, type=_flag_type(parse_setting(f, command=command)), default=default,
+                      help=_help(f, command))
+        if meta.metavar:
+            kwargs["metavar"] = meta.metavar
+        elif choices_of(f) is not None:
+            kwargs["metavar"] = "{" + ",".join(map(str, choices_of(f))) + "}"
+        where.add_argument(flag_of(f), **kwargs)
+        for old in meta.deprecated:
+            where.add_argument(old, action=_Deprecated, new_flag=flag_of(f), dest=f.name, type=kwargs["type"],
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(config_extra_keys=tuple(f.name for f in described(cls) if not meta_of(f).cli))

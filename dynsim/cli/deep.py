@@ -39,7 +39,7 @@ def cmd_study_deep(args: argparse.Namespace) -> int:
         threshold=args.threshold, solver=args.solver, epochs=args.epochs, images_per_epoch=args.images_per_epoch,
         eval_every=args.eval_every, eval_train_size=args.eval_train_size, eval_test_size=args.eval_test_size,
         readout=args.readout, base=base, workers=args.workers, backend=args.backend,
-        ray_address=args.ray_address, progress=not args.no_progress,
+        ray_address=args.ray_address, progress=args.progress,
         out=args.out or str(Path("runs") / f"deep-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json"),
     )
     result = run_deep_study(config)
@@ -84,5 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None)
     p.add_argument("--out", default=None, help="study JSON (cells beside it in <out>_cells/; PNG beside it)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     p.set_defaults(func=cmd_study_deep)

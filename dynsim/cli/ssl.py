@@ -12,86 +12,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dynsim.cli.common import checkpoint_of, command_group, print_table
-from dynsim.configs.ssl import DATASETS, DEFAULT_ARCH, SSLConfig
-from dynsim.errors import ConfigError, DivergenceError
+from dynsim.checkpoint import check_resume
+from dynsim.cli.common import add_settings, checkpoint_of, command_group, print_table
+from dynsim.configs.ssl import SSLConfig
+from dynsim.errors import DivergenceError
 from dynsim.outputs import OutputSpec, timestamped
 from dynsim.pipelines.ssl import run_ssl
-from dynsim.ssl.rules import RULES
-from dynsim.ssl.schedules import SCHEDULES
-from dynsim.ssl.stages import ACTIVATIONS
 from dynsim.sweeps import BACKENDS
 
 
-def _negatives(text: str) -> int | None:
-    return None if text in ("all", "none", "None") else int(text)
-
-
-def _add_common_arguments(p: argparse.ArgumentParser) -> None:
-    d = SSLConfig()
-    p.add_argument("--data", choices=DATASETS, default=d.data, help="data set (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="folder of the dataset files (default: the data set's own)")
-    p.add_argument("--n-train", type=int, default=None,
-                   help="training images, a stratified subset (default: all)")
-    p.add_argument("--n-test", type=int, default=None, help="test images, a stratified subset (default: all)")
-    p.add_argument(
-        "--arch",
-        default=None,
-        help="encoder spec, e.g. c32-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 max-pool), or a name: "
-        "cifar, vgg6, small, tiny (default: per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items())
-        + ")",
-    )
-    p.add_argument("--act", choices=sorted(ACTIVATIONS), default=d.act, help="activation (default: %(default)s)")
-    p.add_argument(
-        "--negatives",
-        type=_negatives,
-        default=None,
-        metavar="K",
-        help="use pairs (i, i+k), k < K, negatives weighted 1/K (default: all)",
-    )
-    p.add_argument("--grad-block", action="store_true",
-                   help="no error into the deformed branch (default: off)")
-    p.add_argument("--tau", type=float, default=d.tau,
-                   help="hinge threshold τ of positive pairs (default: %(default)s)")
-    p.add_argument("--delta", type=float, default=d.delta, help="margin δ of negative pairs (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs,
-                   help="training epochs (default: %(default)s; 0: no training, the random-encoder baseline; "
-                   "GLL shares them equally among the stages)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per batch, >= 2 (the other images are the negatives; default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of every rule (default: %(default)s)")
-    p.add_argument("--dtp-step", type=float, default=d.dtp_step, help="DTP top-target step η (default: %(default)s)")
-    p.add_argument("--dtp-noise", type=float, default=d.dtp_noise,
-                   help="DTP inverse-training noise σ (default: %(default)s)")
-    p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
-                   help="epochs of the linear probe on the frozen embedding (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, order and augmentations (default: 0)")
-    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``dynsim run ssl`` flags to ``parser``."""
-    _add_common_arguments(parser)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="e2e",
-                        help="learning schedule: end to end, greedy or random layer-wise (default: %(default)s)")
-    parser.add_argument("--rule", choices=RULES, default="bp",
-                        help="update rule: backprop, random or updated random feedback, target prop "
-                        "(default: %(default)s)")
-    parser.add_argument("--out", default=None,
-                        help="result JSON (default: runs/ssl-<data>-<schedule>-<rule>-<time>.json)")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=1,
-        metavar="K",
-        help="write <out>.ckpt.pt every K epochs and at the end (default: %(default)s; 0: never)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run whose result is --out from its checkpoint (same final numbers)",
-    )
+    """Add the ``dynsim run ssl`` flags to ``parser``: one per :class:`SSLConfig` field
+    (generated from its description), plus ``--checkpoint-every`` and ``--resume``."""
+    add_settings(parser, SSLConfig, command="ssl")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                        help="write <out>.ckpt.pt every K epochs and at the end (default: %(default)s; 0: never)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose result is --out from its checkpoint (same final numbers)")
     return parser
 
 
@@ -99,6 +36,7 @@ def config_from_args(args: argparse.Namespace, **override: Any) -> SSLConfig:
     """The :class:`SSLConfig` of parsed arguments (``override`` replaces some)."""
     fields = {f.name for f in dataclasses.fields(SSLConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update({k: v for k, v in getattr(args, "config_values", {}).items() if k in fields})  # e.g. flip
     values.update(override)
     return SSLConfig(**values)
 
@@ -110,11 +48,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     """
     config = config_from_args(args)
     resume = getattr(args, "resume", False)
-    if resume and not config.out:
-        raise ConfigError(
-            "--resume needs --out PATH: the result file of the run to continue "
-            "(its checkpoint <out>.ckpt.pt lies beside it)"
-        )
+    check_resume(resume, config.out)
     if config.out is None:
         config.out = str(
             Path("runs") / f"ssl-{config.data}-{config.schedule}-{config.rule}-s{config.seed}.json"
@@ -128,22 +62,19 @@ def run_from_args(args: argparse.Namespace) -> dict:
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``dynsim study ssl`` flags (the run flags minus schedule/rule, plus workers,
-    backend and Ray address)."""
-    _add_common_arguments(parser)
+    """Add the ``dynsim study ssl`` flags (the run flags minus learning schedule, rule and out,
+    plus workers, backend, Ray address, seeds and the table's format)."""
+    add_settings(parser, SSLConfig, skip=("schedule", "rule", "out"), command="ssl")
     parser.add_argument("--workers", type=int, default=1, help="parallel cells (default: %(default)s)")
     parser.add_argument("--backend", default="local", choices=BACKENDS,
                         help="where cells run: local processes or Ray (default: %(default)s)")
-    parser.add_argument(
-        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
-    )
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
     parser.add_argument("--out", default=None, help="study folder (default: runs/ssl-study-<data>)")
     parser.add_argument("--seeds", default=None, metavar="LIST",
                         help="every row once per seed (e.g. 0,1,2): mean ± s.e. per row (default: --seed alone)")
     parser.add_argument("--format", default="text", choices=("text", "csv"),
                         help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
     return parser
-
 
 def study_from_args(args: argparse.Namespace) -> dict:
     """Run ``dynsim study ssl`` from parsed arguments."""

@@ -48,7 +48,7 @@ def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
     p.add_argument("--nps", type=int, default=4, help="neurons per site (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result JSON path (default under runs/)")
-    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
 
 
 # --- bench solvers -------------------------------------------------------------------
@@ -74,7 +74,7 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         out=args.out or _default_out("bench-solvers", args.data),
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     result = run_bench(config)
     from dynsim.cli.common import print_table
@@ -102,7 +102,7 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         max_values=args.max_values,
         out=args.out or _default_out("trajectories", args.data),
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     result = run_trajectories(config)
     for key, path in result.get("files", {}).items():
@@ -141,7 +141,7 @@ def _convergence_config(args: argparse.Namespace):
         ray_address=args.ray_address,
         base=base,
         out=args.out or _default_out("convergence", args.data),
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     return config
 
@@ -311,7 +311,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
     p.add_argument("--out", default=None, help="output directory (default: runs/repro)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     p.set_defaults(func=cmd_study_repro, output=OutputSpec(
         lambda args: "runs/repro", directory=True, result=lambda out: out / "repro.json",
         related=lambda out: [out / "cells"], can_resume=True, validate=check_repro_settings))
@@ -341,7 +341,7 @@ def _repro_config(args: argparse.Namespace):
         eval_test_size=args.eval_test_size, readout=args.readout,
         settings=[s.strip() for s in args.settings.split(";")] if args.settings else None,
         workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out or "runs/repro",
-        progress=not args.no_progress,
+        progress=args.progress,
     )
 
 

@@ -9,7 +9,7 @@ test ``‖du/ds‖/‖u‖ < 1e-4`` or 3000 steps, ``η_e = max(5e-3/(1+0.5 e), 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from dynsim.builders import DEEP_GEOMETRY, DEFAULT_GEOMETRY, build_system
+from dynsim.data import DATASETS
+from dynsim.engine import STREAM_CARRIES
 from dynsim.errors import ConfigError
 from dynsim.evaluation import READOUTS
 from dynsim.plasticity import BATCH_RULES
 from dynsim.plasticity.deep import LATERAL_RULES
-from dynsim.settings import check_ranges
+from dynsim.settings import check_settings, setting
 from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.systems import ACTIVATIONS
 from dynsim.systems.deep import LAYER_STOPS
@@ -33,92 +35,116 @@ NEWTON_CG_MIN_NPS = 32  # auto picks newton-cg from here (measured: benchmarks/n
 class DSSMConfig:
     """Every setting of a DSSM run. Defaults follow Obeid, Ramambason & Pehlevan (2019) and their code."""
 
-    data: str = "digits"
-    data_dir: str | None = None
-    nps: int | list[int] = 4
-    stride: int | list[int] | None = None
-    radius: float | list[float] | None = None
-    lateral_distance: float | list[float] = 0.0
-    layers: int = 1  # > 1: DeepHebbianNet; nps/stride/radius/lateral_distance may be per-layer lists
-    gamma: float = 0.0  # feedback strength of the deep network
-    lateral_rule: str = "code"  # deep: where 1/(1+γ) enters hidden lateral updates (plasticity/deep.py)
-    gains: float | list[float] = 1.0  # deep: g_p in r_p = f(g_p u_p), the authors' tanh_factors
-    mult_factors: float | list[float] = 1.0  # deep: W_p r_{p-1}/m_p, γ m_{p+1} W_{p+1}ᵀ r_{p+1} (authors' mult_factors)
-    layer_stop: str = "each"  # deep: stop when every layer's residual < T (authors) or the whole state's ("state")
-    lateral_sign: int = -1
-    activation: str = "tanh"
-    tau: float = 1.0
-    solver: str = "auto"  # newton where it applies (see resolved_solver), else euler
-    schedule: str = "seed"
-    threshold: float | None = 1e-4
-    max_steps: int | None = 3000
-    residual: str = "field"
-    stream_every: int | None = None
-    stream_carry: str = "u"  # what streaming carries: the state u, or the rates r with u restarted (the report)
-    epochs: int = 120
-    images_per_epoch: int = 1000
-    batch_size: int = 1
-    batch_rule: str = "sum"
-    eta0: float = 5e-3
-    eta_decay: float = 0.5
-    eta_min: float = 1e-4
-    eval_every: int = 15
-    eval_solver: str | None = None  # settle the evaluation sets with another solver (same stop rule); None: same
-    readout: str = "svc"
-    eval_batch_size: int = 1000
-    eval_train_size: int | None = None
-    eval_test_size: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = 1
-    on_divergence: str = "raise"
-    checkpoint_every: int = 1
-    out: str | None = None
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str = setting("digits", help="data set (digits is embedded)", choices=DATASETS, group="data")
+    data_dir: str | None = setting(None, help="directory with the data files (MNIST, CIFAR-10, ...)", group="data",
+                                   shown_default="the data set's own")
+    # network
+    layers: int = setting(1, help="number of layers; > 1 builds a deep network (the structure flags below take "
+                          "per-layer lists)", group="network")
+    gamma: float = setting(0.0, help="feedback strength γ of a deep network", group="network")
+    lateral_rule: str = setting("code", choices=LATERAL_RULES, group="network",
+                                help="deep: 1/(1+γ) on the hidden lateral decay term (the authors' code) or on the "
+                                "whole update")
+    gains: float | list[float] = setting(1.0, per_layer=True, group="network",
+                                         help="deep: g_p in r_p = tanh(g_p u_p), one value or one per layer "
+                                         "(the authors' tanh_factors)")
+    mult_factors: float | list[float] = setting(1.0, per_layer=True, group="network",
+                                                help="deep: m_p in W_p r_{p-1}/m_p and γ m_{p+1} W_{p+1}ᵀ r_{p+1} "
+                                                "(the authors' mult_factors)")
+    layer_stop: str = setting("each", choices=LAYER_STOPS, group="network",
+                              help="deep: stop when every layer's ‖du_p/ds‖/‖u_p‖ < T (the authors') or the whole "
+                              "state's")
+    nps: int | list[int] = setting(4, per_layer=True, group="network", help="neurons per site, e.g. 4 or 4,4")
+    stride: int | list[int] | None = setting(None, per_layer=True, group="network",
+                                             help="site spacing in pixels, e.g. 2,1",
+                                             shown_default="2; upper layers 1")
+    radius: float | list[float] | None = setting(None, per_layer=True, group="network",
+                                                 help="receptive-field radius in pixels, e.g. 4,2",
+                                                 shown_default="28x28: 4, 8x8: 3; upper layers 2")
+    lateral_distance: float | list[float] = setting(0.0, per_layer=True, group="network",
+                                                    help="lateral links between sites up to this grid distance "
+                                                    "(0: same site)")
+    lateral_sign: int = setting(-1, choices=(-1, 1), group="network",
+                                help="s in τ du/ds = −u + Wx + s(L−I)r; −1: the authors' inhibition")
+    activation: str = setting("tanh", choices=ACTIVATIONS, group="network", help="rate function f")
+    tau: float = setting(1.0, group="network", help="time constant τ of the dynamics")
+    # settling
+    solver: str = setting("auto", group="settling",
+                          help="solver spec NAME[,KEY=VALUE...]: auto, euler, newton, heun, rk4, "
+                          "dopri5,rtol=..,atol=.., anderson,beta=0.5, torchdiffeq/torchode,rtol=..,atol=..; "
+                          "auto = per-site newton for one "
+                          "layer (block: Gauss–Seidel over layers + per-site newton for a deep net) with lateral "
+                          "distance 0 and a field-residual threshold, else euler (the seed's method)")
+    schedule: str = setting("seed", group="settling",
+                            help="step sizes of fixed-step solvers: 'seed' = max(0.2/(1+0.005n), 0.05), "
+                            "'constant:DT', 'decaying:DT0,DECAY,MIN'")
+    threshold: float | None = setting(1e-4, group="settling",
+                                      help="stop a sample when ‖du/ds‖/‖u‖ < T ('none': cap only)")
+    max_steps: int | None = setting(3000, group="settling", help="iteration cap per input ('none': no cap)")
+    residual: str = setting("field", choices=("field", "increment"), group="settling",
+                            help="judge T on the vector field ‖du/ds‖/‖u‖ (the test of the authors' and the report's "
+                            "code) or on the last step's relative change ‖Δu‖/‖u‖ (looser by 1/dt)")
+    stream_every: int | None = setting(None, group="settling",
+                                       help="streaming input: keep the state between inputs, switch input every K "
+                                       "steps ('none': off)")
+    stream_carry: str = setting("u", choices=STREAM_CARRIES, group="settling",
+                                help="streaming carries the state u, or the rates r with u restarted at 0 (the "
+                                "reproduction report's code; needs --solver euler)")
+    on_divergence: str = setting("raise", choices=("raise", "skip"), group="settling",
+                                 help="a sample whose state blows up stops the run, or is skipped")
+    # training
+    epochs: int = setting(120, group="training", help="epochs")
+    images_per_epoch: int = setting(1000, group="training", help="training images drawn with replacement per epoch")
+    batch_size: int = setting(1, group="training", help="inputs settled together (1: online)")
+    batch_rule: str = setting("sum", choices=BATCH_RULES, group="training",
+                              help="batch > 1: sum the B online updates or take their mean")
+    eta0: float = setting(5e-3, group="training", help="η_e = max(eta0/(1 + eta_decay·e), eta_min)")
+    eta_decay: float = setting(0.5, group="training", help="decay of the learning rate per epoch")
+    eta_min: float = setting(1e-4, group="training", help="floor of the learning rate")
+    # evaluation
+    eval_every: int = setting(15, group="evaluation", help="epochs between readouts (and at the end; 0: at the end)")
+    eval_solver: str | None = setting(None, group="evaluation",
+                                      help="settle the readout sets with this solver (same stop rule), e.g. newton",
+                                      shown_default="the run's")
+    readout: str = setting("svc", choices=READOUTS, group="evaluation",
+                           help="svc: LinearSVC(C=1, balanced)'s problem solved exactly by Newton (the papers' "
+                           "number); liblinear: sklearn's LinearSVC itself (slow, for cross-checks); ridge: exact "
+                           "one-vs-rest least squares (cheap, for relative comparisons)")
+    eval_batch_size: int = setting(1000, group="evaluation", help="inputs settled together for the readout")
+    eval_train_size: int | None = setting(None, group="evaluation",
+                                          help="subsample the train set for the readout ('none': all)")
+    eval_test_size: int | None = setting(None, group="evaluation",
+                                         help="subsample the test set for the readout ('none': all)")
+    # run
+    seed: int = setting(0, group="run", help="seed of the weights and the image order")
+    device: str = setting("cpu", group="run", help="cpu or cuda")
+    threads: int | None = setting(1, group="run", help="torch CPU threads (1: fastest for batch-1 settling on 2 "
+                                  "cores; 'none': torch's default)")
+    checkpoint_every: int = setting(1, group="run", help="write <out>.ckpt.pt every K epochs and at the end (0: never)")
+    out: str | None = setting(None, group="run", help="result JSON path", shown_default="runs/dssm-<data>-<time>.json")
+    progress: bool = setting(True, group="run", help="no progress bars")
+    extra: dict[str, Any] = setting(default_factory=dict, cli=False,
+                                    help="free-form notes recorded in the result (config files only)")
 
     def validate(self) -> DSSMConfig:
-        """Raise :class:`ConfigError` naming the first bad value and the fix."""
-        from dynsim.data import DATASETS
+        """Raise :class:`ConfigError` naming the first bad value and the fix.
 
-        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            low = 0 if allow_zero else 1
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-
-        if self.data not in DATASETS:
-            raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
-        # one range per setting across commands (dynsim.settings); per-layer ones below
-        check_ranges(self, skip=("nps", "stride", "radius", "lateral_distance"))
-        for name in ("epochs", "images_per_epoch", "batch_size", "eval_batch_size", "layers"):
-            positive_int(name)
-        for name in ("eval_train_size", "eval_test_size", "stream_every", "threads"):
-            positive_int(name, allow_none=True)
+        Each value is first checked against its own description (choices, range: the same
+        message as for a flag or a config-file key), then the settings against each other."""
+        if self.readout == "probe":
+            raise ConfigError("--readout probe (an unconverged L-BFGS fit) was removed: --readout svc solves "
+                              "LinearSVC's problem exactly and faster; --readout ridge is the cheap exact one")
+        check_settings(self)
         self.layer_structure()
         check_layer_memory(self)
-        positive_int("max_steps", allow_none=True)
-        positive_int("eval_every", allow_zero=True)
-        positive_int("checkpoint_every", allow_zero=True)
-        positive_int("seed", allow_zero=True)
         for name in ("eval_train_size", "eval_test_size"):
             if getattr(self, name) == 1:
                 raise ConfigError(f"--{name.replace('_', '-')} 1 leaves one sample, too few for a readout; "
                                   "give at least one sample per class (e.g. 100) or 'none' for all")
-        for name in ("tau", "eta0", "eta_decay", "eta_min"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {v!r}")
-        if not (np.isfinite(self.tau) and self.tau > 0):
-            raise ConfigError(f"tau must be a finite time constant > 0 (e.g. 1.0), got {self.tau!r}")
-        for name in ("data", "solver", "schedule", "activation", "device", "readout"):
+        for name in ("solver", "schedule", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a string, got {getattr(self, name)!r}")
-        if self.threshold is not None and (isinstance(self.threshold, bool)
-                                           or not isinstance(self.threshold, (int, float))):
-            raise ConfigError(f"--threshold must be a number (e.g. 1e-4) or 'none', got {self.threshold!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a table/dict, got {self.extra!r}")
         if self.out is not None:
@@ -126,51 +152,16 @@ class DSSMConfig:
                 raise ConfigError(f"--out must be a file path, got {self.out!r}")
             if Path(self.out).is_dir():
                 raise ConfigError(f"--out {self.out} is a directory; give a file name such as {self.out}/run.json")
-        if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold > 0):
-            raise ConfigError(f"--threshold must be > 0 (e.g. 1e-4), got {self.threshold!r}")
         if self.threshold is None and self.max_steps is None:
             raise ConfigError("give --threshold, --max-steps or both; settling would never stop")
-        if self.lateral_rule not in LATERAL_RULES:
-            raise ConfigError(f"--lateral-rule must be one of {', '.join(LATERAL_RULES)}, got {self.lateral_rule!r}")
-        if not (isinstance(self.gamma, (int, float)) and np.isfinite(self.gamma) and self.gamma >= 0):
-            raise ConfigError(f"--gamma (feedback strength) must be a number >= 0, got {self.gamma!r}")
         for name in ("gains", "mult_factors"):
-            flag = "--" + name.replace("_", "-")
-            for v in self.per_layer(name):
-                if isinstance(v, bool) or not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
-                    raise ConfigError(f"{flag} must be finite numbers > 0 (default 1, the authors'), got {v!r}")
             if self.layers == 1 and any(v != 1 for v in self.per_layer(name)):
-                raise ConfigError(f"{flag} applies to deep networks only (--layers > 1); drop it for one layer")
-        if self.layer_stop not in LAYER_STOPS:
-            raise ConfigError(f"--layer-stop must be one of {', '.join(LAYER_STOPS)}, got {self.layer_stop!r}")
-        if self.lateral_sign not in (-1, 1):
-            raise ConfigError(f"--lateral-sign must be -1 or +1, got {self.lateral_sign!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.residual not in ("field", "increment"):
-            raise ConfigError(f"--residual must be 'field' or 'increment', got {self.residual!r}")
-        if self.batch_rule not in BATCH_RULES:
-            raise ConfigError(f"--batch-rule must be one of {', '.join(BATCH_RULES)}, got {self.batch_rule!r}")
-        if self.readout == "probe":
-            raise ConfigError("--readout probe (an unconverged L-BFGS fit) was removed: --readout svc solves "
-                              "LinearSVC's problem exactly and faster; --readout ridge is the cheap exact one")
-        if self.readout not in READOUTS:
-            raise ConfigError(f"--readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        from dynsim.engine import STREAM_CARRIES
-
-        if self.stream_carry not in STREAM_CARRIES:
-            raise ConfigError(f"--stream-carry must be one of {', '.join(STREAM_CARRIES)}, got {self.stream_carry!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} applies to deep networks only (--layers > 1); "
+                                  "drop it for one layer")
         if self.stream_carry == "r" and self.stream_every is not None and not self.resolved_solver().startswith(
                 ("euler", "heun", "rk4")):
             raise ConfigError("--stream-carry r restarts u at 0 with one Euler step; it needs a fixed-step "
                               f"--solver such as euler, not {self.resolved_solver()!r}")
-        if self.on_divergence not in ("raise", "skip"):
-            raise ConfigError(f"--on-divergence must be 'raise' or 'skip', got {self.on_divergence!r}")
-        for name in ("eta0", "eta_decay", "eta_min"):
-            v = getattr(self, name)
-            if not (np.isfinite(v) and v >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0 "
-                                  f"(default {getattr(DSSMConfig, name)}), got {v!r}")
         if self.batch_rule == "sum" and self.eta0 * self.batch_size >= 1.0:
             raise ConfigError(
                 f"with --batch-rule sum the first update shrinks W by (1 − η·B) = "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynsim.errors import ConfigError
-from dynsim.settings import check_ranges
+from dynsim.settings import check_settings, setting
 from dynsim.ssl.loss import check_hinge_settings
 from dynsim.ssl.rules import RULES
 from dynsim.ssl.schedules import SCHEDULES
@@ -44,47 +44,45 @@ class SSLConfig:
     over pairs (Tang et al. 2022); the history reports it per image. ``lr`` applies to every rule.
     """
 
-    data: str = "digits"
-    data_dir: str | None = None
-    n_train: int | None = None
-    n_test: int | None = None
-    schedule: str = "e2e"
-    rule: str = "bp"
-    arch: str | None = None
-    act: str = "relu"
-    negatives: int | None = None
-    grad_block: bool = False
-    tau: float = 6.0
-    delta: float = 3.0
-    head_dim: int = 64
-    head_pool: int = 2
-    epochs: int = 10
-    batch_size: int = 250
-    lr: float = 1e-3
-    dtp_step: float = 0.1
-    dtp_noise: float = 0.1
-    flip: bool | None = None
-    probe_epochs: int = 30
-    probe_batch_size: int = 256
-    random_baseline: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    out: str | None = None
+    data: str = setting("digits", choices=DATASETS, help="data set")
+    data_dir: str | None = setting(None, help="folder of the dataset files", shown_default="the data set's own")
+    n_train: int | None = setting(None, help="training images, a stratified subset ('all': all)")
+    n_test: int | None = setting(None, help="test images, a stratified subset ('all': all)")
+    schedule: str = setting("e2e", choices=SCHEDULES, flag="--learning", deprecated=("--schedule",),
+                            help="learning schedule: end to end, greedy or random layer-wise (Python and result "
+                            "files: 'schedule')")
+    rule: str = setting("bp", choices=RULES, help="update rule: backprop, random or updated random feedback, "
+                        "target propagation")
+    arch: str | None = setting(None, help="encoder spec, e.g. c32-p-c64-p (cN: 3x3 conv, dN: dense, p: 2x2 "
+                               "max-pool), or a name: cifar, vgg6, small, tiny",
+                               shown_default="per data set, " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ARCH.items()))
+    act: str = setting("relu", choices=tuple(sorted(ACTIVATIONS)), help="activation")
+    negatives: int | None = setting(None, metavar="K", help="use pairs (i, i+k), k < K, negatives weighted 1/K "
+                                    "('all': every other image)")
+    grad_block: bool = setting(False, help="no error into the deformed branch (default: off)")
+    tau: float = setting(6.0, help="hinge threshold τ of positive pairs")
+    delta: float = setting(3.0, help="margin δ of negative pairs")
+    head_dim: int = setting(64, help="width of each stage's linear loss head")
+    head_pool: int = setting(2, help="side of the average-pooled map the loss head sees")
+    epochs: int = setting(10, help="training epochs (0: no training, the random-encoder baseline; GLL shares them "
+                          "equally among the stages)")
+    batch_size: int = setting(250, help="images per batch, >= 2 (the other images are the negatives)")
+    lr: float = setting(1e-3, help="Adam learning rate of every rule")
+    dtp_step: float = setting(0.1, help="DTP top-target step η")
+    dtp_noise: float = setting(0.1, help="DTP inverse-training noise σ")
+    flip: bool | None = setting(None, cli=False, help="horizontal flips among the deformations (None: the data "
+                                "set's default; config files only)")
+    probe_epochs: int = setting(30, help="epochs of the linear probe on the frozen embedding")
+    probe_batch_size: int = setting(256, help="batch size of the linear probe")
+    random_baseline: bool = setting(True, help="skip the random-encoder probe before training (default: run it)")
+    seed: int = setting(0, help="seed of weights, order and augmentations")
+    device: str = setting("cpu", help="cpu or cuda")
+    threads: int | None = setting(1, help="torch threads ('none': torch's default)")
+    out: str | None = setting(None, help="result JSON", shown_default="runs/ssl-<data>-<learning>-<rule>-<time>.json")
 
     def validate(self) -> SSLConfig:
         """Raise :class:`ConfigError` naming the first bad value; return ``self``."""
-        if self.data not in DATASETS:
-            raise ConfigError(f"data {self.data!r} is unknown; use one of {', '.join(DATASETS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"schedule {self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}"
-            )
-        if self.rule not in RULES:
-            raise ConfigError(f"rule {self.rule!r} is unknown; use one of {', '.join(RULES)}")
-        if self.act not in ACTIVATIONS:
-            raise ConfigError(f"act {self.act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
-        check_ranges(self, command="ssl")  # one range per setting across commands (dynsim.settings)
+        check_settings(self, command="ssl")  # each value against its description (choices, range)
         for name in ("grad_block", "random_baseline"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -92,7 +90,7 @@ class SSLConfig:
             raise ConfigError(f"flip must be true, false or None (the data set's default), got {self.flip!r}")
         layers = parse_spec(self.arch or DEFAULT_ARCH[self.data])
         if self.schedule == "gll" and 0 < self.epochs < len(layers):
-            raise ConfigError(f"GLL (--schedule gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
+            raise ConfigError(f"GLL (--learning gll) with {len(layers)} stages needs --epochs >= {len(layers)} "
                               f"(got {self.epochs}); the epochs are shared equally among the stages")
         self.check_memory()
         check_hinge_settings(self.tau, self.delta, self.negatives)

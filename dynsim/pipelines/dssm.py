@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dynsim.builders import build_dssm, build_solver, describe_system, epoch_batches, prepare_data, subset
-from dynsim.checkpoint import Checkpoint, checkpoint_path
+from dynsim.checkpoint import Checkpoint, check_resume, checkpoint_path
 from dynsim.configs.dssm import DSSMConfig, training_settings
 from dynsim.engine import Engine
 from dynsim.errors import ConfigError, DivergenceError
@@ -47,9 +47,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     (same final numbers as an uninterrupted run).
     """
     config.validate()
-    if resume and not config.out:
-        raise ConfigError("--resume needs --out PATH: the result file of the run to continue "
-                          "(its checkpoint lies beside it)")
+    check_resume(resume, config.out)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     t_start = time.perf_counter()

@@ -24,7 +24,7 @@ import torch
 
 from dynsim.builders import build_ssl_training
 from dynsim.callbacks import Callback
-from dynsim.checkpoint import Checkpoint, GeneratorStates, checkpoint_path
+from dynsim.checkpoint import Checkpoint, GeneratorStates, check_resume, checkpoint_path
 from dynsim.configs.ssl import DEFAULT_ARCH, SSLConfig, training_settings
 from dynsim.errors import ConfigError, DivergenceError
 from dynsim.readouts import fit_linear_probe
@@ -96,11 +96,7 @@ def run_ssl(
     from dynsim.engine import Batch, Engine
 
     config.validate()
-    if resume and not config.out:
-        raise ConfigError(
-            "--resume needs --out PATH: the result file of the run to continue "
-            "(its checkpoint <out>.ckpt.pt lies beside it)"
-        )
+    check_resume(resume, config.out)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every = {checkpoint_every!r} must be an integer >= 0")
     if config.threads is not None:

@@ -1,0 +1,182 @@
+"""Each command's settings are described once (a dataclass field with :func:`dynsim.settings.setting`
+metadata): the flags, their ``--help`` defaults and choices, config-file reading and validation
+all come from that description, and a bad value gets the same one-line error from a flag and
+from a config file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+from pathlib import Path
+
+import pytest
+
+from dynsim.cli import build_parser, main
+from dynsim.cli.dssm import config_from_args
+from dynsim.config import parse_args_with_config
+from dynsim.configs.dssm import DSSMConfig
+from dynsim.configs.ssl import SSLConfig
+from dynsim.errors import ConfigError
+from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _leaf(*path: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.help != argparse.SUPPRESS}
+
+
+@pytest.mark.parametrize(("cls", "path"), [(DSSMConfig, ("run", "dssm")), (SSLConfig, ("run", "ssl"))])
+def test_every_flag_is_generated_from_its_field(cls, path):
+    actions = _actions(_leaf(*path))
+    fields = [f for f in described(cls) if meta_of(f).cli]
+    assert len(fields) >= 25
+    for f in fields:
+        action = actions[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert action.default == default, f.name
+        assert flag_of(f) in action.option_strings, f.name
+        assert meta_of(f).help.split(" (")[0] in action.help.replace("%%", "%"), f.name
+        if meta_of(f).choices is not None:
+            assert action.metavar == "{" + ",".join(map(str, check_choices(f))) + "}", f.name
+
+
+def check_choices(f):
+    from dynsim.settings import choices_of
+
+    return choices_of(f)
+
+
+def _patch_field(monkeypatch, cls, name: str, *, default=dataclasses.MISSING, **meta):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is not dataclasses.MISSING:
+        monkeypatch.setattr(f, "default", default)
+    if meta:
+        new = dataclasses.replace(meta_of(f), **meta)
+        monkeypatch.setattr(f, "metadata", types.MappingProxyType({**f.metadata, "setting": new}))
+    return f
+
+
+def test_a_default_changed_in_the_description_reaches_help_parser_and_config_file(monkeypatch, tmp_path):
+    _patch_field(monkeypatch, DSSMConfig, "eta0", default=0.0025)
+    parser = build_parser()
+    help_text = _leaf("run", "dssm").format_help()
+    assert "(default: 0.0025)" in " ".join(help_text.split())
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("nps = 2\n")  # eta0 not in the file: the description's default applies
+    args = parse_args_with_config(parser, ["run", "dssm", "--config", str(cfg), "--out", "x.json"])
+    assert args.eta0 == 0.0025 and config_from_args(args).eta0 == 0.0025 and args.nps == 2
+
+
+def test_choices_changed_in_the_description_reach_the_flag_and_the_config_file(monkeypatch, tmp_path, capsys):
+    _patch_field(monkeypatch, DSSMConfig, "residual", choices=("field",))
+    assert main(["run", "dssm", "--residual", "increment", "--out", str(tmp_path / "a.json")]) == 2
+    from_flag = capsys.readouterr().err
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('residual = "increment"\n')
+    assert main(["run", "dssm", "--config", str(cfg), "--out", str(tmp_path / "b.json")]) == 2
+    from_file = capsys.readouterr().err
+    assert from_flag == from_file == "dynsim: error: --residual must be one of field, got 'increment'\n"
+
+
+BAD = [
+    (["run", "dssm"], "--max-steps", "0", "max-steps = 0",
+     "--max-steps must be an integer >= 1 ('none': no cap), got 0"),
+    (["run", "dssm"], "--max-steps", "lots", 'max_steps = "lots"',
+     "--max-steps must be an integer >= 1 ('none': no cap), got 'lots'"),
+    (["run", "dssm"], "--residual", "both", 'residual = "both"',
+     "--residual must be one of field, increment, got 'both'"),
+    (["run", "dssm"], "--eta0", "-1", "eta0 = -1.0", "--eta0 must be >= 0 (a finite number), got -1.0"),
+    (["run", "dssm"], "--nps", "4,0", "nps = [4, 0]", "--nps must be an integer >= 1, got 0"),
+    (["run", "dssm"], "--lateral-sign", "2", "lateral-sign = 2", "--lateral-sign must be one of -1, 1, got 2"),
+    (["run", "ssl"], "--learning", "sideways", 'learning = "sideways"',
+     "--learning must be one of e2e, gll, rll, got 'sideways'"),
+    (["run", "ssl"], "--epochs", "-1", "epochs = -1", "--epochs must be an integer >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag", "text", "toml", "message"), BAD, ids=[b[1] + "=" + b[2] for b in BAD])
+def test_a_bad_value_gets_the_same_one_line_error_from_a_flag_and_a_config_file(
+        command, flag, text, toml, message, tmp_path, capsys):
+    assert main([*command, f"{flag}={text}", "--out", str(tmp_path / "a.json")]) == 2
+    from_flag = capsys.readouterr().err
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml + "\n")
+    assert main([*command, "--config", str(cfg), "--out", str(tmp_path / "b.json")]) == 2
+    from_file = capsys.readouterr().err
+    assert from_flag == from_file == f"dynsim: error: {message}\n"
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_python_gets_the_same_message():
+    with pytest.raises(ConfigError) as exc:
+        DSSMConfig(max_steps=0).validate()
+    assert str(exc.value) == "--max-steps must be an integer >= 1 ('none': no cap), got 0"
+    f = next(f for f in described(SSLConfig) if f.name == "schedule")
+    with pytest.raises(ConfigError, match=r"^--learning must be one of e2e, gll, rll, got 'x'$"):
+        check_setting(f, "x")
+
+
+def test_schedule_means_step_sizes_everywhere_and_ssl_says_learning(tmp_path, capsys):
+    run_ssl = _leaf("run", "ssl")
+    assert "--learning" in _actions(run_ssl)["schedule"].option_strings
+    assert "--learning" not in _leaf("run", "dssm").format_help()
+    assert "--schedule" not in run_ssl.format_help()  # the old spelling is hidden ...
+    args = run_ssl.parse_args(["--schedule", "gll"])  # ... still accepted, with a warning
+    assert args.schedule == "gll"
+    assert "dynsim: warning: --schedule is deprecated; use --learning" in capsys.readouterr().err
+    cfg = tmp_path / "ssl.toml"
+    cfg.write_text('learning = "rll"\n')  # a config key may be the flag's name
+    args = parse_args_with_config(build_parser(), ["run", "ssl", "--config", str(cfg)])
+    assert args.schedule == "rll"
+
+
+def test_flags_shared_by_commands_name_the_same_setting():
+    """A flag that several commands have stores into the same setting in each."""
+    from dynsim.config import _leaves
+
+    seen: dict[str, tuple[str, str]] = {}
+    for leaf in _leaves(build_parser()):
+        for action in leaf._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    first = seen.setdefault(option, (leaf.prog, action.dest))
+                    assert first[1] == action.dest, f"{option}: {first} vs {leaf.prog} -> {action.dest}"
+
+
+def test_resume_needs_out_is_written_once(tmp_path, capsys):
+    hits = [p for p in (ROOT / "dynsim").rglob("*.py") if "--resume needs --out" in p.read_text()]
+    assert [p.name for p in hits] == ["checkpoint.py"]
+    for command in (["run", "dssm"], ["run", "ssl"]):
+        assert main([*command, "--resume"]) == 2
+        assert "--resume needs --out PATH" in capsys.readouterr().err
+    from dynsim.pipelines.dssm import run_dssm
+
+    with pytest.raises(ConfigError, match="--resume needs --out PATH"):
+        run_dssm(DSSMConfig(epochs=1, out=None), resume=True)
+
+
+def test_setting_metadata_is_typed():
+    f = next(f for f in described(DSSMConfig) if f.name == "threshold")
+    assert isinstance(meta_of(f), Setting) and flag_of(f) == "--threshold"
+
+
+@pytest.mark.parametrize(("line", "progress"), [("no-progress = false", True), ("no-progress = true", False),
+                                                ("progress = false", False)])
+def test_a_switch_in_a_config_file_means_what_it_says(tmp_path, line, progress):
+    """``no-progress = false`` once read as a one-item list, i.e. true."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(line + "\n")
+    args = parse_args_with_config(build_parser(), ["run", "dssm", "--config", str(cfg)])
+    assert args.progress is progress

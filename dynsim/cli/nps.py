@@ -32,7 +32,7 @@ def _config(args: argparse.Namespace):
         data=args.data, data_dir=args.data_dir, nps=nps, seeds=parse_seeds(args.seeds), epochs=args.epochs,
         images_per_epoch=args.images_per_epoch, threshold=args.threshold, solver=args.solver, readout=args.readout,
         eval_train_size=args.eval_train_size, eval_test_size=args.eval_test_size, base=base, workers=args.workers,
-        backend=args.backend, ray_address=args.ray_address, out=args.out, progress=not args.no_progress,
+        backend=args.backend, ray_address=args.ray_address, out=args.out, progress=args.progress,
     )
 
 
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
     p.add_argument("--out", default=None, help="output folder: nps.json, nps.png, cells/ (default: runs/nps)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     p.set_defaults(func=cmd_study_nps, output=OutputSpec(
         lambda args: "runs/nps", directory=True, result=lambda out: out / "nps.json",
         related=lambda out: [out / "cells"], can_resume=True, validate=check_nps_settings))

@@ -150,7 +150,12 @@ def checks(args) -> list[tuple[str, callable]]:
     rows += [("dssm nps=4", dssm_check(4)), ("dssm nps=100", dssm_check(100))]
     rows += [(f"ssl {rule}", ssl_check(rule)) for rule in RULES]
     rows += [("checkpoint dssm", checkpoint_dssm), ("checkpoint ssl dtp", checkpoint_ssl)]
-    return [(n, f) for n, f in rows if not args.only or any(s in n for s in args.only.split(","))]
+    if not args.only:
+        return rows
+    names = {n for n, _ in rows}
+    # a full check name selects that check only ("solver:newton", not "solver:newton-cg"); else substrings
+    wanted = [s for s in args.only.split(",") if s]
+    return [(n, f) for n, f in rows if any(s == n if s in names else s in n for s in wanted)]
 
 
 def _attempt(fn, device: str, args) -> dict:
@@ -168,7 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--images", type=int, default=100, help="training images of the dssm checks")
     p.add_argument("--ssl-train", type=int, default=1000, help="training images of the ssl checks")
-    p.add_argument("--only", default=None, help="comma-separated substrings: run only the matching checks")
+    p.add_argument("--only", default=None,
+                   help="comma-separated check names or substrings: run only the matching checks")
     p.add_argument("--out", default="runs/gpu_check.json")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -8,6 +8,14 @@
 torch.Size([2, 64])
 """
 
+import os
+
+# Before torch loads its OpenMP runtime (a no-op if it already has; a user's choice wins): torch's
+# OpenMP workers otherwise spin after every parallel op, and while the compiled kernels' own
+# threads settle an evaluation batch (--threads > 1) the spinning took the cores from them
+# (benchmarks/README.md, issue 14 item 3). Passive waiting costs torch's large ops nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from dynsim._version import __version__
 from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynsim.engine import Batch, DynamicsSettler
+from dynsim.engine import DynamicsSettler, EpochDraws
 from dynsim.plasticity import DecayingRate, SimilarityMatchingRule
 from dynsim.plasticity.deep import DeepSimilarityMatchingRule
 from dynsim.solvers import Solver, solver_from_spec
@@ -110,17 +110,9 @@ def prepare_data(config):
     return ds, x_train, x_test
 
 
-def epoch_batches(x: torch.Tensor, *, images: int, batch_size: int, seed: int):
+def epoch_batches(x: torch.Tensor, *, images: int, batch_size: int, seed: int) -> EpochDraws:
     """``batches(epoch)``: ``images`` draws with replacement per epoch, seeded by (seed, epoch)."""
-
-    def batches(epoch: int):
-        rng = np.random.default_rng([seed, epoch])
-        order = torch.from_numpy(rng.integers(0, x.shape[0], size=images))
-        for number, start in enumerate(range(0, images, batch_size)):
-            idx = order[start : start + batch_size]
-            yield Batch(x=x[idx.to(x.device)], y=None, index=idx, epoch=epoch, number=number)
-
-    return batches
+    return EpochDraws(x, images=images, batch_size=batch_size, seed=seed)
 
 
 def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
@@ -196,11 +188,12 @@ def build_ssl_training(config, encoder, shape: tuple[int, ...], generator: torch
         inverses = build_inverses(encoder, shape, generator)
         for g in inverses.values():
             g.to(device)
-    rules = make_rules(config.rule, encoder, lr=config.lr, generator=generator, inverses=inverses,
+    rules = make_rules(config.rule, encoder, lr=config.resolved_lr(), generator=generator, inverses=inverses,
                        dtp_noise=config.dtp_noise)
     settler = ContrastiveSettler(
         encoder, shape, deform, tau=config.tau, delta=config.delta, negatives=config.negatives,
-        grad_block=config.grad_block, propagation="target" if config.rule == "dtp" else "error",
+        grad_block=config.grad_block, wrap=config.negatives_wrap, views=config.views,
+        propagation="target" if config.rule == "dtp" else "error",
         inverses=inverses, target_step=config.dtp_step, generator=generator,
     )
     schedule = make_schedule(config.schedule, settler, rules, epochs=config.epochs,

@@ -15,6 +15,12 @@ order of events for one training run is::
         on_epoch_end          # evaluators, learning-rate schedules, checkpoints
     on_fit_end
 
+Where the engine's fused online backend runs an epoch (:mod:`dynsim.fused`: batch 1, compiled
+kernels), the per-input hooks are replaced by one ``on_inputs(engine, inputs)`` per chunk of
+inputs, with their per-input numbers as arrays; it runs only when every callback that
+overrides a per-input hook also defines such a fused form (``on_inputs``, or
+``fused_update`` for a plasticity rule), so no callback misses an input.
+
 A callback that wants training to stop sets ``engine.should_stop = True``; the loop stops
 after the current batch. ``state_dict``/``load_state_dict`` make a callback's state part of
 a checkpoint.
@@ -28,6 +34,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from dynsim.engine import Batch, Engine, SettleResult
+    from dynsim.fused import SettledInputs
 
 
 class Callback:
@@ -51,6 +58,11 @@ class Callback:
 
     def on_batch_end(self, engine: Engine, batch: Batch, result: SettleResult) -> None:
         """Called after every callback's ``on_settled``: monitors and progress bars."""
+
+    def on_inputs(self, engine: Engine, inputs: SettledInputs) -> None:
+        """Fused backend only: a chunk of batch-1 inputs has settled and been learned from;
+        ``inputs`` holds their indices, steps, statuses, residuals and evaluations as (k,) arrays.
+        A monitor that defines it beside ``on_batch_end`` records the same numbers either way."""
 
     def on_epoch_end(self, engine: Engine, epoch: int) -> None:
         """Called at the end of epoch ``epoch`` (0-based)."""

@@ -18,7 +18,10 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   the step counts of the torch path, and the same fixed points up to float rounding (tests:
   ``tests/test_compiled.py`` and the solver conformance table). Float32
   tanh is a rational approximation within 1 ulp (see ``_tanh_rational``). Batches of
-  ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting).
+  ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting):
+  Python threads, each running the kernel (it releases the GIL) on its slice, so that no
+  OpenMP pool of numba's competes with torch's (numba's ``parallel=True`` chunks did, with
+  both pools spinning: benchmarks/README.md, issue 14 item 3).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
@@ -39,6 +42,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -144,103 +148,32 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
                    bound, big, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,).
 
-    Working arrays are *site-last* (M, S) / (M, M, S) so that every per-site operation,
-    the M × M elimination included, is a loop over the sites that the compiler vectorises
-    (against site by site: benchmarks/compiled_kernels.py row 4)."""
+    Per row: the drive (:func:`_drive_sites`), then :func:`_settle_row`. Working arrays are
+    *site-last* (M, S) / (M, M, S) so that every per-site operation, the M × M elimination
+    included, is a loop over the sites that the compiler vectorises (against site by site:
+    benchmarks/compiled_kernels.py row 4)."""
     n_sites, m_per, kc = w.shape
-    k_in = ff_index.shape[1]
-    dt = w.dtype.type
-    zero = dt(0)
-    a = np.empty((m_per, m_per, n_sites), dtype=w.dtype)  # s·(L_k − I)
-    row = np.zeros((m_per, n_sites), dtype=w.dtype)  # Σ_j |s·A_kij|
+    work = _site_work(m_per, n_sites, w.dtype)
+    a, row, d, box, us = work[0], work[1], work[2], work[3], work[4]
+    rr = work[6]
     for s in range(n_sites):
         for i in range(m_per):
             for j in range(m_per):
-                v = dt(sign) * (lat[s, i, j] - (1 if i == j else 0))
+                v = w.dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0))
                 a[i, j, s] = v
                 row[i, s] += abs(v)
-    d = np.empty((m_per, n_sites), dtype=w.dtype)
-    box = np.empty((m_per, n_sites), dtype=w.dtype)
-    us = np.empty((m_per, n_sites), dtype=w.dtype)
-    un = np.empty((m_per, n_sites), dtype=w.dtype)
-    rr = np.empty((m_per, n_sites), dtype=w.dtype)
-    fs = np.empty((m_per, n_sites), dtype=w.dtype)
-    jac = np.empty((m_per, m_per, n_sites), dtype=w.dtype)
     xg = np.empty(kc, dtype=w.dtype)
     n_evals = 0
     for b in range(x.shape[0]):
-        # drive d = W x, the tanh box |d| + Σ|s·A|, and the start u0
+        _drive_sites(x[b], w, ff_index, n_pixels, channels, xg, d)
         for s in range(n_sites):
-            for k in range(k_in):
-                p = ff_index[s, k]
-                for g in range(channels):
-                    xg[k * channels + g] = x[b, g * n_pixels + p] if p != n_pixels else zero
             for i in range(m_per):
-                acc = zero
-                for j in range(kc):
-                    acc += w[s, i, j] * xg[j]
-                d[i, s] = acc
-                box[i, s] = abs(acc) + row[i, s]
+                box[i, s] = abs(d[i, s]) + row[i, s]
                 us[i, s] = u[b, s * m_per + i]
-        n = 0
-        while True:
-            # τF(u) = d − u + s·A f(u), its norm and the state's
-            for j in range(m_per):
-                for s in range(n_sites):
-                    rr[j, s] = _rate(us[j, s], code)
-            f2 = 0.0
-            u2 = 0.0
-            for i in range(m_per):
-                for s in range(n_sites):
-                    fs[i, s] = d[i, s] - us[i, s]
-                for j in range(m_per):
-                    for s in range(n_sites):
-                        fs[i, s] += a[i, j, s] * rr[j, s]
-                for s in range(n_sites):
-                    f2 += float(fs[i, s]) * float(fs[i, s])
-                    u2 += float(us[i, s]) * float(us[i, s])
-            u_norm = max(np.sqrt(u2), 1e-12)
-            res = np.sqrt(f2) / tau / u_norm
-            residual[b] = res
-            settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
-            capped = cap >= 0 and n >= cap
-            if settled or capped:
-                status[b] = _MAX_STEPS if capped and (cap_first or not settled) else _SETTLED
-                break
-            if method == METHOD_EULER:  # u ← u + dt_n F(u), F = τF/τ as the torch field computes it
-                dtn = dts[n]
-                for i in range(m_per):
-                    for s in range(n_sites):
-                        un[i, s] = us[i, s] + dtn * (fs[i, s] if tau == 1.0 else fs[i, s] / dt(tau))
-            elif n == 0 and method == METHOD_PICARD_NEWTON:  # Picard start: u1 = u0 + τF(u0)
-                for i in range(m_per):
-                    for s in range(n_sites):
-                        un[i, s] = us[i, s] + fs[i, s]
-            else:  # Newton: solve J z = τF per site, J = −I + s·A diag f'(u); u ← u − z
-                for j in range(m_per):
-                    for s in range(n_sites):
-                        fp = _slope(us[j, s], rr[j, s], code)
-                        for i in range(m_per):
-                            jac[i, j, s] = a[i, j, s] * fp - (1 if i == j else 0)
-                _solve_sites(jac, fs)
-                for i in range(m_per):
-                    for s in range(n_sites):
-                        v = us[i, s] - fs[i, s]
-                        v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
-                        if code == 0 or code == 3:  # tanh
-                            v = min(max(v, -box[i, s]), box[i, s])
-                        un[i, s] = v
-            # divergence: a non-finite residual or state, or a state norm above the bound
-            n2 = 0.0
-            for i in range(m_per):
-                for s in range(n_sites):
-                    n2 += float(un[i, s]) * float(un[i, s])
-            if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
-                status[b] = _DIVERGED
-                break
-            us[:, :] = un
-            n += 1
+        n, code_b, res = _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, big)
         steps[b] = n
+        status[b] = code_b
+        residual[b] = res
         n_evals += n + 1
         for s in range(n_sites):  # rr holds f(us) from the last residual test
             for i in range(m_per):
@@ -249,28 +182,135 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
     return n_evals
 
 
-def _settle_chunks(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, atol, cap, cap_first,
-                   bound, big, u, r, steps, status, residual, n_chunks):
-    """:func:`_settle_kernel` on ``n_chunks`` contiguous slices of the batch, in parallel threads."""
-    b = x.shape[0]
-    evals = np.zeros(n_chunks, dtype=np.int64)
-    for c in numba.prange(n_chunks):
-        lo = c * b // n_chunks
-        hi = (c + 1) * b // n_chunks
-        evals[c] = _settle_kernel(x[lo:hi], w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol,
-                                  atol, cap, cap_first, bound, big, u[lo:hi], r[lo:hi], steps[lo:hi], status[lo:hi],
-                                  residual[lo:hi])
-    return evals.sum()
+@_jit
+def _site_work(m_per, n_sites, dtype):
+    """The site-last working arrays of :func:`_settle_row`: ``(a, row, d, box, us, un, rr, fs, fp,
+    jac, piv, best, fac)``; ``row`` zeroed, the rest uninitialised."""
+    a = np.empty((m_per, m_per, n_sites), dtype=dtype)  # s·(L_k − I)
+    row = np.zeros((m_per, n_sites), dtype=dtype)  # Σ_j |s·A_kij|
+    d = np.empty((m_per, n_sites), dtype=dtype)
+    box = np.empty((m_per, n_sites), dtype=dtype)
+    us = np.empty((m_per, n_sites), dtype=dtype)
+    un = np.empty((m_per, n_sites), dtype=dtype)
+    rr = np.empty((m_per, n_sites), dtype=dtype)
+    fs = np.empty((m_per, n_sites), dtype=dtype)
+    fp = np.empty((m_per, n_sites), dtype=dtype)
+    jac = np.empty((m_per, m_per, n_sites), dtype=dtype)
+    piv = np.empty(n_sites, dtype=np.int64)
+    best = np.empty(n_sites, dtype=dtype)
+    fac = np.empty(n_sites, dtype=dtype)
+    return a, row, d, box, us, un, rr, fs, fp, jac, piv, best, fac
 
 
-if numba is not None:
-    _settle_chunks = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")(_settle_chunks)
+@_jit
+def _drive_sites(xb, w, ff_index, n_pixels, channels, xg, d):
+    """``d[i, s] = Σ_j W[s, i, j] x[index[s, j]]`` for one input ``xb`` (D_in,) (padding reads 0)."""
+    n_sites, m_per, kc = w.shape
+    k_in = ff_index.shape[1]
+    zero = w.dtype.type(0)
+    for s in range(n_sites):
+        if channels == 1:
+            for k in range(k_in):
+                p = ff_index[s, k]
+                xg[k] = xb[p] if p != n_pixels else zero
+        else:
+            for k in range(k_in):
+                p = ff_index[s, k]
+                for g in range(channels):
+                    xg[k * channels + g] = xb[g * n_pixels + p] if p != n_pixels else zero
+        for i in range(m_per):
+            acc = zero
+            for j in range(kc):
+                acc += w[s, i, j] * xg[j]
+            d[i, s] = acc
+
+
+@_jit
+def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, big):
+    """Settle one input from ``us`` with drive ``d``, blocks ``a`` and box ``box`` (in ``work``, see
+    :func:`_site_work`); the loop of :func:`dynsim.settle`: test the residual ``‖F(u)‖/‖u‖`` of
+    ``τF(u) = d − u + s·A f(u)`` first, then take a Picard start, a Newton step (NaN → 0, the tanh
+    box) or an Euler step. Returns ``(steps, status, residual)``; ``us`` holds the returned state
+    and ``rr`` its rates."""
+    a, _, d, box, us, un, rr, fs, fp, jac, piv, best, fac = work
+    m_per, n_sites = d.shape
+    dt = d.dtype.type
+    zero = dt(0)
+    n = 0
+    while True:
+        # τF(u) = d − u + s·A f(u), its norm and the state's
+        for j in range(m_per):
+            for s in range(n_sites):
+                rr[j, s] = _rate(us[j, s], code)
+        f2 = 0.0
+        u2 = 0.0
+        for i in range(m_per):
+            for s in range(n_sites):
+                fs[i, s] = d[i, s] - us[i, s]
+            for j in range(m_per):
+                for s in range(n_sites):
+                    fs[i, s] += a[i, j, s] * rr[j, s]
+            for s in range(n_sites):
+                f2 += float(fs[i, s]) * float(fs[i, s])
+                u2 += float(us[i, s]) * float(us[i, s])
+        u_norm = max(np.sqrt(u2), 1e-12)
+        res = np.sqrt(f2) / tau / u_norm
+        settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
+        capped = cap >= 0 and n >= cap
+        if settled or capped:
+            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res
+        if method == METHOD_EULER:  # u ← u + dt_n F(u), F = τF/τ as the torch field computes it
+            dtn = dts[n]
+            for i in range(m_per):
+                for s in range(n_sites):
+                    un[i, s] = us[i, s] + dtn * (fs[i, s] if tau == 1.0 else fs[i, s] / dt(tau))
+        elif n == 0 and method == METHOD_PICARD_NEWTON:  # Picard start: u1 = u0 + τF(u0)
+            for i in range(m_per):
+                for s in range(n_sites):
+                    un[i, s] = us[i, s] + fs[i, s]
+        else:  # Newton: solve J z = τF per site, J = −I + s·A diag f'(u); u ← u − z
+            for j in range(m_per):
+                for s in range(n_sites):
+                    fp[j, s] = _slope(us[j, s], rr[j, s], code)
+            for i in range(m_per):
+                for j in range(m_per):
+                    for s in range(n_sites):
+                        jac[i, j, s] = a[i, j, s] * fp[j, s] - (1 if i == j else 0)
+            _eliminate(jac, fs, piv, best, fac)
+            for i in range(m_per):
+                for s in range(n_sites):
+                    v = us[i, s] - fs[i, s]
+                    v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
+                    if code == 0 or code == 3:  # tanh
+                        v = min(max(v, -box[i, s]), box[i, s])
+                    un[i, s] = v
+        # divergence: a non-finite residual or state, or a state norm above the bound
+        n2 = 0.0
+        for i in range(m_per):
+            for s in range(n_sites):
+                n2 += float(un[i, s]) * float(un[i, s])
+        if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
+            return n, _DIVERGED, res
+        us[:, :] = un
+        n += 1
 
 
 @_jit
 def _solve_sites(a, b):
-    """Solve ``a[:, :, s] z = b[:, s]`` for every site ``s`` by Gaussian elimination with partial
-    pivoting (as LAPACK's getrf); ``a`` (M, M, S) is overwritten, ``b`` (M, S) becomes ``z``.
+    """Solve ``a[:, :, s] z = b[:, s]`` for every site ``s`` (see :func:`_eliminate`); ``a`` (M, M, S)
+    is overwritten, ``b`` (M, S) becomes ``z``."""
+    n_sites = a.shape[2]
+    _eliminate(a, b, np.empty(n_sites, dtype=np.int64), np.empty(n_sites, dtype=a.dtype),
+               np.empty(n_sites, dtype=a.dtype))
+
+
+@_jit
+def _eliminate(a, b, piv, best, fac):
+    """Gaussian elimination with partial pivoting (as LAPACK's getrf) of every site's system at
+    once: ``a`` (M, M, S) is overwritten, ``b`` (M, S) becomes the solution; ``piv``, ``best``,
+    ``fac`` (S,) are scratch. Every loop runs over the sites innermost and the row swaps are
+    selects, so the compiler vectorises them (site by site, with a branch per swap, it did not:
+    benchmarks/online_fused.py).
 
     A zero pivot is handled as LAPACK's getf2 does (its column is not eliminated; back
     substitution then divides by zero), so a singular matrix gives the same inf/NaN pattern as
@@ -278,35 +318,44 @@ def _solve_sites(a, b):
     box projection turns into a usable restart, NaN where it is 0/0."""
     m, _, n_sites = a.shape
     for c in range(m):
-        for s in range(n_sites):  # pivot row of column c, swapped into place
-            p = c
-            best = abs(a[c, c, s])
-            for i in range(c + 1, m):
-                v = abs(a[i, c, s])
-                if v > best:
-                    best = v
-                    p = i
-            if p != c:
-                for j in range(c, m):
-                    t = a[c, j, s]
-                    a[c, j, s] = a[p, j, s]
-                    a[p, j, s] = t
-                t = b[c, s]
-                b[c, s] = b[p, s]
-                b[p, s] = t
+        for s in range(n_sites):  # pivot row of column c: the first largest |a[i, c]|, i ≥ c
+            piv[s] = c
+            best[s] = abs(a[c, c, s])
         for i in range(c + 1, m):
             for s in range(n_sites):
-                piv = a[c, c, s]
-                factor = a[i, c, s] / piv if piv != 0 else piv  # LAPACK skips a zero pivot's column
-                for j in range(c + 1, m):
-                    a[i, j, s] -= factor * a[c, j, s]
-                b[i, s] -= factor * b[c, s]
-    for c in range(m - 1, -1, -1):
-        for s in range(n_sites):
-            acc = b[c, s]
+                v = abs(a[i, c, s])
+                take = v > best[s]
+                best[s] = v if take else best[s]
+                piv[s] = i if take else piv[s]
+        for i in range(c + 1, m):  # swap rows c and piv (a select per site)
+            for j in range(c, m):
+                for s in range(n_sites):
+                    top = a[c, j, s]
+                    other = a[i, j, s]
+                    swap = piv[s] == i
+                    a[c, j, s] = other if swap else top
+                    a[i, j, s] = top if swap else other
+            for s in range(n_sites):
+                top = b[c, s]
+                other = b[i, s]
+                swap = piv[s] == i
+                b[c, s] = other if swap else top
+                b[i, s] = top if swap else other
+        for i in range(c + 1, m):
+            for s in range(n_sites):
+                p = a[c, c, s]
+                fac[s] = a[i, c, s] / p if p != 0 else p  # LAPACK skips a zero pivot's column
             for j in range(c + 1, m):
-                acc -= a[c, j, s] * b[j, s]
-            b[c, s] = acc / a[c, c, s]
+                for s in range(n_sites):
+                    a[i, j, s] -= fac[s] * a[c, j, s]
+            for s in range(n_sites):
+                b[i, s] -= fac[s] * b[c, s]
+    for c in range(m - 1, -1, -1):
+        for j in range(c + 1, m):
+            for s in range(n_sites):
+                b[c, s] -= a[c, j, s] * b[j, s]
+        for s in range(n_sites):
+            b[c, s] = b[c, s] / a[c, c, s]
 
 
 @_jit
@@ -332,6 +381,102 @@ def _hebbian_kernel(x, r, w, ff_index, n_pixels, channels, lat, lat_index, rate_
                 w[s, i, j] += rate_ff * (post * pre[j] - w[s, i, j])
             for j in range(pre_l.size):
                 lat[s, i, j] += rate_lat * (post * pre_l[j] - lat[s, i, j])
+
+
+@_jit
+def _train_online(x, order, w, ff_index, n_pixels, channels, lat, sign, tau, code, method, dts, tol, atol, cap,
+                  cap_first, bound, big, rate_ff, rate_lat, learn, stop_on_divergence, carry_u, u, r, steps, status,
+                  residual, n_evals):
+    """Online learning, batch 1, in one call: for t = 0 … k−1 settle ``x[order[t]]`` (from u = 0, or
+    from the carried state with ``carry_u``) with :func:`_settle_row`, then (``learn``, the input
+    not diverged) apply ``W ← W + rate_ff (r xᵀ − W)``, ``L ← L + rate_lat (r rᵀ − L)`` (the
+    formula of :func:`_hebbian_kernel`; lateral distance 0). Per-input numbers go into ``steps,
+    status, residual, n_evals`` (k,); ``u``, ``r`` (1, N) get the last input's state and rates.
+
+    ``W`` and ``L`` are copied once per call into site-last arrays (K, S) / (M, M, S) and back at
+    the end, so that the drive, the blocks ``s·(L − I)`` and both updates are loops over the sites
+    that the compiler vectorises; the gathered input (K, S) serves the drive and the update.
+    Returns the number of inputs done: k, or (``stop_on_divergence``) the position of the first
+    input that diverged (its numbers written, its update not applied)."""
+    n_sites, m_per, kc = w.shape
+    k_in = ff_index.shape[1]
+    dtype = w.dtype
+    zero = dtype.type(0)
+    wt = np.empty((m_per, kc, n_sites), dtype=dtype)
+    lt = np.empty((m_per, m_per, n_sites), dtype=dtype)
+    gi = np.empty((kc, n_sites), dtype=np.int64)  # where each site's presynaptic value sits in xpad
+    pad = channels * n_pixels
+    for s in range(n_sites):
+        for i in range(m_per):
+            for j in range(kc):
+                wt[i, j, s] = w[s, i, j]
+            for j in range(m_per):
+                lt[i, j, s] = lat[s, i, j]
+        for k in range(k_in):
+            p = ff_index[s, k]
+            for g in range(channels):
+                gi[k * channels + g, s] = g * n_pixels + p if p != n_pixels else pad
+    xpad = np.zeros(pad + 1, dtype=dtype)
+    xg = np.empty((kc, n_sites), dtype=dtype)
+    work = _site_work(m_per, n_sites, dtype)
+    a, row, d, box, us, rr = work[0], work[1], work[2], work[3], work[4], work[6]
+    for s in range(n_sites):
+        for i in range(m_per):
+            us[i, s] = u[0, s * m_per + i] if carry_u else zero
+    done = order.shape[0]
+    for t in range(order.shape[0]):
+        xi = x[order[t]]
+        for p in range(pad):
+            xpad[p] = xi[p]
+        for j in range(kc):
+            for s in range(n_sites):
+                xg[j, s] = xpad[gi[j, s]]
+        for i in range(m_per):  # drive d = W x, the blocks s·(L − I) and the tanh box
+            for s in range(n_sites):
+                d[i, s] = zero
+                row[i, s] = zero
+            for j in range(kc):
+                for s in range(n_sites):
+                    d[i, s] += wt[i, j, s] * xg[j, s]
+            for j in range(m_per):
+                for s in range(n_sites):
+                    v = dtype.type(sign) * (lt[i, j, s] - (1 if i == j else 0))
+                    a[i, j, s] = v
+                    row[i, s] += abs(v)
+            for s in range(n_sites):
+                box[i, s] = abs(d[i, s]) + row[i, s]
+        if not carry_u:
+            us[:, :] = zero
+        n, code_t, res = _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, big)
+        steps[t] = n
+        status[t] = code_t
+        residual[t] = res
+        n_evals[t] = n + 1
+        if code_t == _DIVERGED:
+            if stop_on_divergence:
+                done = t
+                break
+            continue
+        if learn:
+            for i in range(m_per):
+                for j in range(kc):
+                    for s in range(n_sites):
+                        wt[i, j, s] += rate_ff * (rr[i, s] * xg[j, s] - wt[i, j, s])
+                for j in range(m_per):
+                    for s in range(n_sites):
+                        lt[i, j, s] += rate_lat * (rr[i, s] * rr[j, s] - lt[i, j, s])
+    if learn:
+        for s in range(n_sites):
+            for i in range(m_per):
+                for j in range(kc):
+                    w[s, i, j] = wt[i, j, s]
+                for j in range(m_per):
+                    lat[s, i, j] = lt[i, j, s]
+    for s in range(n_sites):
+        for i in range(m_per):
+            u[0, s * m_per + i] = us[i, s]
+            r[0, s * m_per + i] = rr[i, s]
+    return done
 
 
 def _activation_code(activation: str, dtype: torch.dtype) -> int:
@@ -379,14 +524,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     ``settle``'s RMS divergence bound. Call it where :func:`can_settle` holds.
     Returns ``(u, r, steps, status, residual, n_evals)``.
     """
-    if method == "euler":
-        if cap is None or dts is None or len(dts) < cap:
-            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
-        code = METHOD_EULER
-    elif method == "newton":
-        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
-    else:
-        raise ValueError(f"unknown compiled method {method!r}")
+    loop = loop_arguments(layer, method=method, tol=tol, cap=cap, cap_first=cap_first, max_state_norm=max_state_norm,
+                          picard_start=picard_start, dts=dts, atol=atol)
     w_np, ff_index, n_pixels, channels, lat_np, _ = _arrays(layer)
     dtype = layer.ff.weight.dtype
     b = x.shape[0]
@@ -395,55 +534,93 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     steps = torch.empty(b, dtype=torch.long)
     status = torch.empty(b, dtype=torch.int8)
     residual = torch.empty(b, dtype=dtype)
-    npt = np.float32 if dtype == torch.float32 else np.float64
-    dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
-    args = (
-        x.detach().contiguous().numpy(), w_np, ff_index, n_pixels, channels, lat_np,
-        npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
-        -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
-        -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
-        float(torch.finfo(dtype).max),
-        u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy(),
-    )
+    xs = x.detach().contiguous().numpy()
+    weights = (w_np, ff_index, n_pixels, channels, lat_np)
+    outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
+
+    def rows(lo: int, hi: int) -> int:
+        return _settle_kernel(xs[lo:hi], *weights, *loop, *(o[lo:hi] for o in outs))
+
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
-    # numba's default (workqueue) threading layer must not be entered from two Python threads at
-    # once: parallel chunks only from the main thread, one thread elsewhere
-    if threads > 1 and threading.current_thread() is threading.main_thread():
-        # large batches (evaluation) in torch's thread count, as torch would use
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        n_evals = _settle_chunks(*args, threads)
+    if threads > 1:  # large batches (evaluation) in torch's thread count: contiguous slices
+        cut = [c * b // threads for c in range(threads + 1)]
+        n_evals = sum(_pool(threads).map(rows, cut[:-1], cut[1:]))
     else:
-        n_evals = _settle_kernel(*args)
+        n_evals = rows(0, b)
     return u, r, steps, status, residual, int(n_evals)
 
 
-def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits: StopLimits | None,
-                   max_state_norm: float):
-    """:func:`dynsim.settle` on the compiled kernels, or ``None`` where they do not apply.
+_POOL: list = [None, 0]
 
-    They apply to :class:`~dynsim.solvers.SiteNewton` and to :class:`~dynsim.solvers.Euler` with
-    a step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap),
-    a stop rule with limits on the field residual and a cap > 0, and a layer and tensors that
-    :func:`can_settle` accepts. Returns ``SettleResult``'s fields ``(u, r, steps, status,
-    residual, n_evals)`` exactly as the torch loop would give them.
-    """
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``threads`` worker threads for :func:`settle_layer`."""
+    with _POOL_LOCK:
+        if _POOL[1] < threads:
+            if _POOL[0] is not None:
+                _POOL[0].shutdown(wait=False)
+            _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="dynsim-settle"), threads
+        return _POOL[0]
+
+
+_POOL_LOCK = threading.Lock()
+
+
+def loop_arguments(layer, *, method: str, tol: float | None, cap: int | None, cap_first: bool,
+                   max_state_norm: float, picard_start: bool = True, dts: np.ndarray | None = None,
+                   atol: float = 0.0) -> tuple:
+    """The arguments of :func:`_settle_kernel` between the weights and the outputs (``sign`` …
+    ``big``) for these settings (see :func:`settle_layer`); shared with the fused online loop
+    (:mod:`dynsim.fused`), so both settle with the same method and stop rule."""
+    if method == "euler":
+        if cap is None or dts is None or len(dts) < cap:
+            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
+        code = METHOD_EULER
+    elif method == "newton":
+        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
+    else:
+        raise ValueError(f"unknown compiled method {method!r}")
+    dtype = layer.ff.weight.dtype
+    npt = np.float32 if dtype == torch.float32 else np.float64
+    dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
+    return (npt(layer.lateral_sign), float(layer.tau), _activation_code(layer.activation, dtype), code, dts,
+            -1.0 if tol is None else float(tol), 0.0 if tol is None else float(atol),
+            -1 if cap is None else int(cap), bool(cap_first), float(max_state_norm * math.sqrt(layer.state_size)),
+            float(torch.finfo(dtype).max))
+
+
+def kernel_settings(solver, limits: StopLimits | None, max_state_norm: float) -> dict | None:
+    """The keyword settings of :func:`settle_layer` for ``solver`` and a stop rule's ``limits``, or
+    ``None`` where the compiled loop does not implement them.
+
+    It implements :class:`~dynsim.solvers.SiteNewton` and :class:`~dynsim.solvers.Euler` with a
+    step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap), and
+    a stop rule with limits on the field residual and a cap > 0."""
     if limits is None or limits.on != "field" or limits.cap == 0:
         return None
     kind = type(solver)
     if kind is Euler:
         if limits.cap is None or limits.cap > 10_000_000:
             return None
-        method, extra = "euler", {}
+        extra = {"method": "euler", "dts": _step_sizes(solver.schedule, limits.cap)}
     elif kind is SiteNewton:
-        method, extra = "newton", {"picard_start": solver.picard_start}
+        extra = {"method": "newton", "picard_start": solver.picard_start}
     else:
         return None
-    if not can_settle(system, x, u0):
+    return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,
+            "max_state_norm": max_state_norm, **extra}
+
+
+def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits: StopLimits | None,
+                   max_state_norm: float):
+    """:func:`dynsim.settle` on the compiled kernels, or ``None`` where they do not apply
+    (:func:`kernel_settings`, :func:`can_settle`). Returns ``SettleResult``'s fields ``(u, r,
+    steps, status, residual, n_evals)`` exactly as the torch loop would give them.
+    """
+    settings = kernel_settings(solver, limits, max_state_norm)
+    if settings is None or not can_settle(system, x, u0):
         return None
-    if method == "euler":
-        extra["dts"] = _step_sizes(solver.schedule, limits.cap)
-    return settle_layer(system, x, u0, method=method, tol=limits.rtol, atol=limits.atol, cap=limits.cap,
-                        cap_first=limits.cap_first, max_state_norm=max_state_norm, **extra)
+    return settle_layer(system, x, u0, **settings)
 
 
 _DTS_CACHE: dict = {}

@@ -11,10 +11,11 @@ its own callable. Plasticity, monitors and evaluators are callbacks (see
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -51,6 +52,30 @@ class Batch:
 
 
 Settler = Callable[[Batch, StepHook | None], Any]
+
+
+class EpochDraws:
+    """``batches(epoch)`` for :meth:`Engine.fit`: ``images`` rows of ``x`` drawn with replacement
+    per epoch, seeded by ``(seed, epoch)`` (an epoch of the DSSM papers is 1000 images drawn at
+    random; Obeid, Ramambason & Pehlevan 2019), in batches of ``batch_size``.
+
+    :meth:`order` gives an epoch's draws as indices, so that the engine's fused online backend
+    (:mod:`dynsim.fused`) can run them without building a :class:`Batch` per image.
+    """
+
+    def __init__(self, x: torch.Tensor, *, images: int, batch_size: int, seed: int):
+        self.x, self.images, self.batch_size, self.seed = x, images, batch_size, seed
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(images,) long: the rows of ``x`` drawn in ``epoch``, in presentation order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return torch.from_numpy(rng.integers(0, self.x.shape[0], size=self.images))
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        order = self.order(epoch)
+        for number, start in enumerate(range(0, self.images, self.batch_size)):
+            idx = order[start : start + self.batch_size]
+            yield Batch(x=self.x[idx.to(self.x.device)], y=None, index=idx, epoch=epoch, number=number)
 
 
 STREAM_CARRIES = ("u", "r")
@@ -178,6 +203,10 @@ class Engine:
     callbacks : sequence of :class:`~dynsim.callbacks.Callback`, called in order.
     progress : show a tqdm bar (images/s; callbacks add fields with :meth:`set_postfix`).
     desc : label of the progress bar.
+    fused : let the fused online backend (:mod:`dynsim.fused`) run epochs where it applies
+        (batch-1 :class:`EpochDraws`, compiled kernels, every per-input callback with a fused
+        form); same inputs, numbers and weights as the per-input loop. ``False``: always the
+        per-input loop. Each epoch's record says which ran (``online_backend``).
 
     Attributes
     ----------
@@ -197,11 +226,13 @@ class Engine:
         *,
         progress: bool = True,
         desc: str = "train",
+        fused: bool = True,
     ):
         self.settler = settler
         self.callbacks = list(callbacks)
         self.progress = progress
         self.desc = desc
+        self.fused = fused
         self.epoch = 0
         self.batches_seen = 0
         self.images_seen = 0
@@ -255,6 +286,18 @@ class Engine:
         instance), in order: the per-batch hooks skip the no-op base methods."""
         return [getattr(cb, hook) for cb in self.callbacks if overrides(cb, hook) or hook in vars(cb)]
 
+    def _fused_runner(self, batches, on_step):
+        """The fused online backend (:mod:`dynsim.fused`) for an epoch of ``batches``, or ``None``:
+        it needs batch-1 :class:`EpochDraws`, a plain :class:`DynamicsSettler` (a subclass with its
+        own ``__call__`` settles its own way), no ``on_step`` listener, and ``fused=True``."""
+        settler = self.settler
+        if (not self.fused or on_step is not None or not isinstance(batches, EpochDraws) or batches.batch_size != 1
+                or not isinstance(settler, DynamicsSettler) or type(settler).__call__ is not DynamicsSettler.__call__):
+            return None
+        from dynsim.fused import online_runner
+
+        return online_runner(settler, batches, self.callbacks, Batch)
+
     def _step_hook(self) -> StepHook | None:
         listeners = [cb for cb in self.callbacks if overrides(cb, "on_step")]
         if not listeners:
@@ -296,7 +339,10 @@ class Engine:
                 t0 = time.perf_counter()
                 self._call("on_epoch_start", epoch)
                 on_input, on_settled, on_batch_end = (self._listeners(h) for h in _BATCH_HOOKS)
-                for batch in batches(epoch):
+                runner = self._fused_runner(batches, on_step)
+                fused = runner is not None and runner.run_epoch(self, epoch, self._bar if bar_on else None)
+                self._record["online_backend"] = "fused" if fused else "per-input"
+                for batch in () if fused else batches(epoch):
                     for hook in on_input:
                         hook(self, batch)
                     result = self.settler(batch, on_step)

@@ -61,20 +61,24 @@ def settle_dataset(
     keeps the settled states in ``.u`` (on ``device``) for the next warm start.
     """
     n = x.shape[0]
-    rs, steps, status, us = [], [], [], []
+    rs = None  # (n, N) rates, filled batch by batch (no concatenation of a copy of them at the end)
+    steps, status, us = [], [], []
     with tqdm(total=n, unit="img", desc=desc, disable=not progress, leave=False) as bar:
         for start in range(0, n, batch_size):
             xb = torch.as_tensor(x[start : start + batch_size], dtype=torch.float32, device=device)
             ub = None if u0 is None else u0[start : start + batch_size]
             res = settle(system, xb, solver=solver, stop=stop, u0=ub)
-            rs.append(res.r.cpu().numpy())
+            r = res.r.cpu().numpy()
+            if rs is None:
+                rs = np.empty((n, r.shape[1]), dtype=r.dtype)
+            rs[start : start + r.shape[0]] = r
             steps.append(res.steps.cpu().numpy())
             status.append(res.status.cpu().numpy())
             if keep_states:
                 us.append(res.u)
             bar.update(xb.shape[0])
     u = torch.cat(us) if keep_states and us else None
-    return Representations(np.concatenate(rs), np.concatenate(steps), np.concatenate(status), u)
+    return Representations(rs, np.concatenate(steps), np.concatenate(status), u)
 
 
 class Evaluator(Callback):

@@ -71,6 +71,13 @@ class SettlingMonitor(Callback):
             recent = self._its[max(self._n - 200, 0) : self._n]
             engine.set_postfix(iters=f"{recent.mean():.0f}")
 
+    def on_inputs(self, engine, inputs):
+        """The fused backend's chunk of inputs: the same :meth:`record` as per batch."""
+        self.record(inputs.steps, inputs.status, int(inputs.n_evals.sum()))
+        if getattr(engine, "progress", True):
+            recent = self._its[max(self._n - 200, 0) : self._n]
+            engine.set_postfix(iters=f"{recent.mean():.0f}")
+
     def on_epoch_end(self, engine, epoch):
         its = self._its[self._epoch_start : self._n]
         st = self._sts[self._epoch_start : self._n]

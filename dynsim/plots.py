@@ -498,3 +498,50 @@ def plot_deep_study(study: dict[str, Any]) -> Figure:
     ax2.set_ylim(0, 1)
     fig.tight_layout()
     return fig
+
+
+def plot_nps_study(study: dict[str, Any]) -> Figure:
+    """``dynsim study nps``: test error vs NpS — ours (mean ± s.e. over seeds, on ``study['data']``)
+    beside the published MNIST errors (Obeid et al. 2019), each with its data set in the label, and
+    the raw-pixel baseline; right: seconds and peak memory per cell."""
+    rows = study["rows"]
+    data = study.get("data", "ours")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ns = [r["nps"] for r in rows]
+    err = [100 * (1 - r["test_accuracy"]) for r in rows]
+    se = [100 * (r["test_accuracy_se"] or 0) for r in rows]
+    ax.errorbar(ns, err, yerr=se, marker="o", color="C0", capsize=3, label=f"{data} (dynsim, mean ± s.e.)")
+    raw = [100 * (1 - r["raw_pixel_accuracy"]) for r in rows]
+    ax.axhline(sum(raw) / len(raw), color="C0", ls="--", lw=0.8, label=f"{data} raw pixels, same readout")
+    pub = study["published"]["test_error_percent"]
+    pn = sorted(int(k) for k in pub)
+    ax.plot(pn, [pub[str(k)] for k in pn], marker="s", color="C1",
+            label="MNIST (Obeid et al. 2019, published)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(set(ns) | set(pn)))
+    ax.set_xticklabels([str(n) for n in sorted(set(ns) | set(pn))])
+    ax.set_xlabel("neurons per site (NpS)")
+    ax.set_ylabel("test error (%)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_yticks([1, 1.5, 2, 3, 4, 6, 8, 10, 15, 20, 30])
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax2.plot(ns, [r["wall_seconds"] for r in rows], marker="o", color="C2", label="seconds per cell")
+    ax2.set_xscale("log")
+    ax2.set_xticks(ns)
+    ax2.set_xticklabels([str(n) for n in ns])
+    ax2.xaxis.set_minor_formatter(NullFormatter())
+    ax2.set_xlabel("neurons per site (NpS)")
+    ax2.set_ylabel("seconds per cell (train + readout)")
+    ax3 = ax2.twinx()
+    ax3.plot(ns, [r["peak_rss_gib"] for r in rows], marker="^", color="C3", label="peak memory (GiB)")
+    ax3.set_ylabel("peak resident memory (GiB)")
+    ax2.legend(handles=ax2.get_lines() + ax3.get_lines(), fontsize=8, loc="upper left")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -4,8 +4,9 @@ The first run on a machine compiles :mod:`dynsim.compiled`'s kernels (~10 s; num
 them beside the package or under ``NUMBA_CACHE_DIR``). Done inside the first training step, that
 time made the progress bar extrapolate a first-image rate into an ETA of days. :func:`warm_up`
 settles and updates a tiny 8×8 network once, with the same code paths (Newton, Euler, batched,
-online Hebbian update) and dtype, so compilation — announced once per machine — or loading the
-cache (well under a second) happens before any bar or timer starts.
+online Hebbian update, the engine's fused online backend) and dtype, so compilation — announced
+once per machine — or loading the cache (well under a second) happens before any bar or timer
+starts.
 """
 
 from __future__ import annotations
@@ -54,5 +55,10 @@ def warm_up(dtype: torch.dtype = torch.float32) -> bool:
                 res = settle(layer, batch, solver=solver, stop=stop)
         if compiled.applies(layer, x[:1], res.r[:1]):
             compiled.hebbian_update_online(layer, x[:1], res.r[:1], 1e-3, 5e-4)
+        from dynsim.engine import DynamicsSettler, Engine, EpochDraws
+        from dynsim.plasticity import SimilarityMatchingRule
+
+        Engine(DynamicsSettler(layer, SiteNewton(), stop), [SimilarityMatchingRule(layer)], progress=False).fit(
+            EpochDraws(x, images=2, batch_size=1, seed=0), 1)  # the fused online kernel
     _warm = True
     return True

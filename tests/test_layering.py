@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "dynsim.checkpoint": 2,
     "dynsim.outputs": 2,
     "dynsim.warmup": 2,
+    "dynsim.fused": 2,
     "dynsim.ssl": 2,
     "dynsim.builders": 3,
     "dynsim.configs": 3,

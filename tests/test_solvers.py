@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 TIGHT_BY_NAME = {
     "anderson": {"beta": 0.5},
     "newton": {},
+    "newton-cg": {},
     "block": {},
     "torchdiffeq": {"rtol": 1e-10, "atol": 1e-12},
     "torchode": {"rtol": 1e-10, "atol": 1e-12},
@@ -252,7 +253,7 @@ def test_step_returns_its_evaluations_and_leaves_the_solver_alone(name):
         calls.clear()
         out = solver.step(field, u, state, n)
         assert isinstance(out, StepResult)
-        newton_type = name in ("newton", "block")  # a Newton step counts as one evaluation
+        newton_type = name in ("newton", "newton-cg", "block")  # a Newton step counts as one evaluation
         expected = len(calls) if not newton_type or (n == 0 and solver.picard_start) else 1
         assert out.evals == expected, (n, out.evals, len(calls))
         u, state = out.u, out.state
@@ -304,6 +305,13 @@ def test_n_evals_counts_every_field_evaluation(name):
         return original_blocks(u, drive)
 
     layer.jacobian_blocks = counting_blocks
+    original_factors = layer.jacobian_factors
+
+    def counting_factors(u, drive):  # newton-cg evaluates F(u) in jacobian_factors
+        rows.append(u.shape[0])
+        return original_factors(u, drive)
+
+    layer.jacobian_factors = counting_factors
     with compiled.disabled():  # count the torch path's calls (the compiled loop: tests/test_compiled.py)
         res = settle(
             layer, x, solver=make_solver(name, **TIGHT[name]), stop=RelativeChange(1e-6) | MaxSteps(50)

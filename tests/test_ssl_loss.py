@@ -5,7 +5,7 @@ import torch
 
 from dynsim.errors import ConfigError
 from dynsim.ssl.augment import Deform
-from dynsim.ssl.loss import hinge_loss
+from dynsim.ssl.loss import hinge_loss, offset_pairs
 
 # 3 samples, D = 2; tau = 2, delta = 0.5: positives pulled if d > 1.5, negatives pushed if d < 2.5.
 Z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
@@ -34,9 +34,26 @@ def test_all_negatives_hand_values():
     torch.testing.assert_close(r.err_prime, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]))
 
 
+def test_k_negatives_are_offset_diagonals_without_wrap_around():
+    # the authors' torch.diagonal(OUT, k): diagonal k of a batch of 5 holds the 5 - k pairs (i, i+k)
+    ii, jj, kk = offset_pairs(5, 3)
+    assert list(zip(ii.tolist(), jj.tolist(), strict=True)) == [
+        (0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (0, 1), (1, 2), (2, 3), (3, 4), (0, 2), (1, 3), (2, 4)]
+    assert kk.tolist() == [0] * 5 + [1] * 4 + [2] * 3
+
+
 def test_k_negatives_hand_values():
-    # K = 2: pairs (0,0) (0,1) (1,1) (1,2) (2,2) (2,0); negatives weighted 1/2
+    # K = 2, no wrap-around: pairs (0,0) (1,1) (2,2) (0,1) (1,2); negatives weighted 1/2.
+    # d: positives 1, 2, 1 -> [d - 1.5]+ = 0, 0.5, 0; negatives d01 = 3, d12 = 3 -> [2.5 - d]+ = 0
     r = hinge_loss(Z, ZP, tau=2.0, delta=0.5, negatives=2)
+    assert float(r.loss) == pytest.approx(0.5)
+    torch.testing.assert_close(r.err, torch.tensor([[0.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(r.err_prime, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_k_negatives_with_wrap_around_hand_values():
+    # wrap=True adds the pair (2, 0): d20 = 2 -> 0.5 · 1/2
+    r = hinge_loss(Z, ZP, tau=2.0, delta=0.5, negatives=2, wrap=True)
     assert float(r.loss) == pytest.approx(0.5 + 0.5 * 0.5)
     torch.testing.assert_close(r.err, torch.tensor([[0.0, 0.0], [-1.0, 0.0], [0.0, -0.5]]))
     torch.testing.assert_close(r.err_prime, torch.tensor([[0.0, 0.5], [1.0, 0.0], [0.0, 0.0]]))
@@ -50,8 +67,8 @@ def test_gradient_block_zeroes_only_the_deformed_branch():
     assert torch.count_nonzero(blocked.err_prime) == 0
 
 
-@pytest.mark.parametrize("negatives", [None, 1, 3, 7])
-def test_errors_match_autograd(negatives):
+@pytest.mark.parametrize("negatives,wrap", [(None, False), (1, False), (3, False), (7, False), (3, True)])
+def test_errors_match_autograd(negatives, wrap):
     g = torch.Generator().manual_seed(1)
     z, zp = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
     n, k = 7, negatives
@@ -59,10 +76,11 @@ def test_errors_match_autograd(negatives):
         pairs = [(i, j) for i in range(n) for j in range(n)]
         weights = [1.0] * len(pairs)
     else:
-        pairs = [(i, (i + s) % n) for i in range(n) for s in range(k)]
-        weights = [1.0 if s == 0 else 1.0 / k for i in range(n) for s in range(k)]
+        keep = [(i, s) for i in range(n) for s in range(k) if wrap or i + s < n]
+        pairs = [(i, (i + s) % n) for i, s in keep]
+        weights = [1.0 if s == 0 else 1.0 / k for _, s in keep]
     loss, gz, gzp = _brute(z, zp, 4.0, 1.0, pairs, weights)
-    r = hinge_loss(z, zp, tau=4.0, delta=1.0, negatives=negatives)
+    r = hinge_loss(z, zp, tau=4.0, delta=1.0, negatives=negatives, wrap=wrap)
     torch.testing.assert_close(r.loss, loss)
     torch.testing.assert_close(r.err, gz)
     torch.testing.assert_close(r.err_prime, gzp)

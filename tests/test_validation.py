@@ -56,8 +56,8 @@ def refused(argv, capsys, tmp_path, out="r.json") -> str:
         ("run dssm", ["--stream-every", "0"], "--stream-every must be an integer >= 1 ('none': off), got 0"),
         ("run dssm", ["--nps", "100000"], "a network with --nps 100000 on digits needs about"),
         ("run dssm", ["--data", "fashion-mnist", "--nps", "100000"], "needs about 73.9 TB of memory"),
-        ("run ssl", ["--arch", "c100000-c100000"], "the encoder 'c100000-c100000' at batch size 250 needs about"),
-        ("run ssl", ["--lr", "0"], "--lr must be > 0 (a finite number), got 0"),
+        ("run ssl", ["--arch", "c100000-c100000"], "the encoder 'c100000-c100000' at batch size 500 needs about"),
+        ("run ssl", ["--lr", "0"], "--lr must be > 0 (a finite number; 'none': the authors' (1e-4; RF 1e-5)), got 0"),
         ("study ssl", ["--epochs", "1"], "GLL (--learning gll) with 3 stages needs --epochs >= 3 (got 1)"),
     ],
 )

@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate a pipeline")
     run_sub = run.add_subparsers(dest="pipeline", required=True)
-    from dynsim.cli import deep, dssm, ssl, studies
+    from dynsim.cli import deep, dssm, nps, ssl, studies
 
     dssm.register(run_sub)
     studies.register(sub)
     deep.register(sub)
+    nps.register(sub)
     ssl.register(sub, run_sub)
     add_output_flags(parser)  # --overwrite, --resume, --plot-format on every command that writes
     add_config_everywhere(parser)  # --config FILE on every command (dynsim.config)

@@ -78,14 +78,15 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _help(f) -> str:
-    from dynsim.settings import meta_of
+def _help(f, command: str | None = None) -> str:
+    from dynsim.settings import default_of, meta_of, range_of
 
     meta = meta_of(f)
     text = meta.help.replace("%", "%%")
-    if "default" not in meta.help:
-        shown = meta.shown_default.replace("%", "%%") if meta.shown_default else "%(default)s"
-        text += f" (default: {shown})"
+    if "(default" not in meta.help:
+        rng = range_of(f.name, command)
+        shown = meta.shown_default or (rng.none if default_of(f) is None and rng and rng.none else None)
+        text += f" (default: {shown.replace('%', '%%') if shown else '%(default)s'})"
     return text
 
 
@@ -113,7 +114,7 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str,
                                action="store_false" if default else "store_true", help=meta.help.replace("%", "%%"))
             continue
         kwargs = dict(dest=f.name, type=_flag_type(parse_setting(f, command=command)), default=default,
-                      help=_help(f))
+                      help=_help(f, command))
         if meta.metavar:
             kwargs["metavar"] = meta.metavar
         elif choices_of(f) is not None:

@@ -28,6 +28,8 @@ from dynsim.solvers import parse_schedule, parse_solver_spec, solver_from_spec
 from dynsim.systems import ACTIVATIONS
 from dynsim.systems.deep import LAYER_STOPS
 
+NEWTON_CG_MIN_NPS = 32  # auto picks newton-cg from here (measured: benchmarks/nps100.py, issue 15)
+
 
 @dataclass
 class DSSMConfig:
@@ -226,7 +228,9 @@ class DSSMConfig:
         the seed's Euler schedule needs many (figures: benchmarks/README.md) — for a
         single layer with lateral distance 0, a field residual, a threshold, no streaming
         and the seed schedule; otherwise ``"euler"`` (the seed's method, e.g. when the
-        residual is Euler's increment or settling is a fixed number of Euler steps)."""
+        residual is Euler's increment or settling is a fixed number of Euler steps). From NpS
+        ``NEWTON_CG_MIN_NPS`` on, with the inhibitory lateral sign, ``"newton-cg"``: the same
+        Newton iteration with conjugate-gradient block solves."""
         if self.solver != "auto":
             return self.solver
         newton = (
@@ -242,9 +246,13 @@ class DSSMConfig:
         # deep: block Gauss–Seidel over layers with per-site Newton; without feedback each layer is
         # solved to T within a sweep, with feedback one Newton step per layer and sweep is cheaper
         # (benchmarks/deep_settle.py)
-        if self.layers == 1:
-            return "newton"
-        return f"block,inner_tol={self.threshold!r}" if self.gamma == 0 else "block"
+        if self.layers > 1:
+            return f"block,inner_tol={self.threshold!r}" if self.gamma == 0 else "block"
+        # from NpS 32 (faster than the compiled Newton kernels there), with the inhibitory sign (SPD
+        # Newton systems): Newton–CG, no per-site factorisation (benchmarks/nps100.py)
+        if self.per_layer("nps")[0] >= NEWTON_CG_MIN_NPS and self.lateral_sign == -1:
+            return "newton-cg"
+        return "newton"
 
     def solver_options(self) -> dict[str, Any]:
         """Options of ``solver`` (a spec such as ``"anderson,beta=0.2"``); fixed-step

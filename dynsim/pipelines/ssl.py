@@ -27,10 +27,10 @@ from dynsim.callbacks import Callback
 from dynsim.checkpoint import Checkpoint, GeneratorStates, check_resume, checkpoint_path
 from dynsim.configs.ssl import DEFAULT_ARCH, SSLConfig, training_settings
 from dynsim.errors import ConfigError, DivergenceError
-from dynsim.readouts import fit_linear_probe
 from dynsim.results import result_header, write_result
 from dynsim.ssl.history import LossHistory
 from dynsim.ssl.stages import build_encoder
+from dynsim.ssl.training import PlateauStop, TrainingMonitor, probe_encoder
 
 __all__ = ["SSLConfig", "run_ssl"]
 
@@ -46,19 +46,9 @@ def _load(config: SSLConfig, dataset: Any | None):
 
 
 def _probe(encoder, x_train, y_train, x_test, y_test, config: SSLConfig) -> dict:
-    f_train, f_test = encoder.embed(x_train), encoder.embed(x_test)
-    if not (torch.isfinite(f_train).all() and torch.isfinite(f_test).all()):
-        return {"test_accuracy": None, "train_accuracy": None, "note": "non-finite features"}
-    return fit_linear_probe(
-        f_train,
-        y_train,
-        f_test,
-        y_test,
-        epochs=config.probe_epochs,
-        batch_size=config.probe_batch_size,
-        seed=config.seed,
-        device=config.device,
-    )
+    return probe_encoder(encoder, x_train, y_train, x_test, y_test, probe=config.probe, epochs=config.probe_epochs,
+                         batch_size=config.probe_batch_size, standardize=config.probe_standardize,
+                         seed=config.seed, device=config.device)
 
 
 def run_ssl(
@@ -133,22 +123,33 @@ def run_ssl(
         },
         "history": [],
     }
-    history = LossHistory(config.lr, config.rule)
-    engine = ckpt = None
+    lr = config.resolved_lr()
+    history = LossHistory(lr, config.rule)
+    engine = ckpt = monitor = None
     if config.epochs > 0:  # build everything first, so bad settings fail before any work
-        settler, rules, schedule, inverses = build_ssl_training(config, encoder, shape, gen, n // config.batch_size,
-                                                                device)
-        per_epoch = n // config.batch_size
+        # RLL with the authors' budget: L passes per epoch, so each stage sees every image once
+        passes = len(encoder.stages) if config.schedule == "rll" and config.rll_budget == "theirs" else 1
+        per_epoch = passes * (n // config.batch_size)
+        settler, rules, schedule, inverses = build_ssl_training(config, encoder, shape, gen, per_epoch, device)
         order_gen = torch.Generator().manual_seed(config.seed + 1)
 
         def batches(epoch: int):
-            perm = torch.randperm(n, generator=order_gen)[: per_epoch * config.batch_size]
+            used = (n // config.batch_size) * config.batch_size
+            perm = torch.cat([torch.randperm(n, generator=order_gen)[:used] for _ in range(passes)])
             for k, idx in enumerate(perm.split(config.batch_size)):
                 yield Batch(
                     x=x_train[idx].flatten(1), y=y_train[idx], index=idx, epoch=epoch, number=k
                 )
 
-        callbacks: list[Callback] = [schedule, *rules, history]
+        plateau = PlateauStop(history.rows, tol=config.plateau_tol, window=config.plateau_window,
+                              planner=schedule if config.schedule == "gll" else None)
+        monitor = TrainingMonitor(
+            history.rows,
+            every=config.probe_every,
+            measure=lambda: _probe(encoder, x_train, y_train, x_test, y_test, config),
+            prefix=_prefixed,
+        )
+        callbacks: list[Callback] = [schedule, *rules, history, monitor, plateau]
         if config.out and (checkpoint_every or resume):
             modules: dict[str, torch.nn.Module] = {"encoder": encoder}
             modules.update({f"inverse_{k}": g for k, g in (inverses or {}).items()})
@@ -163,10 +164,11 @@ def run_ssl(
         desc = f"ssl {config.schedule}/{config.rule}"
         engine = Engine(settler, callbacks, progress=progress, desc=desc)
     t_eval = 0.0
-    random_acc = None
+    random_acc = random_probe = None
     if config.random_baseline or config.epochs == 0:
         t0 = time.perf_counter()
-        random_acc = _probe(encoder, x_train, y_train, x_test, y_test, config)["test_accuracy"]
+        random_probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
+        random_acc = random_probe["test_accuracy"]
         t_eval += time.perf_counter() - t0
     resumed_from = None
     if resume and ckpt is not None:
@@ -185,17 +187,30 @@ def run_ssl(
             divergence = f"{exc}. Training stopped; {where}"
     t0 = time.perf_counter()
     if config.epochs == 0:
-        probe = {"test_accuracy": random_acc, "train_accuracy": None}
+        probe = random_probe
     elif divergence is not None:
         probe = {"test_accuracy": None, "train_accuracy": None}
+    elif monitor.last is not None and history.rows and monitor.last[0] == history.rows[-1]["epoch"]:
+        probe = monitor.last[1]  # the last epoch was just probed: the same encoder
     else:
         probe = _probe(encoder, x_train, y_train, x_test, y_test, config)
     t_eval += time.perf_counter() - t0
     result["history"] = history.rows
+    events = plateau.events if engine is not None else []
+    result["settings"] = {"lr": lr, "arch": encoder.spec}
+    result["departures"] = config.departures()
     result["final"] = {
         "test_accuracy": probe["test_accuracy"],
         "train_accuracy": probe.get("train_accuracy"),
+        "effective_rank": probe.get("effective_rank"),
+        "feature_rms": probe.get("feature_rms"),
         "random_encoder_accuracy": random_acc,
+        "random_encoder_effective_rank": None if random_probe is None else random_probe.get("effective_rank"),
+        "random_encoder_feature_rms": None if random_probe is None else random_probe.get("feature_rms"),
+        "epochs_trained": len(history.rows),
+        "stopped_by": ("plateau" if events and events[-1]["action"] == "stop" else "budget")
+        if config.epochs > 0 else None,
+        "plateau_events": events,
         "train_seconds": sum(r["wall_seconds"] for r in history.rows),
         "eval_seconds": t_eval,
         "images_seen": sum(r["batches"] for r in history.rows) * config.batch_size,
@@ -206,5 +221,20 @@ def run_ssl(
     if ckpt is not None:
         result["checkpoint"] = str(ckpt.path)
     if config.out:
-        write_result(Path(config.out), result)
+        plots = {}
+        if result["history"]:
+            from dynsim.ssl.plots import plot_training
+
+            plots["training"] = ("_training", plot_training(result))
+        write_result(Path(config.out), result, plots)
     return result
+
+
+def _prefixed(probe: dict) -> dict:
+    """A probe's numbers as history-row fields (``probe_test_accuracy``, ``effective_rank``, ...)."""
+    return {
+        "probe_test_accuracy": probe.get("test_accuracy"),
+        "probe_train_accuracy": probe.get("train_accuracy"),
+        "effective_rank": probe.get("effective_rank"),
+        "feature_rms": probe.get("feature_rms"),
+    }

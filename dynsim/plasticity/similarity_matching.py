@@ -32,6 +32,7 @@ from dynsim.plasticity.learning_rates import SEED_RATE, DecayingRate
 from dynsim.systems.hebbian import HebbianLayer
 
 BATCH_RULES = ("sum", "mean")
+LATERAL_FACTOR = 0.5  # ΔL = (η/2)(r rᵀ − L): the lateral rate is half the feed-forward one
 
 
 def hebbian_update(
@@ -41,7 +42,7 @@ def hebbian_update(
     eta: float,
     *,
     batch_rule: str = "sum",
-    lateral_factor: float = 0.5,
+    lateral_factor: float = LATERAL_FACTOR,
 ) -> None:
     """Apply ``ΔW`` and ``ΔL`` above to ``layer`` in place. Shapes: x (B, D_in), r (B, N)."""
     b = x.shape[0]
@@ -109,6 +110,15 @@ class SimilarityMatchingRule(Callback):
     def update(self, x: torch.Tensor, r: torch.Tensor) -> None:
         """Apply the rule to inputs ``x`` (B, D_in) and settled rates ``r`` (B, N)."""
         hebbian_update(self.layer, x, r, self.eta, batch_rule=self.batch_rule)
+
+    def fused_update(self) -> tuple[HebbianLayer, float, float] | None:
+        """The rule at batch 1 for the engine's fused online backend (:mod:`dynsim.fused`):
+        ``(layer, η, η/2)`` of the current epoch (``sum`` and ``mean`` agree at B = 1); diverged
+        inputs are left out there too. ``None`` when a subclass replaces :meth:`update` (its
+        update is not this formula; the engine then runs the per-input path)."""
+        if type(self).update is not SimilarityMatchingRule.update:
+            return None
+        return self.layer, self.eta, LATERAL_FACTOR * self.eta
 
     def on_settled(self, engine, batch, result):
         x, r = batch.x, result.r

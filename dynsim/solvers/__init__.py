@@ -13,6 +13,7 @@ from dynsim.solvers.controllers import PIController
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
+from dynsim.solvers.newton_cg import SiteNewtonCG
 from dynsim.solvers.registry import SOLVERS, Bosh3, Ralston, make_solver, register
 from dynsim.solvers.rk import (
     RK4,
@@ -53,6 +54,7 @@ __all__ = [
     "FixedStepSolver",
     "Heun",
     "SiteNewton",
+    "SiteNewtonCG",
     "Solver",
     "StepSchedule",
     "TorchDiffEq",

@@ -37,11 +37,7 @@ class SiteNewton(Solver):
     name = "newton"
 
     def __init__(self, picard_start: bool | str | int = True):
-        if isinstance(picard_start, str):  # from a spec string, e.g. "newton,picard_start=false"
-            if picard_start.lower() not in ("true", "false"):
-                raise ConfigError(f"picard_start must be true or false, got {picard_start!r}")
-            picard_start = picard_start.lower() == "true"
-        self.picard_start = bool(picard_start)
+        self.picard_start = _parse_bool(picard_start, "picard_start")
 
     def __repr__(self) -> str:
         return "SiteNewton()" if self.picard_start else "SiteNewton(picard_start=False)"
@@ -58,6 +54,15 @@ class SiteNewton(Solver):
             f = field(u)  # u_1 = u_0 + τ F(u_0) = d + s·A f(u_0): from rest, the drive
             return StepResult(u + tau * f, f, state, 1)
         return StepResult(*newton_step(system, u, field.drive, tau), state, 1)
+
+
+def _parse_bool(value: bool | str | int, name: str) -> bool:
+    """A boolean option, also from a spec string (e.g. ``"newton,picard_start=false"``)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value.lower() == "true"
+    return bool(value)
 
 
 def newton_step(system: BlockJacobian, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0):

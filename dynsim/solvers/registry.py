@@ -10,6 +10,7 @@ from dynsim.solvers.block import BlockNewton
 from dynsim.solvers.external import TorchDiffEq, TorchODE
 from dynsim.solvers.fixed_point import Anderson
 from dynsim.solvers.newton import SiteNewton
+from dynsim.solvers.newton_cg import SiteNewtonCG
 from dynsim.solvers.rk import BOGACKI_SHAMPINE, RALSTON, RK4, Dopri5, Euler, Heun, register_rk
 
 SOLVERS: dict[str, type[Solver]] = {}
@@ -21,7 +22,7 @@ def register(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, BlockNewton, TorchDiffEq, TorchODE):
+for _cls in (Euler, Heun, RK4, Dopri5, Anderson, SiteNewton, SiteNewtonCG, BlockNewton, TorchDiffEq, TorchODE):
     register(_cls)
 Ralston = register(register_rk("ralston", RALSTON))
 Bosh3 = register(register_rk("bosh3", BOGACKI_SHAMPINE))

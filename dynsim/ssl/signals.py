@@ -30,6 +30,9 @@ from dynsim.ssl.augment import Deform
 from dynsim.ssl.loss import hinge_loss
 from dynsim.ssl.stages import Encoder
 
+VIEWS = ("clean+deformed", "two")
+"""How the two views of an image are made (Tang, Yang & Amit 2022: CIFAR code / STL-10 code)."""
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -70,8 +73,11 @@ class ContrastiveSignals:
     ----------
     encoder : the :class:`~dynsim.ssl.stages.Encoder` being trained.
     image_shape : (C, H, W); ``batch.x`` (B, C*H*W) is viewed to it.
-    deform : the random deformation making the second view.
-    tau, delta, negatives, grad_block : hinge-loss settings (:func:`hinge_loss`).
+    deform : the random deformation making the views.
+    views : ``"clean+deformed"`` (z = f(x), z' = f(deform(x)): the authors' CIFAR code) or
+        ``"two"`` (z = f(deform(x)), z' = f(deform'(x)), two independent deformations: their
+        STL-10 code); see :data:`VIEWS`.
+    tau, delta, negatives, grad_block, wrap : hinge-loss settings (:func:`hinge_loss`).
     propagation : ``"error"`` or ``"target"`` (see the module docstring).
     inverses : for ``"target"``, unit name -> inverse module ``g`` (h_l -> h_{l−1}).
     target_step : η of the DTP top target ``ẑ = z − η dL/dz``.
@@ -88,6 +94,8 @@ class ContrastiveSignals:
         delta: float,
         negatives: int | None,
         grad_block: bool,
+        wrap: bool = False,
+        views: str = "clean+deformed",
         propagation: Literal["error", "target"] = "error",
         inverses: dict[str, nn.Module] | None = None,
         target_step: float = 0.1,
@@ -95,12 +103,16 @@ class ContrastiveSignals:
     ):
         if propagation not in ("error", "target"):
             raise ConfigError(f"propagation {propagation!r} is unknown; use 'error' or 'target'")
+        if views not in VIEWS:
+            raise ConfigError(f"views {views!r} is unknown; use one of {', '.join(VIEWS)}")
         if propagation == "target" and inverses is None:
             raise ConfigError("propagation='target' (DTP) needs the learned inverses")
         self.encoder = encoder
         self.image_shape = tuple(image_shape)
         self.deform = deform
-        self.hinge = dict(tau=tau, delta=delta, negatives=negatives, grad_block=grad_block)
+        self.hinge = dict(tau=tau, delta=delta, negatives=negatives, grad_block=grad_block, wrap=wrap)
+        self.views = views
+        self.channels_last = True  # memory layout of the batch (NHWC); benchmarks/ssl_step.py compares
         self.propagation = propagation
         self.inverses = inverses or {}
         self.target_step = target_step
@@ -111,7 +123,10 @@ class ContrastiveSignals:
     def __call__(self, batch: Any, on_step: Any = None) -> SSLStep:
         x = batch.x.view(-1, *self.image_shape)
         n = x.shape[0]
-        x2 = torch.cat([x, self.deform(x, self.generator)])
+        first = x if self.views == "clean+deformed" else self.deform(x, self.generator)
+        x2 = torch.cat([first, self.deform(x, self.generator)])
+        if x2.dim() == 4 and self.channels_last:  # NHWC: faster pooling and convolutions on CPU
+            x2 = x2.contiguous(memory_format=torch.channels_last)
         plan = self.plan
         stages = self.encoder.stages
         with torch.no_grad():  # frozen stages below the trained ones

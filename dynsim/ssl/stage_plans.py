@@ -5,10 +5,13 @@ hands it to the settler (which stages run with errors, which head carries the lo
 switches the rule callbacks of the other units off. The engine's loop is unchanged.
 
 - :class:`EndToEnd` (E2E): every stage, loss on the top head.
-- :class:`Greedy` (GLL): stage s and head s during epochs ``[s E/L, (s+1) E/L)``, earlier
-  stages frozen (they run without errors and their callbacks are off).
+- :class:`Greedy` (GLL): stage s and head s, in order, earlier stages frozen (they run without
+  errors and their callbacks are off); each stage has a budget of ``E // L`` epochs (the last
+  stage: what is left of E) and ends earlier when a loss plateau calls :meth:`Greedy.advance`.
 - :class:`RandomLayerwise` (RLL): each batch one stage at random, each stage the same
-  number of times per epoch (±1 when L does not divide the number of batches).
+  number of times per epoch (±1 when L does not divide the number of batches). With the
+  authors' budget an epoch holds L passes over the data, so every stage sees every image
+  once per epoch (the pipeline's ``rll_budget``).
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ class EndToEnd(StagePlanner):
 
 
 class Greedy(StagePlanner):
-    """Greedy layer-wise: stage ``min(epoch·L // epochs, L−1)`` only, in order."""
+    """Greedy layer-wise: one stage at a time, in order.
+
+    Stage ``stage`` began at epoch ``stage_start``; it ends after ``epochs // L`` epochs (the
+    last stage runs to the end of the budget) or earlier through :meth:`advance`.
+    """
 
     def __init__(self, settler, rules, *, epochs: int):
         super().__init__(settler, rules)
@@ -80,14 +87,39 @@ class Greedy(StagePlanner):
                 f"(got {epochs}); the epochs are shared equally among the stages"
             )
         self.epochs = epochs
+        self.per_stage = epochs // self.n_stages
+        self.stage = 0
+        self.stage_start = 0
 
     def stage_of(self, epoch: int) -> int:
-        """The stage trained in ``epoch``."""
-        return min(epoch * self.n_stages // self.epochs, self.n_stages - 1)
+        """The stage trained in ``epoch`` on the budget alone (no plateau advances)."""
+        return min(epoch // self.per_stage, self.n_stages - 1)
+
+    def on_epoch_start(self, engine: Any, epoch: int) -> None:
+        """Move to the next stage when the current one has used its budget."""
+        if self.stage < self.n_stages - 1 and epoch - self.stage_start >= self.per_stage:
+            self.stage += 1
+            self.stage_start = epoch
+
+    def advance(self, epoch: int) -> bool:
+        """End the current stage after ``epoch``; False if it is the last stage."""
+        if self.stage >= self.n_stages - 1:
+            return False
+        self.stage += 1
+        self.stage_start = epoch + 1
+        return True
 
     def plan(self, batch: Any) -> Plan:  # noqa: D102
-        s = self.stage_of(batch.epoch)
-        return Plan(s, s)
+        return Plan(self.stage, self.stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current stage and its first epoch (for checkpoints)."""
+        return {**super().state_dict(), "stage": self.stage, "stage_start": self.stage_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.stage, self.stage_start = state["stage"], state["stage_start"]
 
 
 class RandomLayerwise(StagePlanner):

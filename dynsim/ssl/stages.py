@@ -7,9 +7,11 @@ With ``feedback is None`` the error goes down through ``W`` itself (backpropagat
 ``B`` is stored in ``W``'s layout; the transpose is applied by the backward operation, so
 "B = W" in this layout means "feedback = Wᵀ" in the usual notation.
 
-A *stage* is one unit, an activation and zero or more 2x2 max-pools; a *head* is
+A *stage* is one unit, an optional activation and zero or more 2x2 max-pools; a *head* is
 avg-pool -> flatten -> linear 64 without bias. :func:`build_encoder` makes an
-:class:`Encoder` from a spec string such as ``"c32-c32-p-c64-c64-p-c512-p"``.
+:class:`Encoder` from a spec string such as ``"c32-a-c32-p-c64-a-c64-p-c512-p"`` (``a``: an
+activation after the layer before it, where Tang, Yang & Amit put theirs; a spec without any
+``a`` puts the activation after every layer).
 """
 
 from __future__ import annotations
@@ -24,14 +26,20 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from dynsim.errors import ConfigError
 
 ARCHS: dict[str, str] = {
-    "cifar": "c32-c32-p-c64-c64-p-c512-p",
+    "cifar": "c32-a-c32-p-c64-a-c64-p-c512-p",
+    "cifar-half": "c16-a-c16-p-c32-a-c32-p-c256-p",
     "vgg6": "c128-p-c256-p-c256-c512-p-c1024-p-c1024-p",
     "small": "c32-p-c64-p-c128-p",
     "tiny": "c16-c32-p-c64-p",
 }
-"""Named encoders. ``cifar`` is the CIFAR encoder of Tang et al. (2022); ``vgg6`` the STL-10
-net (six 3x3 conv layers; pool positions are our choice, 64x64 -> 2x2); ``small`` the
-default for 28x28 grey images; ``tiny`` the default for 8x8 digits."""
+"""Named encoders. ``cifar`` is the CIFAR encoder of Tang et al. (2022) with the activations
+where their parameter file has them (after the first conv of each of the first two blocks;
+none after ``conv1a``, ``conv2a``, ``conv3``: ``pars_emb_cifar.txt`` in their code);
+``cifar-half`` the same at half the widths (the default for 28x28 grey images: a quarter of
+``cifar``'s multiply-adds per image); ``vgg6`` the STL-10 net (six 3x3 conv layers, the
+activation after each; pool positions are our choice, 64x64 -> 2x2);
+``small`` the earlier 28x28 default (an activation after every conv); ``tiny`` the default for
+8x8 digits."""
 
 
 def _identity(a: torch.Tensor) -> torch.Tensor:
@@ -218,21 +226,26 @@ class Encoder(nn.Module):
         """Images (N, C, H, W) -> representations (N, D), in chunks of ``batch_size``."""
         out = []
         for chunk in x.split(batch_size):
-            h = chunk
+            h = chunk.contiguous(memory_format=torch.channels_last) if chunk.dim() == 4 else chunk
             for s in self.stages:
                 h = s(h)[1]
-            out.append(h.flatten(1))
+            out.append(h.flatten(1).contiguous())
         return torch.cat(out)
 
 
 def parse_spec(spec: str) -> list[tuple[str, int, int]]:
     """``"c32-c32-p-d128"`` -> ``[("c", 32, 0), ("c", 32, 1), ("d", 128, 0)]``.
 
-    Each entry is (kind, width, number of 2x2 max-pools after the layer).
+    Each entry is (kind, width, number of 2x2 max-pools after the layer); ``a`` tokens
+    (activations, :func:`spec_activations`) are skipped here.
     """
     spec = ARCHS.get(spec, spec)
     layers: list[tuple[str, int, int]] = []
     for tok in spec.split("-"):
+        if tok == "a":
+            if not layers:
+                raise ConfigError(f"arch {spec!r} starts with an activation; put 'a' after a layer")
+            continue
         if tok == "p":
             if not layers:
                 raise ConfigError(f"arch {spec!r} starts with a pool; put 'p' after a layer")
@@ -243,18 +256,42 @@ def parse_spec(spec: str) -> list[tuple[str, int, int]]:
         else:
             raise ConfigError(
                 f"arch token {tok!r} in {spec!r} is unknown; use cN (conv 3x3, N channels), "
-                f"dN (dense, N units), p (2x2 max-pool), or a name in {sorted(ARCHS)}"
+                f"dN (dense, N units), p (2x2 max-pool), a (activation after the layer before), "
+                f"or a name in {sorted(ARCHS)}"
             )
     if not layers:
         raise ConfigError(f"arch {spec!r} has no layers")
     return layers
 
 
+def spec_activations(spec: str) -> list[bool]:
+    """Whether each layer of ``spec`` is followed by the activation.
+
+    ``"c32-a-c32-p"`` -> ``[True, False]`` (an ``a`` token marks the layer before it); a spec
+    with no ``a`` token at all has the activation after every layer (``"c32-p-c64"`` ->
+    ``[True, True]``).
+
+    >>> spec_activations("cifar")
+    [True, False, True, False, False]
+    """
+    spec = ARCHS.get(spec, spec)
+    tokens = spec.split("-")
+    if "a" not in tokens:
+        return [True] * len(parse_spec(spec))
+    acts: list[bool] = []
+    for tok in tokens:
+        if tok == "a":
+            acts[-1] = True
+        elif tok != "p":
+            acts.append(False)
+    return acts
+
+
 def build_encoder(
     spec: str,
     image_shape: tuple[int, int, int],
     *,
-    act: str = "relu",
+    act: str = "hardtanh",
     head_dim: int = 64,
     head_pool: int = 2,
     generator: torch.Generator | None = None,
@@ -263,9 +300,10 @@ def build_encoder(
 
     Parameters
     ----------
-    spec : e.g. ``"c32-p-c64-p"``; ``cN`` conv 3x3 (no bias), ``dN`` dense, ``p`` max-pool.
+    spec : e.g. ``"c32-a-p-c64-p"``; ``cN`` conv 3x3 (no bias), ``dN`` dense, ``p`` max-pool,
+        ``a`` the activation after the layer before it (no ``a`` at all: after every layer).
     image_shape : (C, H, W) of the input images.
-    act : ``"relu"`` or ``"hardtanh"``.
+    act : ``"hardtanh"`` (Tang et al.'s, in [−1, 1]), ``"relu"`` or ``"linear"``.
     head_dim, head_pool : the heads are avg-pool to head_pool x head_pool -> linear head_dim.
 
     Examples
@@ -278,7 +316,7 @@ def build_encoder(
         raise ConfigError(f"act {act!r} is unknown; use one of {sorted(ACTIVATIONS)}")
     shape: tuple[int, ...] = tuple(image_shape)
     stages, heads = [], []
-    for kind, width, pools in parse_spec(spec):
+    for (kind, width, pools), has_act in zip(parse_spec(spec), spec_activations(spec), strict=True):
         if kind == "c":
             if len(shape) != 3:
                 raise ConfigError(f"arch {spec!r}: a conv layer cannot follow a dense layer")
@@ -291,6 +329,6 @@ def build_encoder(
                 raise ConfigError(f"arch {spec!r}: a dense layer cannot be pooled")
             unit = Dense(math.prod(shape), width, generator)
             shape = (width,)
-        stages.append(Stage(unit, act, pools))
+        stages.append(Stage(unit, act if has_act else "linear", pools))
         heads.append(Head(shape, head_dim, head_pool, generator))
     return Encoder(stages, heads, ARCHS.get(spec, spec))

@@ -52,10 +52,11 @@ STUDY_GRID: tuple[tuple[str, str], ...] = (
 
 def study_cells(base: SSLConfig, seeds: list[int] | None = None) -> list[dict]:
     """One cell (config dict plus ``name``) per row of :data:`STUDY_GRID` and seed
-    (``seeds``; default: ``base.seed`` alone)."""
+    (``seeds``; default: ``base.seed`` alone), seed by seed: every row's first seed runs
+    before any row's second, so a study cut short still covers every row."""
     cells = []
-    for schedule, rule in STUDY_GRID:
-        for seed in seeds or [base.seed]:
+    for seed in seeds or [base.seed]:
+        for schedule, rule in STUDY_GRID:
             cfg = dataclasses.asdict(base)
             cfg.update(random_baseline=False, out=None, seed=seed)
             if schedule == "random":
@@ -200,7 +201,7 @@ def run_study(
     out_dir = Path(out_dir)
     cells = check_study(base, seeds)
     results = run_grid(
-        cells,
+        sorted(cells, key=lambda c: c["epochs"] != 0),  # the random-encoder cells (one probe each) first
         run_study_cell,
         results_dir=out_dir / "cells",
         workers=workers,
@@ -217,9 +218,12 @@ def run_study(
     header = (
         f"SSL study on {ds['name']}: {ds['n_train']} train / {ds['n_test']} test images, "
         f"encoder {results[0]['encoder']['spec']}, {base.epochs} epochs (GLL: shared equally "
-        f"among stages), batch {base.batch_size}, Adam lr {base.lr}, tau {base.tau}, "
+        f"among stages; training ends at a loss plateau: < {base.plateau_tol:g} relative decrease over "
+        f"{base.plateau_window} epochs), batch {base.batch_size}, Adam lr "
+        f"{'1e-4 (RF 1e-5, the authors)' if base.lr is None else base.lr}, tau {base.tau}, "
         f"delta {base.delta}, negatives {neg}, grad block {base.grad_block}, "
-        f"probe {base.probe_epochs} epochs, "
+        f"views {base.views}, probe {base.probe} ({base.probe_epochs} epochs"
+        f"{', standardised' if base.probe_standardize else ''}), "
         + (f"seed {base.seed} (one seed).\n" if not seeds or len(seeds) == 1 else
            f"mean ± s.e. over seeds {', '.join(map(str, seeds))}.\n")
     )

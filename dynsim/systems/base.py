@@ -87,3 +87,22 @@ class BlockJacobian(Protocol):
     def jacobian_blocks(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def newton_safeguard(self, u_next: torch.Tensor, drive: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FactoredJacobian(Protocol):
+    """A :class:`BlockJacobian` whose block Jacobians are ``J_k = −I + a_k diag(c_k)``.
+
+    ``jacobian_factors(u, drive) -> (G, a, c, symmetric)``: ``G = τF(u)`` (B, S, M), the blocks
+    ``a`` (S, M, M) shared by every sample, the per-sample diagonal ``c`` (B, S, M) ≥ 0 and whether
+    all ``a_k`` are symmetric. A Newton–Krylov solver applies ``J`` without forming it.
+    """
+
+    state_size: int
+    block_size: int
+
+    def jacobian_factors(self, u: torch.Tensor, drive: torch.Tensor): ...
+
+    def jacobian_blocks(self, u: torch.Tensor, drive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def newton_safeguard(self, u_next: torch.Tensor, drive: torch.Tensor) -> torch.Tensor: ...

@@ -180,6 +180,7 @@ class HebbianLayer(System):
             a = self.lateral_sign * (w - eye)
             self._blocks = (a, a.mT.contiguous())
             self._row_sums = a.abs().sum(dim=-1)  # (S, M): Σ_j |s·A_kj|, for the Newton safeguard
+            self._symmetric = bool(torch.equal(a, self._blocks[1]))  # Newton–CG needs symmetric blocks
             self._blocks_key = key
         return self._blocks
 
@@ -216,6 +217,28 @@ class HebbianLayer(System):
         jac_t = a_t * fp.unsqueeze(-1)  # (B, S, M, M)
         jac_t.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         return g, jac_t.mT
+
+    def jacobian_factors(self, u: torch.Tensor, drive: torch.Tensor):
+        """``G = τF(u)`` per site and its Jacobian in factored form (the
+        :class:`~dynsim.systems.base.FactoredJacobian` protocol): ``J_k = −I + a_k diag(f'(u_k))``.
+
+        Returns ``G`` (B, S, M), ``a`` = ``s·(L_k − I)`` (S, M, M), ``f'(u)`` (B, S, M) and whether every
+        ``a_k`` is symmetric (it is for ``L`` built by the Hebbian rule from ``L = I``). Nothing of
+        size B·S·M² is formed: :class:`~dynsim.solvers.SiteNewtonCG` applies ``J`` as ``a`` times a
+        vector. Requires :attr:`site_separable`.
+        """
+        if not self.site_separable:
+            raise ConfigError(
+                "the per-site Newton solvers need lateral_distance 0 and a tanh/linear/relu rate; "
+                "use --solver euler for this layer"
+            )
+        a, a_t = self._lateral_blocks()
+        us = self.sites(u)
+        r, fp = _DERIVATIVES[self.activation](us)
+        # (a_k r_k)ᵀ = r_kᵀ a_kᵀ for all samples: one bmm over sites of (B, M) rows by (M, M), the
+        # layout that reads each block once also at batch 1 (benchmarks/README.md, issue 15)
+        g = self.sites(drive) - us + torch.bmm(r.transpose(0, 1), a_t).transpose(0, 1)
+        return g, a, fp, self._symmetric
 
     def newton_safeguard(self, u_next: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
         """A Newton iterate (B, S, nps) made safe: NaN → 0 and, for tanh, the box that holds every fixed point.

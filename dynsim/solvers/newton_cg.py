@@ -1,0 +1,143 @@
+"""Per-site Newton–CG: Newton's method whose block systems are solved by conjugate gradients.
+
+For a site-separable :class:`~dynsim.systems.HebbianLayer` the Newton system of site ``k`` is
+``J_k z = G_k`` with ``G = τF(u) = −u + d + a f(u)``, ``a_k = s·(L_k − I)`` (symmetric) and
+
+    J_k = −I + a_k D_k,        D_k = diag f'(u_k) ≥ 0.
+
+:class:`~dynsim.solvers.SiteNewton` forms every ``J_k`` (B·S·M² numbers) and factorises it, an
+O(M³) LU per site per step. Here nothing of that size is built. With ``h = D^{1/2}`` and
+``v = h z`` the system becomes symmetric:
+
+    K_k v = −h G_k,   K_k = I − h a_k h,   z = −G_k + a_k h v,
+
+and for the authors' inhibitory sign (``s = −1``, ``a = I − L``) ``K = (I − D) + h L h`` is
+positive definite whenever ``L`` is (``L`` starts at ``I`` and the Hebbian update keeps it a
+positive combination of ``I`` and ``r rᵀ``; ``0 ≤ f' ≤ 1`` for tanh). No ``D⁻¹`` appears, so
+saturated units (``f' → 0``) need no guard: there ``h = 0`` and ``z = −G``, the Picard step.
+``K`` is solved per site by conjugate gradients (Hestenes & Stiefel 1952), one ``a_k``-times-
+vector product per iteration for all samples and sites at once (a batched matrix product,
+``S`` products of (B, M) by (M, M)), to a relative residual ``η_b = min(forcing, ‖G_b‖/‖u_b‖)``
+per sample: an inexact Newton method whose forcing term shrinks with the residual, so it keeps
+Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
+
+Where ``K`` is not positive definite (``s = +1`` with a large ``L``, an indefinite or
+non-symmetric ``L`` given by hand) CG meets ``pᵀKp ≤ 0`` or does not reach its tolerance in
+``max_cg`` iterations; those samples take the exact Newton step of
+:func:`~dynsim.solvers.newton.newton_step` instead (same result as ``SiteNewton``), so the
+solver is correct for every layer and fast where the theory applies.
+
+The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
+safeguard the same tanh box; a sample stops on the same residual test as every solver.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynsim.errors import ConfigError
+from dynsim.solvers.base import Solver, StepResult
+from dynsim.solvers.newton import _parse_bool, newton_step
+
+
+class SiteNewtonCG(Solver):
+    """Newton's method per site with conjugate-gradient inner solves (see module docstring).
+
+    Parameters
+    ----------
+    picard_start : take one Picard step ``u_1 = d + s·A f(u_0)`` first (tanh layers), as SiteNewton.
+    max_cg : CG iterations per Newton step (0: the block size M, where CG is exact in exact arithmetic).
+    forcing : the largest relative CG residual accepted (0 < forcing < 1); near the fixed point the
+        tolerance is the relative field residual itself.
+    """
+
+    name = "newton-cg"
+
+    def __init__(self, picard_start: bool | str = True, max_cg: int | str = 0, forcing: float | str = 0.1):
+        self.picard_start = _parse_bool(picard_start, "picard_start")
+        try:
+            self.max_cg = int(max_cg)
+            self.forcing = float(forcing)
+        except (TypeError, ValueError):
+            raise ConfigError(f"newton-cg: max_cg must be an integer and forcing a number, got {max_cg!r}, "
+                              f"{forcing!r}") from None
+        if self.max_cg < 0:
+            raise ConfigError(f"newton-cg: max_cg must be >= 0 (0: the block size), got {self.max_cg}")
+        if not 0 < self.forcing < 1:
+            raise ConfigError(f"newton-cg: forcing must be in (0, 1), got {self.forcing}")
+
+    def __repr__(self) -> str:
+        return f"SiteNewtonCG(picard_start={self.picard_start}, max_cg={self.max_cg}, forcing={self.forcing})"
+
+    def step(self, field, u, state, n):
+        system = getattr(field, "system", None)
+        if not callable(getattr(system, "jacobian_factors", None)):
+            raise ConfigError(
+                "the newton-cg solver needs a system with factored Jacobian blocks (jacobian_factors, e.g. a "
+                "HebbianLayer with lateral distance 0), run through dynsim.settle; use --solver euler otherwise"
+            )
+        tau = float(getattr(system, "tau", 1.0))
+        if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
+            f = field(u)
+            return StepResult(u + tau * f, f, state, 1)
+        return StepResult(*newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing), state, 1)
+
+
+def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor, max_iter: int):
+    """Solve ``(I − h a h) v = b`` per site by conjugate gradients, all samples at once.
+
+    Shapes (site first, then sample): a (S, M, M) symmetric, h and b (S, B, M), tol (B,) the
+    relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. ``a`` is applied as
+    ``x a`` on rows (``= (a x)ᵀ`` for symmetric ``a``), the layout in which one batched product
+    reads ``a`` once, also for B = 1 (benchmarks/README.md, issue 15). Returns v (S, B, M), the CG
+    iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite) or did
+    not reach ``tol`` within ``max_iter`` iterations."""
+    v = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(-1)  # (S, B)
+    target = tol.square() * rr.sum(0)
+    indefinite = torch.zeros(b.shape[1], dtype=torch.bool, device=b.device)
+    it = 0
+    for it in range(1, max_iter + 1):
+        active = rr.sum(0) > target  # (B,)
+        if not bool(active.any()):
+            it -= 1
+            break
+        q = p - h * torch.bmm(h * p, a)
+        pq = (p * q).sum(-1)
+        indefinite |= ((pq <= 0) & (rr > 0)).any(0)
+        alpha = torch.where(pq > 0, rr / pq.clamp_min(torch.finfo(pq.dtype).tiny), 0.0) * active
+        v.addcmul_(alpha.unsqueeze(-1), p)
+        r.addcmul_(alpha.unsqueeze(-1), q, value=-1.0)
+        rr_new = (r * r).sum(-1)
+        beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), 0.0)
+        p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
+        rr = rr_new
+    failed = indefinite | (rr.sum(0) > target)
+    return v, it, failed
+
+
+def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0, max_cg: int = 0,
+                   forcing: float = 0.1):
+    """``(u − J⁻¹G, F(u))`` with the Newton system solved per site by CG (module docstring).
+
+    Shapes: u, drive (B, D) -> (B, D), (B, D)."""
+    g, a, fp, symmetric = system.jacobian_factors(u, drive)  # (B, S, M), (S, M, M), (B, S, M), bool
+    bsz, _, m = g.shape
+    if not symmetric:  # CG needs symmetric blocks: every sample takes the exact step
+        return newton_step(system, u, drive, tau)
+    gs = g.transpose(0, 1)  # (S, B, M)
+    h = fp.clamp_min(0).sqrt().transpose(0, 1)
+    rel = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1) / torch.linalg.vector_norm(u, dim=1).clamp_min(1e-12)
+    floor = 50 * torch.finfo(g.dtype).eps
+    tol = rel.clamp(min=floor, max=forcing)
+    v, _, failed = site_cg(a, h, -h * gs, tol, max_cg or m)
+    z = (torch.bmm(h * v, a) - gs).transpose(0, 1)  # (B, S, M); a symmetric: (h v) a = (a h v)ᵀ
+    us = u.reshape(g.shape)
+    u_next = system.newton_safeguard(us - z, drive)
+    if bool(failed.any()):  # K not positive definite there, or CG short of its tolerance: the exact step
+        idx = failed.nonzero().squeeze(1)
+        u_next = u_next.reshape(bsz, -1).index_copy(0, idx, newton_step(system, u[idx], drive[idx], tau)[0])
+    f = g if tau == 1.0 else g / tau
+    return u_next.reshape(bsz, -1), f.reshape(bsz, -1)

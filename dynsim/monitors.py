@@ -92,11 +92,14 @@ class SettlingMonitor(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iterations": self.iterations.tolist(), "status": self.status.tolist()}
+        # Tensors, not lists: a checkpoint after every epoch then costs O(inputs) array copies
+        # instead of building a Python list of every input seen so far.
+        return {"iterations": torch.from_numpy(self.iterations.copy()),
+                "status": torch.from_numpy(self.status.copy())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._n = 0
-        self.record(list(state["iterations"]), list(state["status"]))
+        self._n = 0  # checkpoints written before the tensors hold lists: both read here
+        self.record(np.asarray(state["iterations"], dtype=np.int64), np.asarray(state["status"], dtype=np.int8))
 
 
 class TrajectoryMonitor(Callback):

@@ -248,3 +248,21 @@ def test_generator_states_resume_private_streams(tmp_path):
     first = run(2, resume=False)
     rest = run(4, resume=True)
     assert first + rest == straight
+
+
+def test_settling_monitor_checkpoints_per_input_arrays_as_tensors_and_reads_old_lists():
+    """The per-input record is saved as two tensors (a save per epoch then costs O(inputs) copies, not a
+    Python list of every input seen so far); states written as lists by older versions still load."""
+    from dynsim.monitors import SettlingMonitor
+
+    mon = SettlingMonitor()
+    mon.record([3, 5, 7], [0, 0, 1])
+    state = mon.state_dict()
+    assert isinstance(state["iterations"], torch.Tensor) and state["iterations"].tolist() == [3, 5, 7]
+    assert state["status"].tolist() == [0, 0, 1]
+    mon.record([9], [0])  # the saved state is a copy, not a view of the growing buffer
+    assert state["iterations"].tolist() == [3, 5, 7]
+    for saved in (state, {"iterations": [3, 5, 7], "status": [0, 0, 1]}):
+        other = SettlingMonitor()
+        other.load_state_dict(saved)
+        assert other.iterations.tolist() == [3, 5, 7] and other.status.tolist() == [0, 0, 1]

@@ -19,6 +19,7 @@ from dynsim.configs.dssm import DSSMConfig
 from dynsim.configs.ssl import SSLConfig
 from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
+from dynsim.studies.convergence import ConvergenceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,15 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.help != argparse.SUPPRESS}
 
 
-@pytest.mark.parametrize(("cls", "path"), [(DSSMConfig, ("run", "dssm")), (SSLConfig, ("run", "ssl"))])
-def test_every_flag_is_generated_from_its_field(cls, path):
+GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
+             (ConvergenceConfig, ("study", "convergence"), 20)]
+
+
+@pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
+def test_every_flag_is_generated_from_its_field(cls, path, least):
     actions = _actions(_leaf(*path))
     fields = [f for f in described(cls) if meta_of(f).cli]
-    assert len(fields) >= 25
+    assert len(fields) >= least
     for f in fields:
         action = actions[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -101,6 +106,14 @@ BAD = [
     (["run", "ssl"], "--learning", "sideways", 'learning = "sideways"',
      "--learning must be one of e2e, gll, rll, got 'sideways'"),
     (["run", "ssl"], "--epochs", "-1", "epochs = -1", "--epochs must be an integer >= 0, got -1"),
+    (["study", "convergence"], "--caps", "10,0", "caps = [10, 0]",
+     "--caps: each value must be an integer >= 1 ('none': no cap), got 0"),
+    (["study", "convergence"], "--thresholds", "1e-2,1e-2", "thresholds = [1e-2, 1e-2]",
+     "--thresholds [0.01, 0.01] repeats a value"),
+    (["study", "convergence"], "--backend", "slurm", 'backend = "slurm"',
+     "--backend must be one of local, ray, got 'slurm'"),
+    (["study", "convergence"], "--workers", "0", "workers = 0",
+     "--workers must be an integer >= 1 ('none': all cores), got 0"),
 ]
 
 
@@ -180,3 +193,24 @@ def test_a_switch_in_a_config_file_means_what_it_says(tmp_path, line, progress):
     cfg.write_text(line + "\n")
     args = parse_args_with_config(build_parser(), ["run", "dssm", "--config", str(cfg)])
     assert args.progress is progress
+
+
+def test_a_list_setting_reads_the_same_from_a_flag_and_a_config_file(tmp_path):
+    """``--caps 1,none`` and ``caps = [1, "none"]``/``caps = "1,none"`` are one list of step caps."""
+    parser = build_parser()
+    from_flag = parse_args_with_config(parser, ["study", "convergence", "--caps", "1,none", "--streams", "off"])
+    cfg = tmp_path / "study.toml"
+    cfg.write_text('caps = "1,none"\nstreams = "off"\n')
+    from_file = parse_args_with_config(build_parser(), ["study", "convergence", "--config", str(cfg)])
+    assert from_flag.caps == from_file.caps == [1, None]
+    assert from_flag.streams == from_file.streams == [None]
+    help_text = " ".join(_leaf("study", "convergence").format_help().split())
+    assert "(default: 1,10,100,3000)" in help_text and "(default: off,10)" in help_text
+
+
+def test_a_described_default_reaches_a_study_command(monkeypatch):
+    _patch_field(monkeypatch, ConvergenceConfig, "epochs", default=7)
+    from dynsim.cli.studies import _convergence_config
+
+    args = parse_args_with_config(build_parser(), ["study", "convergence"])
+    assert args.epochs == 7 and _convergence_config(args).epochs == 7

@@ -39,9 +39,9 @@ def refused(argv, capsys, tmp_path, out="r.json") -> str:
     [
         ("study convergence", ["--thresholds", "abc"], "--thresholds 'abc': 'abc' is not a number"),
         ("study convergence", ["--streams", "foo"], "--streams 'foo': 'foo' is not an integer"),
-        ("study convergence", ["--streams", "0"], "--streams '0': 0 is out of range; each value must be an integer"),
-        ("study convergence", ["--caps", "0"], "--caps '0': 0 is out of range; each value must be an integer >= 1"),
-        ("study convergence", ["--thresholds", "inf"], "--thresholds 'inf': inf is out of range"),
+        ("study convergence", ["--streams", "0"], "--streams: each value must be an integer >= 1 ('none': off), got 0"),
+        ("study convergence", ["--caps", "0"], "--caps: each value must be an integer >= 1 ('none': no cap), got 0"),
+        ("study convergence", ["--thresholds", "inf"], "--thresholds: each value must be > 0 (a finite number"),
         ("study convergence", ["--thresholds", ""], "--thresholds '' is empty"),
         ("study convergence", ["--workers", "0"], "--workers must be an integer >= 1"),
         ("plot trajectories", ["--inputs", "abc"], "--inputs 'abc': 'abc' is not an integer"),

@@ -23,21 +23,6 @@ def _default_out(kind: str, data: str) -> str:
     return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
-def _floats(text: str) -> list[float]:
-    """``--thresholds``: comma-separated T values, each > 0 (dynsim.settings)."""
-    return parse_list("thresholds", text, item="threshold")
-
-
-def _caps(text: str) -> list[int | None]:
-    """``--caps``: comma-separated step caps, each >= 1, or 'none'."""
-    return parse_list("caps", text, item="max_steps")
-
-
-def _streams(text: str) -> list[int | None]:
-    """``--streams``: 'off' or steps per input k >= 1, comma-separated."""
-    return parse_list("streams", text, item="stream_every")
-
-
 def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
     from dynsim.data import DATASETS
 
@@ -111,38 +96,25 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
 
 
 # --- study convergence ---------------------------------------------------------------
+def _from_args(cls, args: argparse.Namespace, **values):
+    """An instance of settings dataclass ``cls`` from parsed arguments: every described field
+    from its flag (or a config file's key), ``values`` for the others."""
+    from dynsim.settings import described
+
+    return cls(**{f.name: getattr(args, f.name) for f in described(cls) if hasattr(args, f.name)}, **values)
+
+
 def _convergence_config(args: argparse.Namespace):
     """The :class:`ConvergenceConfig` of parsed ``study convergence`` arguments."""
     from dynsim.studies.convergence import ConvergenceConfig
-    from dynsim.studies.seeds import parse_seeds
 
     base = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
         base[key.replace("-", "_")] = value
-    config = ConvergenceConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        seeds=None if args.seeds is None else parse_seeds(args.seeds),
-        thresholds=_floats(args.thresholds),
-        caps=_caps(args.caps),
-        streams=_streams(args.streams),
-        solver=args.solver,
-        epochs=args.epochs,
-        images_per_epoch=args.images_per_epoch,
-        eval_every=args.eval_every,
-        eval_train_size=args.eval_train_size,
-        eval_test_size=args.eval_test_size,
-        readout=args.readout,
-        workers=args.workers,
-        backend=args.backend,
-        ray_address=args.ray_address,
-        base=base,
-        out=args.out or _default_out("convergence", args.data),
-        progress=args.progress,
-    )
+    config = _from_args(ConvergenceConfig, args, base=base)
+    if not config.out:
+        config.out = _default_out("convergence", config.data)
     return config
 
 
@@ -255,36 +227,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = study.add_parser(
         "convergence", help="accuracy vs threshold T, step cap and streaming (DSSM)"
     )
-    _data_args(p)
-    p.add_argument(
-        "--thresholds", default="1e-1,1e-2,1e-3,1e-4,1e-5", help="comma-separated T values"
-    )
-    p.add_argument(
-        "--caps", default="1,10,100,3000", help="comma-separated step caps ('none': no cap)"
-    )
-    p.add_argument(
-        "--streams", default="off,10", help="streaming: 'off' or steps per input k, comma-separated"
-    )
-    p.add_argument(
-        "--solver", default="euler", help="solver spec (default: %(default)s, seed schedule)"
-    )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--images-per-epoch", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--eval-train-size", type=int, default=None)
-    p.add_argument("--eval-test-size", type=int, default=None)
-    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
-    p.add_argument("--seeds", default=None, metavar="LIST",
-                   help="a seed axis, e.g. 0,1,2: every setting once per seed, mean ± s.e. (default: --seed alone)")
+    from dynsim.cli.common import add_settings
+    from dynsim.studies.convergence import ConvergenceConfig
+
+    add_settings(p, ConvergenceConfig)
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any other DSSM setting for every cell"
-    )
-    p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: all cores)"
-    )
-    p.add_argument("--backend", default="local", choices=("local", "ray"))
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
     p.add_argument("--format", default="text", choices=("text", "csv"),
                    help="the per-cell lines printed at the end: text or CSV (default: %(default)s)")

@@ -20,6 +20,7 @@ from dynsim.configs.ssl import SSLConfig
 from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
 from dynsim.studies.convergence import ConvergenceConfig
+from dynsim.studies.trajectories import TrajectoryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
-             (ConvergenceConfig, ("study", "convergence"), 20)]
+             (ConvergenceConfig, ("study", "convergence"), 20), (TrajectoryConfig, ("plot", "trajectories"), 13)]
 
 
 @pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
@@ -114,6 +115,10 @@ BAD = [
      "--backend must be one of local, ray, got 'slurm'"),
     (["study", "convergence"], "--workers", "0", "workers = 0",
      "--workers must be an integer >= 1 ('none': all cores), got 0"),
+    (["plot", "trajectories"], "--inputs", "0,-1", "inputs = [0, -1]", "--inputs: each value must be an integer >= 0, got -1"),
+    (["plot", "trajectories"], "--units", "0", "units = 0", "--units must be an integer >= 1, got 0"),
+    (["plot", "trajectories"], "--data", "imagenet", 'data = "imagenet"',
+     "--data must be one of digits, mnist, fashion-mnist, cifar10, cifar100, stl10, got 'imagenet'"),
 ]
 
 
@@ -214,3 +219,17 @@ def test_a_described_default_reaches_a_study_command(monkeypatch):
 
     args = parse_args_with_config(build_parser(), ["study", "convergence"])
     assert args.epochs == 7 and _convergence_config(args).epochs == 7
+
+
+def test_several_words_read_the_same_from_a_flag_and_a_config_file(tmp_path):
+    """``--solvers euler rk4`` (nargs) and ``solvers = ["euler", "rk4"]`` are one tuple of specs."""
+    from dynsim.cli.studies import _trajectory_config
+
+    from_flag = parse_args_with_config(build_parser(), ["plot", "trajectories", "--solvers", "euler", "rk4"])
+    cfg = tmp_path / "plot.toml"
+    cfg.write_text('solvers = ["euler", "rk4"]\ninputs = [2, 5]\n')
+    from_file = parse_args_with_config(build_parser(), ["plot", "trajectories", "--config", str(cfg)])
+    assert _trajectory_config(from_flag).solvers == _trajectory_config(from_file).solvers == ("euler", "rk4")
+    assert _trajectory_config(from_file).inputs == (2, 5)
+    help_text = " ".join(_leaf("plot", "trajectories").format_help().split())
+    assert "(default: euler,schedule=seed rk4,schedule=constant:1.0" in help_text

@@ -71,24 +71,21 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
 
 
 # --- plot trajectories ---------------------------------------------------------------
-def cmd_plot_trajectories(args: argparse.Namespace) -> int:
-    from dynsim.studies.trajectories import TrajectoryConfig, run_trajectories
+def _trajectory_config(args: argparse.Namespace):
+    """The :class:`TrajectoryConfig` of parsed ``plot trajectories`` arguments."""
+    from dynsim.studies.trajectories import TrajectoryConfig
 
-    config = TrajectoryConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else TrajectoryConfig.solvers,
-        inputs=tuple(parse_list("inputs", args.inputs)),
-        units=args.units,
-        threshold=args.threshold,
-        max_steps=args.max_steps,
-        train_images=args.train_images,
-        max_values=args.max_values,
-        out=args.out or _default_out("trajectories", args.data),
-        progress=args.progress,
-    )
+    config = _from_args(TrajectoryConfig, args)
+    config.solvers, config.inputs = tuple(config.solvers), tuple(config.inputs)
+    if not config.out:
+        config.out = _default_out("trajectories", config.data)
+    return config
+
+
+def cmd_plot_trajectories(args: argparse.Namespace) -> int:
+    from dynsim.studies.trajectories import run_trajectories
+
+    config = _trajectory_config(args)
     result = run_trajectories(config)
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
@@ -148,7 +145,7 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the commands of this module to the top-level subparsers ``sub``."""
-    from dynsim.cli.common import command_group
+    from dynsim.cli.common import add_settings, command_group
 
     bench = command_group(sub, "bench", "measure solvers and code paths")
     p = bench.add_parser(
@@ -202,32 +199,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = plot.add_parser(
         "trajectories", help="unit trajectories and residual vs step, solvers overlaid"
     )
-    _data_args(p)
-    p.add_argument("--solvers", nargs="+", default=None, help="solver specs to overlay")
-    p.add_argument(
-        "--inputs", default="0,1", help="test-set indices of the inputs (default: %(default)s)"
-    )
-    p.add_argument("--units", type=int, default=4, help="units shown per input (largest |u*|)")
-    p.add_argument(
-        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
-    )
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument(
-        "--train-images",
-        type=int,
-        default=0,
-        help="train this many images first (default: at init)",
-    )
-    p.add_argument(
-        "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
-    )
-    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(timestamped("trajectories", "data")))
+    from dynsim.studies.trajectories import TrajectoryConfig
+
+    add_settings(p, TrajectoryConfig)
+    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(
+        timestamped("trajectories", "data"), validate=lambda args: _trajectory_config(args).validate()))
 
     study = command_group(sub, "study", "studies over grids of settings")
     p = study.add_parser(
         "convergence", help="accuracy vs threshold T, step cap and streaming (DSSM)"
     )
-    from dynsim.cli.common import add_settings
     from dynsim.studies.convergence import ConvergenceConfig
 
     add_settings(p, ConvergenceConfig)

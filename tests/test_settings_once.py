@@ -21,6 +21,7 @@ from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
 from dynsim.studies.convergence import ConvergenceConfig
 from dynsim.studies.nps import NpsStudyConfig
+from dynsim.studies.repro import ReproConfig
 from dynsim.studies.trajectories import TrajectoryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
              (ConvergenceConfig, ("study", "convergence"), 20), (TrajectoryConfig, ("plot", "trajectories"), 13),
-             (NpsStudyConfig, ("study", "nps"), 16)]
+             (NpsStudyConfig, ("study", "nps"), 16), (ReproConfig, ("study", "repro"), 15)]
 
 
 @pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
@@ -117,11 +118,16 @@ BAD = [
      "--backend must be one of local, ray, got 'slurm'"),
     (["study", "convergence"], "--workers", "0", "workers = 0",
      "--workers must be an integer >= 1 ('none': all cores), got 0"),
-    (["plot", "trajectories"], "--inputs", "0,-1", "inputs = [0, -1]", "--inputs: each value must be an integer >= 0, got -1"),
+    (["plot", "trajectories"], "--inputs", "0,-1", "inputs = [0, -1]",
+     "--inputs: each value must be an integer >= 0, got -1"),
     (["plot", "trajectories"], "--units", "0", "units = 0", "--units must be an integer >= 1, got 0"),
     (["study", "nps"], "--nps", "4,0", "nps = [4, 0]", "--nps: each value must be an integer >= 1, got 0"),
     (["study", "nps"], "--seeds", "0,-1", "seeds = [0, -1]", "--seeds must be between 0 and 2**63 - 1, got -1"),
     (["study", "nps"], "--epochs", "0", "epochs = 0", "--epochs must be an integer >= 1, got 0"),
+    (["study", "repro"], "--settings", "T=1e-3", 'settings = ["T=1e-3"]',
+     "unknown repro setting(s) ['T=1e-3']; choose from ['T=1e-4', 'T=1e-2', 'T=1e-2, batch 100', 'cap 10', "
+     "'cap 10, stream 10', 'cap 1', 'cap 1, stream 1']"),
+    (["study", "repro"], "--eval-every", "-1", "eval-every = -1", "--eval-every must be an integer >= 0, got -1"),
     (["plot", "trajectories"], "--data", "imagenet", 'data = "imagenet"',
      "--data must be one of digits, mnist, fashion-mnist, cifar10, cifar100, stl10, got 'imagenet'"),
 ]

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 from dynsim.outputs import OutputSpec, timestamped
-from dynsim.readouts import READOUTS
-from dynsim.settings import parse_list
 
 
 def cells_dir(out: Path) -> Path:
@@ -222,25 +220,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         validate=check_convergence_settings))
 
     # --- study repro --------------------------------------------------------------------
-    from dynsim.studies.repro import REPORT_SETTINGS
-
     p = study.add_parser("repro", help="the reproduction report's settings and its Figures 1 and 2 (DSSM)")
-    p.add_argument("--data", default="fashion-mnist", help="data set (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="directory of MNIST/CIFAR files")
-    p.add_argument("--seeds", default="0", help="seeds for every setting (T=1e-2 always adds the report's 0,1)")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--images-per-epoch", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=15)
-    p.add_argument("--eval-train-size", type=int, default=None, help="readout train images (default: all)")
-    p.add_argument("--eval-test-size", type=int, default=None, help="readout test images (default: all)")
-    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
-    p.add_argument("--settings", default=None,
-                   help="a subset, separated by ';' (default: all): " + "; ".join(s[0] for s in REPORT_SETTINGS))
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
-    p.add_argument("--backend", default="local", choices=("local", "ray"))
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/repro)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    from dynsim.studies.repro import ReproConfig
+
+    add_settings(p, ReproConfig)
     p.set_defaults(func=cmd_study_repro, output=OutputSpec(
         lambda args: "runs/repro", directory=True, result=lambda out: out / "repro.json",
         related=lambda out: [out / "cells"], can_resume=True, validate=check_repro_settings))
@@ -255,23 +238,10 @@ def check_repro_settings(args: argparse.Namespace) -> None:
 
 
 def _repro_config(args: argparse.Namespace):
-    from dynsim.errors import ConfigError
+    """The :class:`ReproConfig` of parsed ``study repro`` arguments, checked."""
     from dynsim.studies.repro import ReproConfig
-    from dynsim.studies.seeds import parse_seeds
 
-    for name in ("epochs", "images_per_epoch", "workers"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_every < 0:
-        raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
-    return ReproConfig(
-        data=args.data, data_dir=args.data_dir, seeds=parse_seeds(args.seeds), epochs=args.epochs,
-        images_per_epoch=args.images_per_epoch, eval_every=args.eval_every, eval_train_size=args.eval_train_size,
-        eval_test_size=args.eval_test_size, readout=args.readout,
-        settings=[s.strip() for s in args.settings.split(";")] if args.settings else None,
-        workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out or "runs/repro",
-        progress=args.progress,
-    )
+    return _from_args(ReproConfig, args).validate()
 
 
 def cmd_study_repro(args: argparse.Namespace) -> int:

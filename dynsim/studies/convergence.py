@@ -48,7 +48,8 @@ class ConvergenceConfig:
     caps: list[int | None] = setting(default_factory=lambda: [1, 10, 100, 3000], item="max_steps",
                                      help="comma-separated step caps ('none': no cap)")
     streams: list[int | None] = setting(default_factory=lambda: [None, 10], item="stream_every",
-                                        help="streaming: 'off' or steps per input k, comma-separated", shown_default="off,10")
+                                        help="streaming: 'off' or steps per input k, comma-separated",
+                                        shown_default="off,10")
     solver: str = setting("euler", help="solver spec (seed schedule)")
     epochs: int = setting(3, help="epochs per cell")
     images_per_epoch: int = setting(1000, help="training images drawn with replacement per epoch")

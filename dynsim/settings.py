@@ -396,6 +396,9 @@ def parse_setting(f: dataclasses.Field, *, command: str | None = None) -> Callab
         meta = meta_of(f)
         if meta.parse is not None:
             return check_setting(f, meta.parse(text), command=command)
+        if meta.item is not None and isinstance(text, (list, tuple)):  # a config file's list
+            items = [_items(f, v, command)[0] if isinstance(v, str) else v for v in text]
+            return check_setting(f, items, command=command)
         if not isinstance(text, str):  # a config file's typed value
             return check_setting(f, text, command=command)
         if meta.item is not None:

@@ -20,6 +20,7 @@ from dynsim.configs.ssl import SSLConfig
 from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
 from dynsim.studies.convergence import ConvergenceConfig
+from dynsim.studies.deep import DeepStudyConfig
 from dynsim.studies.nps import NpsStudyConfig
 from dynsim.studies.repro import ReproConfig
 from dynsim.studies.trajectories import TrajectoryConfig
@@ -41,7 +42,8 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
              (ConvergenceConfig, ("study", "convergence"), 20), (TrajectoryConfig, ("plot", "trajectories"), 13),
-             (NpsStudyConfig, ("study", "nps"), 16), (ReproConfig, ("study", "repro"), 15)]
+             (NpsStudyConfig, ("study", "nps"), 16), (ReproConfig, ("study", "repro"), 15),
+             (DeepStudyConfig, ("study", "deep"), 22)]
 
 
 @pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
@@ -128,6 +130,10 @@ BAD = [
      "unknown repro setting(s) ['T=1e-3']; choose from ['T=1e-4', 'T=1e-2', 'T=1e-2, batch 100', 'cap 10', "
      "'cap 10, stream 10', 'cap 1', 'cap 1, stream 1']"),
     (["study", "repro"], "--eval-every", "-1", "eval-every = -1", "--eval-every must be an integer >= 0, got -1"),
+    (["study", "deep"], "--layers", "1,0", "layers = [1, 0]", "--layers: each value must be an integer >= 1, got 0"),
+    (["study", "deep"], "--gains", "1,-2", "gains = [1.0, -2.0]", "--gains: each value must be > 0 (a finite number), got -2.0"),
+    (["study", "deep"], "--streams", "off,0", 'streams = ["off", 0]',
+     "--streams: each value must be an integer >= 1 ('none': off), got 0"),
     (["plot", "trajectories"], "--data", "imagenet", 'data = "imagenet"',
      "--data must be one of digits, mnist, fashion-mnist, cifar10, cifar100, stl10, got 'imagenet'"),
 ]

@@ -60,6 +60,7 @@ def _flag_type(parse):
             raise SettingRefused(exc) from None
 
     convert.__name__ = parse.__name__
+    convert.typed = True  # also takes a config file's typed value (dynsim.config)
     return convert
 
 

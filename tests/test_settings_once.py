@@ -19,6 +19,7 @@ from dynsim.configs.dssm import DSSMConfig
 from dynsim.configs.ssl import SSLConfig
 from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
+from dynsim.studies.bench import BenchConfig, available_settings
 from dynsim.studies.convergence import ConvergenceConfig
 from dynsim.studies.deep import DeepStudyConfig
 from dynsim.studies.nps import NpsStudyConfig
@@ -43,7 +44,7 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
              (ConvergenceConfig, ("study", "convergence"), 20), (TrajectoryConfig, ("plot", "trajectories"), 13),
              (NpsStudyConfig, ("study", "nps"), 16), (ReproConfig, ("study", "repro"), 15),
-             (DeepStudyConfig, ("study", "deep"), 22)]
+             (DeepStudyConfig, ("study", "deep"), 22), (BenchConfig, ("bench", "solvers"), 19)]
 
 
 @pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
@@ -130,6 +131,11 @@ BAD = [
      "unknown repro setting(s) ['T=1e-3']; choose from ['T=1e-4', 'T=1e-2', 'T=1e-2, batch 100', 'cap 10', "
      "'cap 10, stream 10', 'cap 1', 'cap 1, stream 1']"),
     (["study", "repro"], "--eval-every", "-1", "eval-every = -1", "--eval-every must be an integer >= 0, got -1"),
+    (["bench", "solvers"], "--states", "init,later", 'states = ["init", "later"]',
+     "--states must be among init, trained; got ('init', 'later')"),
+    (["bench", "solvers"], "--repeats", "0", "repeats = 0", "--repeats must be an integer >= 1, got 0"),
+    (["bench", "solvers"], "--max-steps", "none", 'max-steps = "none"',
+     "--max-steps none: bench solvers settles to a fixed threshold and step cap; give a number"),
     (["study", "deep"], "--layers", "1,0", "layers = [1, 0]", "--layers: each value must be an integer >= 1, got 0"),
     (["study", "deep"], "--gains", "1,-2", "gains = [1.0, -2.0]",
      "--gains: each value must be > 0 (a finite number), got -2.0"),
@@ -251,3 +257,24 @@ def test_several_words_read_the_same_from_a_flag_and_a_config_file(tmp_path):
     assert _trajectory_config(from_file).inputs == (2, 5)
     help_text = " ".join(_leaf("plot", "trajectories").format_help().split())
     assert "(default: euler,schedule=seed rk4,schedule=constant:1.0" in help_text
+
+
+def test_bench_solvers_defaults_to_the_built_in_list_with_adapters_only_where_installed(monkeypatch, tmp_path):
+    """``--solvers`` omitted: the built-in list, less the adapters whose library is missing."""
+    from dynsim.cli.studies import _bench_config
+    from dynsim.studies import bench
+
+    monkeypatch.setattr(bench, "missing_adapters", lambda: {"torchode"})
+    parser = build_parser()  # the default is computed when the parser is built
+    args = parse_args_with_config(parser, ["bench", "solvers"])
+    assert args.solvers == available_settings()
+    assert not any(s.startswith("torchode") for s in args.solvers)
+    assert any(s.startswith("torchdiffeq") for s in args.solvers) and "newton" in " ".join(args.solvers)
+    assert len(args.solvers) == len(bench.DEFAULT_SETTINGS) - sum(s.startswith("torchode")
+                                                                  for s in bench.DEFAULT_SETTINGS)
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text('accuracy = ["euler"]\ntrain-threshold = 1e-3\n')  # the flag's name; a setting without one
+    config = _bench_config(parse_args_with_config(build_parser(), ["bench", "solvers", "--config", str(cfg)]))
+    assert config.accuracy_solvers == ("euler",) and config.train_threshold == 1e-3
+    help_text = " ".join(_leaf("bench", "solvers").format_help().split())
+    assert f"a built-in list of {len(bench.DEFAULT_SETTINGS)} settings, newton included" in help_text

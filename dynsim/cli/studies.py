@@ -21,44 +21,24 @@ def _default_out(kind: str, data: str) -> str:
     return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
-def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
-    from dynsim.data import DATASETS
-
-    p.add_argument(
-        "--data", default=default, choices=DATASETS, help="data set (default: %(default)s)"
-    )
-    p.add_argument("--data-dir", default=None, help="directory with the data files")
-    p.add_argument("--nps", type=int, default=4, help="neurons per site (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="result JSON path (default under runs/)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
-
-
 # --- bench solvers -------------------------------------------------------------------
-def cmd_bench_solvers(args: argparse.Namespace) -> int:
-    from dynsim.studies.bench import BenchConfig, available_settings, format_table, run_bench
+def _bench_config(args: argparse.Namespace):
+    """The :class:`BenchConfig` of parsed ``bench solvers`` arguments (``train_threshold``, which
+    has no flag, from a config file)."""
+    from dynsim.studies.bench import BenchConfig
 
-    config = BenchConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else available_settings(),
-        threshold=args.threshold,
-        max_steps=args.max_steps,
-        n_inputs=args.n_inputs,
-        batch_size=args.batch_size,
-        train_images=args.train_images,
-        states=tuple(args.states.split(",")),
-        ref_tol=args.ref_tol,
-        accuracy_solvers=tuple(args.accuracy or ()),
-        accuracy_eval_train=args.accuracy_eval_train,
-        accuracy_eval_test=args.accuracy_eval_test,
-        repeats=args.repeats,
-        threads=args.threads,
-        out=args.out or _default_out("bench-solvers", args.data),
-        progress=args.progress,
-    )
+    extra = {k: v for k, v in getattr(args, "config_values", {}).items() if k == "train_threshold"}
+    config = _from_args(BenchConfig, args, **extra)
+    config.solvers, config.accuracy_solvers = tuple(config.solvers), tuple(config.accuracy_solvers)
+    if not config.out:
+        config.out = _default_out("bench-solvers", config.data)
+    return config
+
+
+def cmd_bench_solvers(args: argparse.Namespace) -> int:
+    from dynsim.studies.bench import format_table, run_bench
+
+    config = _bench_config(args)
     result = run_bench(config)
     from dynsim.cli.common import print_table
 
@@ -149,49 +129,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bench.add_parser(
         "solvers", help="every solver on the same network and inputs: time, evals, accuracy"
     )
-    _data_args(p)
-    p.add_argument(
-        "--solvers",
-        nargs="+",
-        default=None,
-        help="solver specs 'name,key=value,...' (default: a built-in list of 16 settings, newton included)",
-    )
-    p.add_argument(
-        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
-    )
-    p.add_argument("--max-steps", type=int, default=3000, help="step cap (default: %(default)s)")
-    p.add_argument(
-        "--n-inputs", type=int, default=100, help="test inputs settled (default: %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=1, help="inputs settled together (default: 1, online)"
-    )
-    p.add_argument(
-        "--train-images", type=int, default=1000, help="images of the short training run"
-    )
-    p.add_argument(
-        "--states", default="init,trained", help="network states to measure (default: %(default)s)"
-    )
-    p.add_argument(
-        "--ref-tol", type=float, default=1e-9, help="residual of the float64 reference fixed point"
-    )
-    p.add_argument(
-        "--repeats", type=int, default=1, help="time each setting this many times, keep the best"
-    )
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--accuracy",
-        nargs="+",
-        default=None,
-        metavar="SPEC",
-        help="also train a DSSM network with each of these solvers and report test accuracy",
-    )
-    p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
-    p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
+    from dynsim.studies.bench import BenchConfig
+
+    add_settings(p, BenchConfig)
     p.add_argument("--format", default="text", choices=("text", "csv"),
                    help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
     p.set_defaults(func=cmd_bench_solvers, kernels=True, output=OutputSpec(
-        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")]))
+        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")],
+        validate=lambda args: _bench_config(args).validate()))
 
     plot = command_group(sub, "plot", "plots of settling dynamics")
     p = plot.add_parser(

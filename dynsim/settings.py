@@ -331,7 +331,9 @@ def check_setting(f: dataclasses.Field, value: Any, *, command: str | None = Non
     choices = choices_of(f)
     name = flag_of(f)
     meta = meta_of(f)
-    if meta.item is not None and value is not None:
+    if meta.item is not None:
+        if value is None:  # the default of an optional list (--gains: all 1)
+            return value
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         rng = range_of(meta.item, command)
         if not values:

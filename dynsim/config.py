@@ -126,6 +126,8 @@ def _converted_one(action: argparse.Action, key: str, value: Any, path: str | Pa
         # TOML has booleans; a string such as "false" would otherwise be read as true
         raise ConfigError(f"config file {path}: {key} = {value!r} must be a boolean: {key} = true or {key} = false "
                           "(no quotes)")
+    if isinstance(value, list) and getattr(action.type, "typed", False):
+        return action.type(value)  # a described setting's list (--caps 1,none = caps = [1, "none"])
     if isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)

@@ -262,6 +262,11 @@ class Setting:
     per_layer : one value or a comma-separated list (one value per layer).
     group : the ``--help`` section; ``cli``: False for settings without a flag.
     shown_default : how ``--help`` shows the default, where the value itself says little.
+    item : the value is a comma-separated list of distinct values of setting ``item``
+        (``thresholds`` -> each a ``threshold``, in its range; :func:`parse_list`).
+    parse : text -> value, for a setting with its own syntax (``--seeds 0-4``); also given a
+        config file's typed value; raises :class:`ConfigError` naming the problem.
+    nargs : the flag takes several words (``"+"``), each parsed like the flag's one value.
     """
 
     help: str
@@ -273,6 +278,9 @@ class Setting:
     cli: bool = True
     metavar: str | None = None
     shown_default: str | None = None
+    item: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    nargs: str | None = None
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
@@ -322,7 +330,24 @@ def check_setting(f: dataclasses.Field, value: Any, *, command: str | None = Non
     came from a flag, a config file or Python."""
     choices = choices_of(f)
     name = flag_of(f)
-    items = value if meta_of(f).per_layer and isinstance(value, (list, tuple)) else [value]
+    meta = meta_of(f)
+    if meta.item is not None:
+        if value is None:  # the default of an optional list (--gains: all 1)
+            return value
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        rng = range_of(meta.item, command)
+        if not values:
+            raise ConfigError(f"{name} is empty; give comma-separated values, each {rng.describe()}")
+        for item in values:
+            if not rng.ok(item):
+                raise ConfigError(f"{name}: each value must be {rng.describe()}, got {item!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{name} {values} repeats a value")
+        return value
+    if meta.parse is not None and value is not None:
+        meta.parse(value)
+    listed = meta.per_layer or meta.nargs is not None
+    items = value if listed and isinstance(value, (list, tuple)) else [value]
     if choices is not None:
         for item in items:
             if item not in choices or isinstance(item, bool) != any(isinstance(c, bool) for c in choices):
@@ -370,9 +395,17 @@ def parse_setting(f: dataclasses.Field, *, command: str | None = None) -> Callab
         return text
 
     def parse(text: str) -> Any:
+        meta = meta_of(f)
+        if meta.parse is not None:
+            return check_setting(f, meta.parse(text), command=command)
+        if meta.item is not None and isinstance(text, (list, tuple)):  # a config file's list
+            items = [_items(f, v, command)[0] if isinstance(v, str) else v for v in text]
+            return check_setting(f, items, command=command)
         if not isinstance(text, str):  # a config file's typed value
             return check_setting(f, text, command=command)
-        if meta_of(f).per_layer:
+        if meta.item is not None:
+            return check_setting(f, _items(f, text, command), command=command)
+        if meta.per_layer:
             parts = [one(p) for p in text.split(",") if p.strip()]
             if not parts:
                 raise ConfigError(f"{flag_of(f)} {text!r} is empty; give one value or one per layer")
@@ -383,3 +416,24 @@ def parse_setting(f: dataclasses.Field, *, command: str | None = None) -> Callab
 
     parse.__name__ = f.name
     return parse
+
+
+def _items(f: dataclasses.Field, text: str, command: str | None) -> list[Any]:
+    """A comma-separated flag of setting ``f`` (``item`` set) -> its values, unchecked
+    (:func:`check_setting` checks them, with the message a config file's list gets)."""
+    rng = range_of(meta_of(f).item, command)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"{flag_of(f)} {text!r} is empty; give comma-separated values, each {rng.describe()}")
+    values = []
+    for part in parts:
+        if part.lower() in NONE_WORDS and rng.none is not None:
+            values.append(None)
+            continue
+        try:
+            values.append(int(part) if rng.kind is int else float(part))
+        except ValueError:
+            kind = "an integer" if rng.kind is int else "a number"
+            raise ConfigError(f"{flag_of(f)} {text!r}: {part!r} is not {kind}; each value must be {rng.describe()}"
+                              ) from None
+    return values

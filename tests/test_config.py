@@ -95,7 +95,7 @@ def test_study_command_reads_config_with_lists(tmp_path):
     path.write_text('thresholds = "1e-2,1e-3"\n[convergence]\nepochs = 2\n')
     argv = ["study", "convergence", "--config", str(path), "--epochs", "4"]
     args = parse_args_with_config(build_parser(), argv)
-    assert args.thresholds == "1e-2,1e-3" and args.epochs == 4
+    assert args.thresholds == [1e-2, 1e-3] and args.epochs == 4  # parsed by the setting
     path.write_text('solvers = ["euler", "rk4"]\n')
     args = parse_args_with_config(build_parser(), ["bench", "solvers", "--config", str(path)])
     assert args.solvers == ["euler", "rk4"]

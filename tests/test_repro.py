@@ -42,6 +42,6 @@ def test_small_repro_writes_summary_and_figures(tmp_path):
 
 def test_cli_refuses_bad_values_before_work(tmp_path, capsys):
     assert main(["study", "repro", "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
-    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert "--epochs must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["study", "repro", "--seeds", "a", "--out", str(tmp_path / "r")]) == 2
     assert "--seeds must be integers" in capsys.readouterr().err

@@ -19,6 +19,12 @@ from dynsim.configs.dssm import DSSMConfig
 from dynsim.configs.ssl import SSLConfig
 from dynsim.errors import ConfigError
 from dynsim.settings import Setting, check_setting, described, flag_of, meta_of
+from dynsim.studies.bench import BenchConfig, available_settings
+from dynsim.studies.convergence import ConvergenceConfig
+from dynsim.studies.deep import DeepStudyConfig
+from dynsim.studies.nps import NpsStudyConfig
+from dynsim.studies.repro import ReproConfig
+from dynsim.studies.trajectories import TrajectoryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +41,17 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.help != argparse.SUPPRESS}
 
 
-@pytest.mark.parametrize(("cls", "path"), [(DSSMConfig, ("run", "dssm")), (SSLConfig, ("run", "ssl"))])
-def test_every_flag_is_generated_from_its_field(cls, path):
+GENERATED = [(DSSMConfig, ("run", "dssm"), 25), (SSLConfig, ("run", "ssl"), 25),
+             (ConvergenceConfig, ("study", "convergence"), 20), (TrajectoryConfig, ("plot", "trajectories"), 13),
+             (NpsStudyConfig, ("study", "nps"), 16), (ReproConfig, ("study", "repro"), 15),
+             (DeepStudyConfig, ("study", "deep"), 22), (BenchConfig, ("bench", "solvers"), 19)]
+
+
+@pytest.mark.parametrize(("cls", "path", "least"), GENERATED, ids=[" ".join(g[1]) for g in GENERATED])
+def test_every_flag_is_generated_from_its_field(cls, path, least):
     actions = _actions(_leaf(*path))
     fields = [f for f in described(cls) if meta_of(f).cli]
-    assert len(fields) >= 25
+    assert len(fields) >= least
     for f in fields:
         action = actions[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -101,6 +113,36 @@ BAD = [
     (["run", "ssl"], "--learning", "sideways", 'learning = "sideways"',
      "--learning must be one of e2e, gll, rll, got 'sideways'"),
     (["run", "ssl"], "--epochs", "-1", "epochs = -1", "--epochs must be an integer >= 0, got -1"),
+    (["study", "convergence"], "--caps", "10,0", "caps = [10, 0]",
+     "--caps: each value must be an integer >= 1 ('none': no cap), got 0"),
+    (["study", "convergence"], "--thresholds", "1e-2,1e-2", "thresholds = [1e-2, 1e-2]",
+     "--thresholds [0.01, 0.01] repeats a value"),
+    (["study", "convergence"], "--backend", "slurm", 'backend = "slurm"',
+     "--backend must be one of local, ray, got 'slurm'"),
+    (["study", "convergence"], "--workers", "0", "workers = 0",
+     "--workers must be an integer >= 1 ('none': all cores), got 0"),
+    (["plot", "trajectories"], "--inputs", "0,-1", "inputs = [0, -1]",
+     "--inputs: each value must be an integer >= 0, got -1"),
+    (["plot", "trajectories"], "--units", "0", "units = 0", "--units must be an integer >= 1, got 0"),
+    (["study", "nps"], "--nps", "4,0", "nps = [4, 0]", "--nps: each value must be an integer >= 1, got 0"),
+    (["study", "nps"], "--seeds", "0,-1", "seeds = [0, -1]", "--seeds must be between 0 and 2**63 - 1, got -1"),
+    (["study", "nps"], "--epochs", "0", "epochs = 0", "--epochs must be an integer >= 1, got 0"),
+    (["study", "repro"], "--settings", "T=1e-3", 'settings = ["T=1e-3"]',
+     "unknown repro setting(s) ['T=1e-3']; choose from ['T=1e-4', 'T=1e-2', 'T=1e-2, batch 100', 'cap 10', "
+     "'cap 10, stream 10', 'cap 1', 'cap 1, stream 1']"),
+    (["study", "repro"], "--eval-every", "-1", "eval-every = -1", "--eval-every must be an integer >= 0, got -1"),
+    (["bench", "solvers"], "--states", "init,later", 'states = ["init", "later"]',
+     "--states must be among init, trained; got ('init', 'later')"),
+    (["bench", "solvers"], "--repeats", "0", "repeats = 0", "--repeats must be an integer >= 1, got 0"),
+    (["bench", "solvers"], "--max-steps", "none", 'max-steps = "none"',
+     "--max-steps none: bench solvers settles to a fixed threshold and step cap; give a number"),
+    (["study", "deep"], "--layers", "1,0", "layers = [1, 0]", "--layers: each value must be an integer >= 1, got 0"),
+    (["study", "deep"], "--gains", "1,-2", "gains = [1.0, -2.0]",
+     "--gains: each value must be > 0 (a finite number), got -2.0"),
+    (["study", "deep"], "--streams", "off,0", 'streams = ["off", 0]',
+     "--streams: each value must be an integer >= 1 ('none': off), got 0"),
+    (["plot", "trajectories"], "--data", "imagenet", 'data = "imagenet"',
+     "--data must be one of digits, mnist, fashion-mnist, cifar10, cifar100, stl10, got 'imagenet'"),
 ]
 
 
@@ -180,3 +222,59 @@ def test_a_switch_in_a_config_file_means_what_it_says(tmp_path, line, progress):
     cfg.write_text(line + "\n")
     args = parse_args_with_config(build_parser(), ["run", "dssm", "--config", str(cfg)])
     assert args.progress is progress
+
+
+def test_a_list_setting_reads_the_same_from_a_flag_and_a_config_file(tmp_path):
+    """``--caps 1,none`` and ``caps = [1, "none"]``/``caps = "1,none"`` are one list of step caps."""
+    parser = build_parser()
+    from_flag = parse_args_with_config(parser, ["study", "convergence", "--caps", "1,none", "--streams", "off"])
+    cfg = tmp_path / "study.toml"
+    cfg.write_text('caps = "1,none"\nstreams = "off"\n')
+    from_file = parse_args_with_config(build_parser(), ["study", "convergence", "--config", str(cfg)])
+    assert from_flag.caps == from_file.caps == [1, None]
+    assert from_flag.streams == from_file.streams == [None]
+    help_text = " ".join(_leaf("study", "convergence").format_help().split())
+    assert "(default: 1,10,100,3000)" in help_text and "(default: off,10)" in help_text
+
+
+def test_a_described_default_reaches_a_study_command(monkeypatch):
+    _patch_field(monkeypatch, ConvergenceConfig, "epochs", default=7)
+    from dynsim.cli.studies import _convergence_config
+
+    args = parse_args_with_config(build_parser(), ["study", "convergence"])
+    assert args.epochs == 7 and _convergence_config(args).epochs == 7
+
+
+def test_several_words_read_the_same_from_a_flag_and_a_config_file(tmp_path):
+    """``--solvers euler rk4`` (nargs) and ``solvers = ["euler", "rk4"]`` are one tuple of specs."""
+    from dynsim.cli.studies import _trajectory_config
+
+    from_flag = parse_args_with_config(build_parser(), ["plot", "trajectories", "--solvers", "euler", "rk4"])
+    cfg = tmp_path / "plot.toml"
+    cfg.write_text('solvers = ["euler", "rk4"]\ninputs = [2, 5]\n')
+    from_file = parse_args_with_config(build_parser(), ["plot", "trajectories", "--config", str(cfg)])
+    assert _trajectory_config(from_flag).solvers == _trajectory_config(from_file).solvers == ("euler", "rk4")
+    assert _trajectory_config(from_file).inputs == (2, 5)
+    help_text = " ".join(_leaf("plot", "trajectories").format_help().split())
+    assert "(default: euler,schedule=seed rk4,schedule=constant:1.0" in help_text
+
+
+def test_bench_solvers_defaults_to_the_built_in_list_with_adapters_only_where_installed(monkeypatch, tmp_path):
+    """``--solvers`` omitted: the built-in list, less the adapters whose library is missing."""
+    from dynsim.cli.studies import _bench_config
+    from dynsim.studies import bench
+
+    monkeypatch.setattr(bench, "missing_adapters", lambda: {"torchode"})
+    parser = build_parser()  # the default is computed when the parser is built
+    args = parse_args_with_config(parser, ["bench", "solvers"])
+    assert args.solvers == available_settings()
+    assert not any(s.startswith("torchode") for s in args.solvers)
+    assert any(s.startswith("torchdiffeq") for s in args.solvers) and "newton" in " ".join(args.solvers)
+    assert len(args.solvers) == len(bench.DEFAULT_SETTINGS) - sum(s.startswith("torchode")
+                                                                  for s in bench.DEFAULT_SETTINGS)
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text('accuracy = ["euler"]\ntrain-threshold = 1e-3\n')  # the flag's name; a setting without one
+    config = _bench_config(parse_args_with_config(build_parser(), ["bench", "solvers", "--config", str(cfg)]))
+    assert config.accuracy_solvers == ("euler",) and config.train_threshold == 1e-3
+    help_text = " ".join(_leaf("bench", "solvers").format_help().split())
+    assert f"a built-in list of {len(bench.DEFAULT_SETTINGS)} settings, newton included" in help_text

@@ -59,7 +59,7 @@ def test_cli_rejects_bad_settings_before_running(tmp_path, capsys):
     code = main(["study", "deep", "--data", "digits", "--layers", "2", "--gains", "1,-1", "--epochs", "1",
                  "--out", str(tmp_path / "d.json")])
     assert code == 2
-    assert "--gains must be > 0" in capsys.readouterr().err
+    assert "--gains: each value must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "d_cells").exists()
 
 

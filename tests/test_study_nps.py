@@ -53,7 +53,7 @@ def test_published_numbers_are_obeid_et_al():
 def test_cli_rejects_bad_settings_before_running(tmp_path, capsys):
     code = main(["study", "nps", "--data", "digits", "--nps", "2,x", "--out", str(tmp_path / "n")])
     assert code == 2
-    assert "--nps expects a comma-separated list of integers" in capsys.readouterr().err
+    assert "--nps '2,x': 'x' is not an integer; each value must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
     code = main(["study", "nps", "--data", "digits", "--epochs", "0", "--out", str(tmp_path / "n")])
     assert code == 2 and "--epochs must be" in capsys.readouterr().err

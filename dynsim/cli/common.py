@@ -60,6 +60,7 @@ def _flag_type(parse):
             raise SettingRefused(exc) from None
 
     convert.__name__ = parse.__name__
+    convert.typed = True  # also takes a config file's typed value (dynsim.config)
     return convert
 
 
@@ -86,6 +87,8 @@ def _help(f, command: str | None = None) -> str:
     if "(default" not in meta.help:
         rng = range_of(f.name, command)
         shown = meta.shown_default or (rng.none if default_of(f) is None and rng and rng.none else None)
+        if shown is None and meta.item is not None and isinstance(default_of(f), (list, tuple)):
+            shown = ",".join("none" if v is None else str(v) for v in default_of(f))
         text += f" (default: {shown.replace('%', '%%') if shown else '%(default)s'})"
     return text
 
@@ -94,7 +97,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str,
                  command: str | None = None) -> None:
     """Add one flag per described field of dataclass ``cls`` (:func:`dynsim.settings.setting`):
     name, type, choices, range check, default and help all come from the field. A boolean
-    defaulting to False becomes ``--name``, one defaulting to True ``--no-name``; ``--help``
+    defaulting to False becomes ``--name``, one defaulting to True ``--no-name``; a list of
+    values (``item``) is one comma-separated word, ``nargs`` several words; ``--help``
     sections follow the fields' ``group``; deprecated spellings warn and then act like the flag.
 
     Settings without a flag (``cli=False``) may still come from a config file
@@ -115,6 +119,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str,
             continue
         kwargs = dict(dest=f.name, type=_flag_type(parse_setting(f, command=command)), default=default,
                       help=_help(f, command))
+        if meta.nargs:
+            kwargs["nargs"] = meta.nargs
         if meta.metavar:
             kwargs["metavar"] = meta.metavar
         elif choices_of(f) is not None:

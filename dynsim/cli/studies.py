@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 from dynsim.outputs import OutputSpec, timestamped
-from dynsim.readouts import READOUTS
-from dynsim.settings import parse_list
 
 
 def cells_dir(out: Path) -> Path:
@@ -23,59 +21,24 @@ def _default_out(kind: str, data: str) -> str:
     return str(Path("runs") / f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
-def _floats(text: str) -> list[float]:
-    """``--thresholds``: comma-separated T values, each > 0 (dynsim.settings)."""
-    return parse_list("thresholds", text, item="threshold")
-
-
-def _caps(text: str) -> list[int | None]:
-    """``--caps``: comma-separated step caps, each >= 1, or 'none'."""
-    return parse_list("caps", text, item="max_steps")
-
-
-def _streams(text: str) -> list[int | None]:
-    """``--streams``: 'off' or steps per input k >= 1, comma-separated."""
-    return parse_list("streams", text, item="stream_every")
-
-
-def _data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
-    from dynsim.data import DATASETS
-
-    p.add_argument(
-        "--data", default=default, choices=DATASETS, help="data set (default: %(default)s)"
-    )
-    p.add_argument("--data-dir", default=None, help="directory with the data files")
-    p.add_argument("--nps", type=int, default=4, help="neurons per site (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="result JSON path (default under runs/)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
-
-
 # --- bench solvers -------------------------------------------------------------------
-def cmd_bench_solvers(args: argparse.Namespace) -> int:
-    from dynsim.studies.bench import BenchConfig, available_settings, format_table, run_bench
+def _bench_config(args: argparse.Namespace):
+    """The :class:`BenchConfig` of parsed ``bench solvers`` arguments (``train_threshold``, which
+    has no flag, from a config file)."""
+    from dynsim.studies.bench import BenchConfig
 
-    config = BenchConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else available_settings(),
-        threshold=args.threshold,
-        max_steps=args.max_steps,
-        n_inputs=args.n_inputs,
-        batch_size=args.batch_size,
-        train_images=args.train_images,
-        states=tuple(args.states.split(",")),
-        ref_tol=args.ref_tol,
-        accuracy_solvers=tuple(args.accuracy or ()),
-        accuracy_eval_train=args.accuracy_eval_train,
-        accuracy_eval_test=args.accuracy_eval_test,
-        repeats=args.repeats,
-        threads=args.threads,
-        out=args.out or _default_out("bench-solvers", args.data),
-        progress=args.progress,
-    )
+    extra = {k: v for k, v in getattr(args, "config_values", {}).items() if k == "train_threshold"}
+    config = _from_args(BenchConfig, args, **extra)
+    config.solvers, config.accuracy_solvers = tuple(config.solvers), tuple(config.accuracy_solvers)
+    if not config.out:
+        config.out = _default_out("bench-solvers", config.data)
+    return config
+
+
+def cmd_bench_solvers(args: argparse.Namespace) -> int:
+    from dynsim.studies.bench import format_table, run_bench
+
+    config = _bench_config(args)
     result = run_bench(config)
     from dynsim.cli.common import print_table
 
@@ -86,24 +49,21 @@ def cmd_bench_solvers(args: argparse.Namespace) -> int:
 
 
 # --- plot trajectories ---------------------------------------------------------------
-def cmd_plot_trajectories(args: argparse.Namespace) -> int:
-    from dynsim.studies.trajectories import TrajectoryConfig, run_trajectories
+def _trajectory_config(args: argparse.Namespace):
+    """The :class:`TrajectoryConfig` of parsed ``plot trajectories`` arguments."""
+    from dynsim.studies.trajectories import TrajectoryConfig
 
-    config = TrajectoryConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        solvers=tuple(args.solvers) if args.solvers else TrajectoryConfig.solvers,
-        inputs=tuple(parse_list("inputs", args.inputs)),
-        units=args.units,
-        threshold=args.threshold,
-        max_steps=args.max_steps,
-        train_images=args.train_images,
-        max_values=args.max_values,
-        out=args.out or _default_out("trajectories", args.data),
-        progress=args.progress,
-    )
+    config = _from_args(TrajectoryConfig, args)
+    config.solvers, config.inputs = tuple(config.solvers), tuple(config.inputs)
+    if not config.out:
+        config.out = _default_out("trajectories", config.data)
+    return config
+
+
+def cmd_plot_trajectories(args: argparse.Namespace) -> int:
+    from dynsim.studies.trajectories import run_trajectories
+
+    config = _trajectory_config(args)
     result = run_trajectories(config)
     for key, path in result.get("files", {}).items():
         print(f"{key}: {path}")
@@ -111,38 +71,25 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
 
 
 # --- study convergence ---------------------------------------------------------------
+def _from_args(cls, args: argparse.Namespace, **values):
+    """An instance of settings dataclass ``cls`` from parsed arguments: every described field
+    from its flag (or a config file's key), ``values`` for the others."""
+    from dynsim.settings import described
+
+    return cls(**{f.name: getattr(args, f.name) for f in described(cls) if hasattr(args, f.name)}, **values)
+
+
 def _convergence_config(args: argparse.Namespace):
     """The :class:`ConvergenceConfig` of parsed ``study convergence`` arguments."""
     from dynsim.studies.convergence import ConvergenceConfig
-    from dynsim.studies.seeds import parse_seeds
 
     base = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
         base[key.replace("-", "_")] = value
-    config = ConvergenceConfig(
-        data=args.data,
-        data_dir=args.data_dir,
-        nps=args.nps,
-        seed=args.seed,
-        seeds=None if args.seeds is None else parse_seeds(args.seeds),
-        thresholds=_floats(args.thresholds),
-        caps=_caps(args.caps),
-        streams=_streams(args.streams),
-        solver=args.solver,
-        epochs=args.epochs,
-        images_per_epoch=args.images_per_epoch,
-        eval_every=args.eval_every,
-        eval_train_size=args.eval_train_size,
-        eval_test_size=args.eval_test_size,
-        readout=args.readout,
-        workers=args.workers,
-        backend=args.backend,
-        ray_address=args.ray_address,
-        base=base,
-        out=args.out or _default_out("convergence", args.data),
-        progress=args.progress,
-    )
+    config = _from_args(ConvergenceConfig, args, base=base)
+    if not config.out:
+        config.out = _default_out("convergence", config.data)
     return config
 
 
@@ -176,115 +123,40 @@ def cmd_study_convergence(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the commands of this module to the top-level subparsers ``sub``."""
-    from dynsim.cli.common import command_group
+    from dynsim.cli.common import add_settings, command_group
 
     bench = command_group(sub, "bench", "measure solvers and code paths")
     p = bench.add_parser(
         "solvers", help="every solver on the same network and inputs: time, evals, accuracy"
     )
-    _data_args(p)
-    p.add_argument(
-        "--solvers",
-        nargs="+",
-        default=None,
-        help="solver specs 'name,key=value,...' (default: a built-in list of 16 settings, newton included)",
-    )
-    p.add_argument(
-        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
-    )
-    p.add_argument("--max-steps", type=int, default=3000, help="step cap (default: %(default)s)")
-    p.add_argument(
-        "--n-inputs", type=int, default=100, help="test inputs settled (default: %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=1, help="inputs settled together (default: 1, online)"
-    )
-    p.add_argument(
-        "--train-images", type=int, default=1000, help="images of the short training run"
-    )
-    p.add_argument(
-        "--states", default="init,trained", help="network states to measure (default: %(default)s)"
-    )
-    p.add_argument(
-        "--ref-tol", type=float, default=1e-9, help="residual of the float64 reference fixed point"
-    )
-    p.add_argument(
-        "--repeats", type=int, default=1, help="time each setting this many times, keep the best"
-    )
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--accuracy",
-        nargs="+",
-        default=None,
-        metavar="SPEC",
-        help="also train a DSSM network with each of these solvers and report test accuracy",
-    )
-    p.add_argument("--accuracy-eval-train", type=int, default=2000, help="readout train images")
-    p.add_argument("--accuracy-eval-test", type=int, default=1000, help="readout test images")
+    from dynsim.studies.bench import BenchConfig
+
+    add_settings(p, BenchConfig)
     p.add_argument("--format", default="text", choices=("text", "csv"),
                    help="the table printed at the end: Markdown text or CSV (default: %(default)s)")
     p.set_defaults(func=cmd_bench_solvers, kernels=True, output=OutputSpec(
-        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")]))
+        timestamped("bench-solvers", "data"), related=lambda out: [out.with_name(out.stem + "_accuracy_cells")],
+        validate=lambda args: _bench_config(args).validate()))
 
     plot = command_group(sub, "plot", "plots of settling dynamics")
     p = plot.add_parser(
         "trajectories", help="unit trajectories and residual vs step, solvers overlaid"
     )
-    _data_args(p)
-    p.add_argument("--solvers", nargs="+", default=None, help="solver specs to overlay")
-    p.add_argument(
-        "--inputs", default="0,1", help="test-set indices of the inputs (default: %(default)s)"
-    )
-    p.add_argument("--units", type=int, default=4, help="units shown per input (largest |u*|)")
-    p.add_argument(
-        "--threshold", type=float, default=1e-4, help="field residual T (default: %(default)s)"
-    )
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument(
-        "--train-images",
-        type=int,
-        default=0,
-        help="train this many images first (default: at init)",
-    )
-    p.add_argument(
-        "--max-values", type=int, default=1_000_000, help="memory budget of the recorder (floats)"
-    )
-    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(timestamped("trajectories", "data")))
+    from dynsim.studies.trajectories import TrajectoryConfig
+
+    add_settings(p, TrajectoryConfig)
+    p.set_defaults(func=cmd_plot_trajectories, kernels=True, output=OutputSpec(
+        timestamped("trajectories", "data"), validate=lambda args: _trajectory_config(args).validate()))
 
     study = command_group(sub, "study", "studies over grids of settings")
     p = study.add_parser(
         "convergence", help="accuracy vs threshold T, step cap and streaming (DSSM)"
     )
-    _data_args(p)
-    p.add_argument(
-        "--thresholds", default="1e-1,1e-2,1e-3,1e-4,1e-5", help="comma-separated T values"
-    )
-    p.add_argument(
-        "--caps", default="1,10,100,3000", help="comma-separated step caps ('none': no cap)"
-    )
-    p.add_argument(
-        "--streams", default="off,10", help="streaming: 'off' or steps per input k, comma-separated"
-    )
-    p.add_argument(
-        "--solver", default="euler", help="solver spec (default: %(default)s, seed schedule)"
-    )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--images-per-epoch", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--eval-train-size", type=int, default=None)
-    p.add_argument("--eval-test-size", type=int, default=None)
-    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
-    p.add_argument("--seeds", default=None, metavar="LIST",
-                   help="a seed axis, e.g. 0,1,2: every setting once per seed, mean ± s.e. (default: --seed alone)")
+    from dynsim.studies.convergence import ConvergenceConfig
+
+    add_settings(p, ConvergenceConfig)
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any other DSSM setting for every cell"
-    )
-    p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: all cores)"
-    )
-    p.add_argument("--backend", default="local", choices=("local", "ray"))
-    p.add_argument(
-        "--ray-address", default=None, help="Ray cluster address (implies --backend ray)"
     )
     p.add_argument("--format", default="text", choices=("text", "csv"),
                    help="the per-cell lines printed at the end: text or CSV (default: %(default)s)")
@@ -293,25 +165,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         validate=check_convergence_settings))
 
     # --- study repro --------------------------------------------------------------------
-    from dynsim.studies.repro import REPORT_SETTINGS
-
     p = study.add_parser("repro", help="the reproduction report's settings and its Figures 1 and 2 (DSSM)")
-    p.add_argument("--data", default="fashion-mnist", help="data set (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="directory of MNIST/CIFAR files")
-    p.add_argument("--seeds", default="0", help="seeds for every setting (T=1e-2 always adds the report's 0,1)")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--images-per-epoch", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=15)
-    p.add_argument("--eval-train-size", type=int, default=None, help="readout train images (default: all)")
-    p.add_argument("--eval-test-size", type=int, default=None, help="readout test images (default: all)")
-    p.add_argument("--readout", default="svc", choices=READOUTS, help="linear readout (see run dssm --help)")
-    p.add_argument("--settings", default=None,
-                   help="a subset, separated by ';' (default: all): " + "; ".join(s[0] for s in REPORT_SETTINGS))
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
-    p.add_argument("--backend", default="local", choices=("local", "ray"))
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (implies --backend ray)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/repro)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    from dynsim.studies.repro import ReproConfig
+
+    add_settings(p, ReproConfig)
     p.set_defaults(func=cmd_study_repro, output=OutputSpec(
         lambda args: "runs/repro", directory=True, result=lambda out: out / "repro.json",
         related=lambda out: [out / "cells"], can_resume=True, validate=check_repro_settings))
@@ -326,23 +183,10 @@ def check_repro_settings(args: argparse.Namespace) -> None:
 
 
 def _repro_config(args: argparse.Namespace):
-    from dynsim.errors import ConfigError
+    """The :class:`ReproConfig` of parsed ``study repro`` arguments, checked."""
     from dynsim.studies.repro import ReproConfig
-    from dynsim.studies.seeds import parse_seeds
 
-    for name in ("epochs", "images_per_epoch", "workers"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_every < 0:
-        raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
-    return ReproConfig(
-        data=args.data, data_dir=args.data_dir, seeds=parse_seeds(args.seeds), epochs=args.epochs,
-        images_per_epoch=args.images_per_epoch, eval_every=args.eval_every, eval_train_size=args.eval_train_size,
-        eval_test_size=args.eval_test_size, readout=args.readout,
-        settings=[s.strip() for s in args.settings.split(";")] if args.settings else None,
-        workers=args.workers, backend=args.backend, ray_address=args.ray_address, out=args.out or "runs/repro",
-        progress=args.progress,
-    )
+    return _from_args(ReproConfig, args).validate()
 
 
 def cmd_study_repro(args: argparse.Namespace) -> int:

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
 from dynsim.results import result_header
+from dynsim.settings import setting
 from dynsim.settle import relative_norm, settle
 from dynsim.solvers import ConstantStep, make_solver, solver_from_spec
 from dynsim.stopping import MaxSteps, ResidualBelow, Status
@@ -49,64 +51,75 @@ BASELINE = "euler,schedule=seed"
 logger = logging.getLogger(__name__)
 
 
-def available_settings(specs: tuple[str, ...] = DEFAULT_SETTINGS) -> tuple[str, ...]:
-    """``specs`` without the library adapters whose library is not installed
-    (torchdiffeq, torchode: the optional extras ``dynsim[adapters]``)."""
+def missing_adapters() -> set[str]:
+    """The optional adapter libraries (torchdiffeq, torchode: ``dynsim[adapters]``) not installed."""
     import importlib.util
 
-    missing = {name for name in ("torchdiffeq", "torchode") if importlib.util.find_spec(name) is None}
-    kept = tuple(s for s in specs if s.split(",", 1)[0] not in missing)
-    if missing:
-        logger.info("bench solvers: %s not installed, left out (pip install 'dynsim[adapters]')",
-                    " and ".join(sorted(missing)))
-    return kept
+    return {name for name in ("torchdiffeq", "torchode") if importlib.util.find_spec(name) is None}
+
+
+def available_settings(specs: tuple[str, ...] = DEFAULT_SETTINGS) -> tuple[str, ...]:
+    """``specs`` without the library adapters whose library is not installed: the default of
+    ``--solvers`` (the built-in list, adapters where installed)."""
+    missing = missing_adapters()
+    return tuple(s for s in specs if s.split(",", 1)[0] not in missing)
+
+
+def _states(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``--states init,trained`` (or a config file's list) -> the network states measured."""
+    states = tuple(v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip())
+    if not states or set(states) - {"init", "trained"}:
+        raise ConfigError(f"--states must be among init, trained; got {states}")
+    return states
 
 
 @dataclass
 class BenchConfig:
-    """Settings of ``dynsim bench solvers``."""
+    """Settings of ``dynsim bench solvers``, each described once (flags, ``--help``, config-file
+    keys and validation come from the field metadata, :mod:`dynsim.settings`)."""
 
-    data: str = "digits"
-    data_dir: str | None = None
-    nps: int = 4
-    solvers: tuple[str, ...] = DEFAULT_SETTINGS
-    threshold: float = 1e-4
-    max_steps: int = 3000
-    n_inputs: int = 100
-    batch_size: int = 1
-    train_images: int = 1000
-    train_threshold: float = 1e-4
-    states: tuple[str, ...] = ("init", "trained")
-    ref_tol: float = 1e-9
-    repeats: int = 1
-    accuracy_solvers: tuple[str, ...] = ()
-    accuracy_eval_train: int = 2000
-    accuracy_eval_test: int = 1000
-    seed: int = 0
-    threads: int = 1
-    out: str | None = None
-    progress: bool = True
+    data: str = setting("digits", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory with the data files", shown_default="None")
+    nps: int = setting(4, help="neurons per site")
+    solvers: tuple[str, ...] = setting(
+        default_factory=available_settings, nargs="+", metavar="SPEC", help="solver specs 'name,key=value,...'",
+        shown_default=f"a built-in list of {len(DEFAULT_SETTINGS)} settings, newton included; the torchdiffeq/"
+                      "torchode adapters only where installed")
+    threshold: float = setting(1e-4, help="field residual T")
+    max_steps: int = setting(3000, help="step cap")
+    n_inputs: int = setting(100, help="test inputs settled")
+    batch_size: int = setting(1, help="inputs settled together (1: online)")
+    train_images: int = setting(1000, help="images of the short training run")
+    train_threshold: float = setting(1e-4, cli=False, help="field residual T of the short training run")
+    states: tuple[str, ...] = setting(("init", "trained"), parse=_states, metavar="STATES",
+                                      help="network states to measure, comma-separated", shown_default="init,trained")
+    ref_tol: float = setting(1e-9, help="residual of the float64 reference fixed point")
+    repeats: int = setting(1, help="time each setting this many times, keep the best")
+    accuracy_solvers: tuple[str, ...] = setting((), flag="--accuracy", nargs="+", metavar="SPEC",
+                                                help="also train a DSSM network with each of these solvers and "
+                                                     "report test accuracy", shown_default="none")
+    accuracy_eval_train: int = setting(2000, help="readout train images")
+    accuracy_eval_test: int = setting(1000, help="readout test images")
+    seed: int = setting(0, help="seed of the weights and the image order")
+    threads: int = setting(1, help="torch CPU threads")
+    out: str | None = setting(None, help="result JSON path", shown_default="runs/bench-solvers-<data>-<time>.json")
+    progress: bool = setting(True, help="no progress output")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> BenchConfig:
-        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
-        from dynsim.settings import check_ranges
+        """Raise :class:`ConfigError` naming the first bad value (the fields' descriptions,
+        :func:`dynsim.settings.check_settings`; each solver spec parsed)."""
+        from dynsim.settings import check_settings
 
-        check_ranges(self)
         if not self.solvers:
             raise ConfigError("give at least one solver setting (--solvers)")
-        for spec in self.solvers:
+        check_settings(self)
+        for name in ("threshold", "max_steps", "train_threshold"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"--{name.replace('_', '-')} none: bench solvers settles to a fixed threshold "
+                                  "and step cap; give a number")
+        for spec in (*self.solvers, *self.accuracy_solvers):
             solver_from_spec(spec)
-        for name in ("n_inputs", "batch_size", "max_steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.train_images < 0:
-            raise ConfigError(f"--train-images must be >= 0, got {self.train_images}")
-        bad = set(self.states) - {"init", "trained"}
-        if bad or not self.states:
-            raise ConfigError(f"--states must be among init, trained; got {self.states}")
         return self
 
 
@@ -193,6 +206,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     from dynsim.configs.dssm import DSSMConfig
 
     config.validate()
+    missing = missing_adapters()
+    if missing and tuple(config.solvers) == available_settings():
+        logger.info("bench solvers: %s not installed, left out (pip install 'dynsim[adapters]')",
+                    " and ".join(sorted(missing)))
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     dcfg = DSSMConfig(data=config.data, data_dir=config.data_dir, nps=config.nps, seed=config.seed).validate()

@@ -16,46 +16,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
+from dynsim.readouts import READOUTS
 from dynsim.results import result_header
+from dynsim.settings import setting
 
 ITERATIONS_KEPT = 20_000  # iterations-per-input entries kept per cell in the study JSON
 
 
+def _seeds(text: Any) -> list[int]:
+    from dynsim.studies.seeds import parse_seeds
+
+    return parse_seeds(text)
+
+
 @dataclass
 class ConvergenceConfig:
-    data: str = "digits"
-    data_dir: str | None = None
-    nps: int = 4
-    thresholds: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5])
-    caps: list[int | None] = field(default_factory=lambda: [1, 10, 100, 3000])
-    streams: list[int | None] = field(default_factory=lambda: [None, 10])
-    solver: str = "euler"
-    epochs: int = 3
-    images_per_epoch: int = 1000
-    eval_every: int = 1
-    eval_train_size: int | None = None
-    eval_test_size: int | None = None
-    readout: str = "svc"
-    base: dict[str, Any] = field(default_factory=dict)
-    workers: int | None = None
-    backend: str = "local"
-    ray_address: str | None = None
-    seed: int = 0
-    seeds: list[int] | None = None  # a seed axis (mean ± s.e. per setting); None: ``seed`` alone
-    out: str | None = None
-    progress: bool = True
+    """The settings of ``dynsim study convergence``, each described once (flags, ``--help``,
+    config-file keys and validation come from the field metadata, :mod:`dynsim.settings`).
+
+    The grid is ``thresholds × caps × streams`` (× ``seeds``); every other setting is the
+    same in every cell (``base``: any other DSSM setting, from ``--set KEY=VALUE``).
+    """
+
+    data: str = setting("digits", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory with the data files", shown_default="None")
+    nps: int = setting(4, help="neurons per site")
+    thresholds: list[float] = setting(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5], item="threshold",
+                                      help="comma-separated T values")
+    caps: list[int | None] = setting(default_factory=lambda: [1, 10, 100, 3000], item="max_steps",
+                                     help="comma-separated step caps ('none': no cap)")
+    streams: list[int | None] = setting(default_factory=lambda: [None, 10], item="stream_every",
+                                        help="streaming: 'off' or steps per input k, comma-separated",
+                                        shown_default="off,10")
+    solver: str = setting("euler", help="solver spec (seed schedule)")
+    epochs: int = setting(3, help="epochs per cell")
+    images_per_epoch: int = setting(1000, help="training images drawn with replacement per epoch")
+    eval_every: int = setting(1, help="epochs between readouts (and at the end; 0: at the end)")
+    eval_train_size: int | None = setting(None, help="readout train images")
+    eval_test_size: int | None = setting(None, help="readout test images")
+    readout: str = setting("svc", choices=READOUTS, help="linear readout (see run dssm --help)")
+    base: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE (hand-written flag)
+    workers: int | None = setting(None, help="worker processes")
+    backend: str = setting("local", choices=("local", "ray"), help="where cells run")
+    ray_address: str | None = setting(None, help="Ray cluster address (implies --backend ray)", shown_default="None")
+    seed: int = setting(0, help="seed of the weights and the image order")
+    seeds: list[int] | None = setting(None, parse=_seeds, metavar="LIST",
+                                      help="a seed axis, e.g. 0,1,2: every setting once per seed, mean ± s.e. "
+                                           "(default: --seed alone)")
+    out: str | None = setting(None, help="result JSON path", shown_default="runs/convergence-<data>-<time>.json")
+    progress: bool = setting(True, help="no progress output")
 
     def validate(self) -> ConvergenceConfig:
-        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
-        from dynsim.settings import check_ranges, check_value
+        """Raise :class:`ConfigError` naming the first bad value (the fields' descriptions,
+        :func:`dynsim.settings.check_settings`)."""
+        from dynsim.settings import check_settings
 
-        check_ranges(self)
-        for name, item in (("thresholds", "threshold"), ("caps", "max_steps"), ("streams", "stream_every")):
-            values = list(getattr(self, name))
-            check_value(item, values, where=f" (in --{name})")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"--{name} {values} repeats a value")
+        check_settings(self)
         return self
 
     def cells(self) -> list[dict[str, Any]]:

@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
+from dynsim.readouts import READOUTS
 from dynsim.results import result_header
+from dynsim.settings import check_settings, setting
 from dynsim.studies.seeds import mean_sem as mean_se  # mean and s.e. (ddof 1) over seeds
+from dynsim.studies.seeds import parse_seeds
 
 
 @dataclass
@@ -32,30 +36,37 @@ class DeepStudyConfig:
     """Every setting of ``dynsim study deep``. Network and training defaults are ``run dssm``'s
     (the authors': γ = 0, gains 1, mult factors 1, every layer's residual below T)."""
 
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
-    streams: list[int | None] = field(default_factory=lambda: [None, 10])
-    caps: list[int | None] = field(default_factory=lambda: [10, 3000])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    nps: int = 4
-    gamma: float = 0.0
-    gains: list[float] | None = None  # per layer of the deepest network (None: all 1)
-    mult_factors: list[float] | None = None  # per layer of the deepest network (None: all 1)
-    threshold: float = 1e-4
-    solver: str = "auto"
-    epochs: int = 120
-    images_per_epoch: int = 1000
-    eval_every: int = 0  # 0: read out once, after training
-    eval_train_size: int | None = None  # None: all 60k
-    eval_test_size: int | None = None  # None: all 10k
-    readout: str = "svc"
-    base: dict[str, Any] = field(default_factory=dict)
-    workers: int | None = None
-    backend: str = "local"
-    ray_address: str | None = None
-    out: str | None = None
-    progress: bool = True
+    data: str = setting("fashion-mnist", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory with the data files", shown_default="None")
+    layers: list[int] = setting(default_factory=lambda: [1, 2, 3], item="layers", help="layer counts, comma-separated")
+    streams: list[int | None] = setting(default_factory=lambda: [None, 10], item="stream_every",
+                                        help="training input: 'off' (reset) or switch every k steps, comma-separated",
+                                        shown_default="off,10")
+    caps: list[int | None] = setting(default_factory=lambda: [10, 3000], item="max_steps",
+                                     help="comma-separated step caps ('none': no cap)")
+    seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], parse=parse_seeds, metavar="LIST",
+                               help="seeds, e.g. 0,1,2 or 0-4", shown_default="0,1,2")
+    nps: int = setting(4, help="neurons per site in every layer")
+    gamma: float = setting(0.0, help="feedback strength γ (0: the authors')")
+    gains: list[float] | None = setting(None, item="gains", shown_default="all 1",
+                                        help="g_p per layer of the deepest network (authors' tanh_factors)")
+    mult_factors: list[float] | None = setting(None, item="mult_factors", shown_default="all 1",
+                                               help="m_p per layer of the deepest network (authors' mult_factors)")
+    threshold: float = setting(1e-4, help="field residual T")
+    solver: str = setting("auto", help="solver spec", shown_default="auto = block/newton/euler")
+    epochs: int = setting(120, help="epochs")
+    images_per_epoch: int = setting(1000, help="training images drawn with replacement per epoch")
+    eval_every: int = setting(0, help="epochs between readouts (and at the end; 0: after training only)")
+    eval_train_size: int | None = setting(None, help="readout train images")
+    eval_test_size: int | None = setting(None, help="readout test images")
+    readout: str = setting("svc", choices=READOUTS, help="linear readout (see run dssm --help)")
+    base: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE: any other run-dssm setting, every cell
+    workers: int | None = setting(None, help="worker processes")
+    backend: str = setting("local", choices=("local", "ray"), help="where cells run")
+    ray_address: str | None = setting(None, help="Ray cluster address (implies --backend ray)", shown_default="None")
+    out: str | None = setting(None, help="study JSON (cells beside it in <out>_cells/; PNG beside it)",
+                              shown_default="runs/deep-<data>-<time>.json")
+    progress: bool = setting(True, help="no progress output")
 
     def _factors(self, name: str, n_layers: int) -> list[float] | float:
         values = getattr(self, name)
@@ -184,6 +195,7 @@ def validate(config: DeepStudyConfig) -> list[dict[str, Any]]:
     worker started; returns the cells."""
     from dynsim.pipelines.dssm import DSSMConfig
 
+    check_settings(config)
     cells = config.cells()
     for cell in cells:
         DSSMConfig.from_dict({**cell, "progress": False}).validate()

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
+from dynsim.readouts import READOUTS
 from dynsim.results import result_header
-from dynsim.studies.seeds import mean_sem
+from dynsim.settings import check_settings, setting
+from dynsim.studies.seeds import mean_sem, parse_seeds
 
 # Obeid et al. (2019), MNIST test error (%) of the single-layer structured network vs NpS
 PUBLISHED_MNIST_ERROR: dict[int, float] = {4: 3.87, 8: 2.41, 16: 1.73, 32: 1.60, 64: 1.47, 100: 1.40}
@@ -38,23 +41,31 @@ class NpsStudyConfig:
     """Every setting of ``dynsim study nps``; training defaults are ``run dssm``'s except the
     number of epochs (15) and one readout after training."""
 
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    nps: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 100])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 15
-    images_per_epoch: int = 1000
-    threshold: float = 1e-4
-    solver: str = "auto"
-    readout: str = "svc"
-    eval_train_size: int | None = None  # None: all training images
-    eval_test_size: int | None = None  # None: all test images
-    base: dict[str, Any] = field(default_factory=dict)  # any other run-dssm setting, for every cell
-    workers: int | None = None
-    backend: str = "local"
-    ray_address: str | None = None
-    out: str | None = None  # a folder: nps.json, nps.png and the cells/ of the sweep
-    progress: bool = True
+    data: str = setting("fashion-mnist", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory of MNIST/CIFAR files", shown_default="None")
+    nps: list[int] = setting(default_factory=lambda: [4, 8, 16, 32, 64, 100], item="nps",
+                             help="NpS values, comma-separated")
+    seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], parse=parse_seeds, metavar="LIST",
+                               help="seeds, e.g. 0,1,2 or 0-4", shown_default="0,1,2")
+    epochs: int = setting(15, help="epochs of training")
+    images_per_epoch: int = setting(1000, help="training images drawn with replacement per epoch")
+    threshold: float = setting(1e-4, help="field residual T")
+    solver: str = setting("auto", help="solver spec", shown_default="auto = newton / newton-cg by NpS")
+    readout: str = setting("svc", choices=READOUTS, help="linear readout")
+    eval_train_size: int | None = setting(None, help="readout train images")
+    eval_test_size: int | None = setting(None, help="readout test images")
+    base: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE: any other run-dssm setting, every cell
+    workers: int | None = setting(None, help="worker processes")
+    backend: str = setting("local", choices=("local", "ray"), help="where cells run")
+    ray_address: str | None = setting(None, help="Ray cluster address (implies --backend ray)", shown_default="None")
+    out: str | None = setting(None, help="output folder: nps.json, nps.png, cells/", shown_default="runs/nps")
+    progress: bool = setting(True, help="no progress output")
+
+    def validate(self) -> NpsStudyConfig:
+        """Raise :class:`ConfigError` naming the first bad value (the fields' descriptions,
+        :func:`dynsim.settings.check_settings`)."""
+        check_settings(self, command="study nps")
+        return self
 
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per (NpS, seed), smallest NpS first (an interrupted study has

@@ -30,15 +30,18 @@ interrupted study resumes per cell (and within a cell from its checkpoint).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
+from dynsim.readouts import READOUTS
 from dynsim.results import result_header
-from dynsim.studies.seeds import mean_sem
+from dynsim.settings import check_settings, setting
+from dynsim.studies.seeds import mean_sem, parse_seeds
 
 # (name, DSSM settings, seeds the report ran besides the user's)
 REPORT_SETTINGS: tuple[tuple[str, dict[str, Any], tuple[int, ...]], ...] = (
@@ -54,25 +57,44 @@ PANELS = (("T=1e-4", "T=1e-2", "T=1e-2, batch 100"), ("cap 10", "cap 10, stream 
 FIGURE2 = ("T=1e-4", "T=1e-2")  # settings whose per-input iteration counts are kept (seed 0 or the first)
 
 
+def _parse_settings(value: str | list[str]) -> list[str]:
+    """``--settings "T=1e-2; ..."`` (or a config file's list) -> names of the report's settings."""
+    names = [s[0] for s in REPORT_SETTINGS]
+    chosen = [v.strip() for v in (value.split(";") if isinstance(value, str) else value) if v.strip()]
+    unknown = [v for v in chosen if v not in names]
+    if unknown or not chosen:
+        raise ConfigError(f"unknown repro setting(s) {unknown}; choose from {names}")
+    return chosen
+
+
 @dataclass
 class ReproConfig:
     """Settings of ``dynsim study repro``; the defaults are the report's."""
 
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 120
-    images_per_epoch: int = 1000
-    eval_every: int = 15
-    eval_train_size: int | None = None
-    eval_test_size: int | None = None
-    readout: str = "svc"
-    settings: list[str] | None = None  # a subset of the report's settings by name; None: all
-    workers: int | None = None
-    backend: str = "local"
-    ray_address: str | None = None
-    out: str = "runs/repro"
-    progress: bool = True
+    data: str = setting("fashion-mnist", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory of MNIST/CIFAR files", shown_default="None")
+    seeds: list[int] = setting(default_factory=lambda: [0], parse=parse_seeds, metavar="LIST",
+                               help="seeds for every setting (T=1e-2 always adds the report's 0,1)", shown_default="0")
+    epochs: int = setting(120, help="epochs")
+    images_per_epoch: int = setting(1000, help="training images drawn with replacement per epoch")
+    eval_every: int = setting(15, help="epochs between readouts (and at the end; 0: at the end)")
+    eval_train_size: int | None = setting(None, help="readout train images")
+    eval_test_size: int | None = setting(None, help="readout test images")
+    readout: str = setting("svc", choices=READOUTS, help="linear readout (see run dssm --help)")
+    settings: list[str] | None = setting(None, parse=lambda v: _parse_settings(v), metavar="NAMES",
+                                         help="a subset of the report's settings, separated by ';'",
+                                         shown_default="all: " + "; ".join(s[0] for s in REPORT_SETTINGS))
+    workers: int | None = setting(2, help="worker processes")
+    backend: str = setting("local", choices=("local", "ray"), help="where cells run")
+    ray_address: str | None = setting(None, help="Ray cluster address (implies --backend ray)", shown_default="None")
+    out: str = setting("runs/repro", help="output directory")
+    progress: bool = setting(True, help="no progress output")
+
+    def validate(self) -> ReproConfig:
+        """Raise :class:`ConfigError` naming the first bad value (the fields' descriptions,
+        :func:`dynsim.settings.check_settings`)."""
+        check_settings(self)
+        return self
 
     def cells(self) -> list[dict[str, Any]]:
         names = [s[0] for s in REPORT_SETTINGS]

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from dynsim.data import DATASETS
 from dynsim.errors import ConfigError
 from dynsim.monitors import TrajectoryMonitor
 from dynsim.results import result_header
+from dynsim.settings import setting
 from dynsim.settle import settle
 from dynsim.solvers import solver_from_spec
 from dynsim.stopping import MaxSteps, ResidualBelow
@@ -30,30 +32,38 @@ DEFAULT_TRAJECTORY_SOLVERS = (
 
 @dataclass
 class TrajectoryConfig:
-    data: str = "digits"
-    data_dir: str | None = None
-    nps: int = 4
-    solvers: tuple[str, ...] = DEFAULT_TRAJECTORY_SOLVERS
-    inputs: tuple[int, ...] = (0, 1)
-    units: int = 4
-    threshold: float = 1e-4
-    max_steps: int = 3000
-    train_images: int = 0
-    max_values: int = 1_000_000
-    seed: int = 0
-    out: str | None = None
-    progress: bool = True
+    """The settings of ``dynsim plot trajectories``, each described once (flags, ``--help``,
+    config-file keys and validation come from the field metadata, :mod:`dynsim.settings`)."""
+
+    data: str = setting("digits", help="data set", choices=DATASETS)
+    data_dir: str | None = setting(None, help="directory with the data files", shown_default="None")
+    nps: int = setting(4, help="neurons per site")
+    solvers: tuple[str, ...] = setting(DEFAULT_TRAJECTORY_SOLVERS, nargs="+", metavar="SPEC",
+                                       help="solver specs 'name,key=value,...' to overlay",
+                                       shown_default=" ".join(DEFAULT_TRAJECTORY_SOLVERS))
+    inputs: tuple[int, ...] = setting((0, 1), item="inputs", help="test-set indices of the inputs",
+                                      shown_default="0,1")
+    units: int = setting(4, help="units shown per input (largest |u*|)")
+    threshold: float = setting(1e-4, help="field residual T")
+    max_steps: int = setting(3000, help="step cap")
+    train_images: int = setting(0, help="train this many images first (0: at init)")
+    max_values: int = setting(1_000_000, help="memory budget of the recorder (floats)")
+    seed: int = setting(0, help="seed of the weights and the image order")
+    out: str | None = setting(None, help="result JSON path", shown_default="runs/trajectories-<data>-<time>.json")
+    progress: bool = setting(True, help="no progress output")
 
     def validate(self) -> TrajectoryConfig:
-        """Raise :class:`ConfigError` naming the first bad value (ranges: dynsim.settings)."""
-        from dynsim.data import DATASETS
-        from dynsim.settings import check_ranges
+        """Raise :class:`ConfigError` naming the first bad value (the fields' descriptions,
+        :func:`dynsim.settings.check_settings`; each solver spec parsed)."""
+        from dynsim.settings import check_settings
 
-        if self.data not in DATASETS:
-            raise ConfigError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
-        check_ranges(self)
         if not self.inputs or not self.solvers:
             raise ConfigError("give at least one input (--inputs) and one solver (--solvers)")
+        check_settings(self)
+        for name in ("threshold", "max_steps"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"--{name.replace('_', '-')} none: plot trajectories records up to a fixed "
+                                  "threshold and step cap; give a number")
         for spec in self.solvers:
             solver_from_spec(spec)
         return self

@@ -209,3 +209,15 @@ def test_input_takes_the_systems_dtype():
         assert settle(layer, x, solver=Euler(), stop=MaxSteps(3)).u.dtype == torch.float64
     assert settle(LAYER, torch.randn(2, 16, dtype=torch.float64), solver=Euler(), stop=MaxSteps(3)).u.dtype \
         == torch.float32
+
+
+@pytest.mark.parametrize("spec", ["euler", "heun", "rk4"])
+def test_a_step_at_the_float32_maximum_is_a_result_not_a_torch_error(spec):
+    """Found by the property test above: ``torch.add(..., alpha=h)`` refuses an ``h`` at the edge of
+    float32's range; the step then overflows like any other (finite state kept, a status given)."""
+    from dynsim.solvers import solver_from_spec
+
+    solver = solver_from_spec(spec, schedule="constant:3.4028234663852886e+38")
+    for x in (torch.zeros(3, 16), torch.ones(3, 16)):
+        res = settle(LAYER, x, solver=solver, stop=RelativeChange(1e-4) | MaxSteps(1))
+        assert torch.isfinite(res.u).all() and set(res.status.tolist()) <= {int(s) for s in Status}

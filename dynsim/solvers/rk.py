@@ -114,6 +114,10 @@ def _advance(u: torch.Tensor, h, coeffs, ks: list[torch.Tensor]) -> torch.Tensor
     ``h`` (B, 1) times the combination."""
     if isinstance(h, torch.Tensor):
         return u + h * _combine(coeffs, ks)
+    if not abs(h) * max(abs(c) for c in coeffs) < torch.finfo(u.dtype).max:
+        # an ``alpha`` beyond the dtype's range is refused by torch.add; the tensor product
+        # overflows to inf instead, which the stop rules then mark as divergence
+        return u + torch.tensor(h, dtype=torch.float64).to(u.dtype) * _combine(coeffs, ks)
     acc = None
     for c, k in zip(coeffs, ks, strict=False):
         if c != 0.0:

@@ -130,3 +130,21 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str,
             where.add_argument(old, action=_Deprecated, new_flag=flag_of(f), dest=f.name, type=kwargs["type"],
                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(config_extra_keys=tuple(f.name for f in described(cls) if not meta_of(f).cli))
+
+
+def parse_set_overrides(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` (repeatable) as a dict of cell-setting overrides: VALUE read as JSON
+    where it parses (numbers, lists, true/false), else kept as text; dashes in KEY become
+    underscores."""
+    import json
+
+    base = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            base[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            base[key.replace("-", "_")] = value
+    return base

@@ -8,23 +8,11 @@ import argparse
 
 def _config(args: argparse.Namespace):
     """The study's settings from the parsed flags (``--out`` already set by the OutputSpec)."""
+    from dynsim.cli.common import parse_set_overrides
+    from dynsim.settings import described
     from dynsim.studies.deep import DeepStudyConfig
 
-    base = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            from dynsim.errors import ConfigError
-
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        import json
-
-        try:
-            base[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            base[key.replace("-", "_")] = value
-    from dynsim.settings import described
-
+    base = parse_set_overrides(args.set)
     values = {f.name: getattr(args, f.name) for f in described(DeepStudyConfig) if hasattr(args, f.name)}
     config = DeepStudyConfig(**values, base=base)
     return config

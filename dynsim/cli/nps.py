@@ -7,21 +7,11 @@ import argparse
 
 
 def _config(args: argparse.Namespace):
-    import json
-
-    from dynsim.errors import ConfigError
+    from dynsim.cli.common import parse_set_overrides
     from dynsim.settings import described
     from dynsim.studies.nps import NpsStudyConfig
 
-    base = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            base[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            base[key.replace("-", "_")] = value
+    base = parse_set_overrides(args.set)
     values = {f.name: getattr(args, f.name) for f in described(NpsStudyConfig) if hasattr(args, f.name)}
     return NpsStudyConfig(**values, base=base).validate()
 

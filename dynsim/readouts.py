@@ -73,9 +73,88 @@ class LinearReadout:
         return float((self.predict(features) == labels).to(torch.float64).mean())
 
 
-def _augment(features: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``[X, s]`` (n, d + 1)."""
-    return torch.cat([features, features.new_full((features.shape[0], 1), scaling)], dim=1)
+# elements of the data per row chunk (16 MiB of float32) in every pass over it: products,
+# float64 objective, Gram blocks, preconditioner (benchmarks/readout_memory.py times the
+# chunked products against one product with the whole matrix and with a transposed copy)
+CHUNK_ELEMENTS = 2**22
+
+
+class _Design:
+    """The augmented design ``X̃ = [X, s]`` (n, d + 1) of liblinear's bias, never formed.
+
+    Every product goes through the caller's ``X`` (n, d) and the constant column ``s``
+    (``intercept_scaling``) separately: ``W X̃ᵀ = W_{:d} Xᵀ + s W_d`` and
+    ``A X̃ = [A X, s A 1]`` — one stored copy of the features instead of three (``X``, ``X̃``
+    and ``X̃ᵀ``). Every pass runs over row chunks of :data:`CHUNK_ELEMENTS` elements, so the
+    temporaries (float64 copies, squares, augmented rows) are chunk-sized.
+    """
+
+    def __init__(self, x: torch.Tensor, scaling: float):
+        self.x, self.s = x, float(scaling)
+        self.chunk = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+
+    def _spans(self):
+        n = self.x.shape[0]
+        return ((i, min(i + self.chunk, n)) for i in range(0, n, self.chunk))
+
+    def scores(self, w_t: torch.Tensor) -> torch.Tensor:
+        """``W X̃ᵀ`` (k, n) from weights ``W`` (k, d + 1)."""
+        z = w_t.new_empty(w_t.shape[0], self.x.shape[0])
+        w, b = w_t[:, :-1], w_t[:, -1:] * self.s
+        for i, j in self._spans():
+            torch.addmm(b, w, self.x[i:j].T, out=z[:, i:j])
+        return z
+
+    def t_product(self, a: torch.Tensor) -> torch.Tensor:
+        """``A X̃`` (k, d + 1) from ``A`` (k, n)."""
+        out = a.new_zeros(a.shape[0], self.x.shape[1])
+        for i, j in self._spans():
+            out.addmm_(a[:, i:j], self.x[i:j])
+        return torch.cat([out, self.s * a.sum(dim=1, keepdim=True)], dim=1)
+
+    def gauss_newton_product(self, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``(C ∘ (P X̃ᵀ)) X̃`` (k, d + 1) from ``P`` (k, d + 1) and ``C`` (k, n), chunk by chunk
+        (each chunk of ``X`` is used twice while it is in cache)."""
+        out = p.new_zeros(p.shape[0], self.x.shape[1])
+        w, b = p[:, :-1], p[:, -1:] * self.s
+        bias = p.new_zeros(p.shape[0], 1)
+        for i, j in self._spans():
+            xc = self.x[i:j]
+            cz = c[:, i:j] * torch.addmm(b, w, xc.T)
+            out.addmm_(cz, xc)
+            bias += cz.sum(dim=1, keepdim=True)
+        return torch.cat([out, self.s * bias], dim=1)
+
+    def rows(self, idx: torch.Tensor | None = None):
+        """``X̃`` in row chunks (of the rows ``idx``, all when None), each (m, d + 1)."""
+        n = self.x.shape[0] if idx is None else idx.numel()
+        for i in range(0, n, self.chunk):
+            xr = self.x[i : i + self.chunk] if idx is None else self.x[idx[i : i + self.chunk]]
+            yield i, torch.cat([xr, xr.new_full((xr.shape[0], 1), self.s)], dim=1)
+
+    def squared_t_product(self, a: torch.Tensor) -> torch.Tensor:
+        """``A (X̃ ∘ X̃)`` (k, d + 1), chunked (no full-size square of the data)."""
+        out = a.new_zeros(a.shape[0], self.x.shape[1] + 1)
+        for i, xr in self.rows():
+            out += a[:, i : i + xr.shape[0]] @ (xr * xr)
+        return out
+
+    def scores64(self, w_t: torch.Tensor) -> torch.Tensor:
+        """``W X̃ᵀ`` (k, n) in float64, chunked (a float64 copy of the data would be 2× its size)."""
+        w64 = w_t.double()
+        return torch.cat([w64 @ xr.double().T for _, xr in self.rows()], dim=1)
+
+    def gram(self, idx: torch.Tensor, weights: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
+        """``Σ_i c_i x̃_i x̃_iᵀ`` (d + 1, d + 1) float64 over the rows ``idx`` with weights ``c`` (m,);
+        each chunk's product in the data's dtype (float64 when ``exact``), summed in float64."""
+        d1 = self.x.shape[1] + 1
+        out = torch.zeros(d1, d1, dtype=torch.float64, device=self.x.device)
+        for i, xr in self.rows(idx):
+            c = weights[i : i + xr.shape[0]]
+            if exact:
+                xr, c = xr.double(), c.double()
+            out += ((xr * c[:, None]).T @ xr).double()
+        return out
 
 
 def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: str | None,
@@ -134,6 +213,10 @@ def fit_svc(
     TRON does this), diagonal preconditioner, stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``.
     ``"auto"``: ``"hessian"`` up to :data:`EXACT_HESSIAN_MAX_DIM` features, else ``"cg"``.
 
+    Memory: the features are held once (the caller's tensor); the intercept column and every
+    float64 or elementwise pass are handled in row chunks (:class:`_Design`), so the fit needs
+    O(n k) for scores and slacks (+ the k float64 Hessian blocks with ``"hessian"``) beyond them.
+
     Parameters
     ----------
     features : (n, d) float tensor; labels : (n,) long in ``0 … k−1``.
@@ -158,8 +241,7 @@ def fit_svc(
         raise ConfigError(f"direction must be 'auto', 'hessian' or 'cg', got {direction!r}")
     n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
     dtype, device = features.dtype, features.device
-    x = _augment(features, intercept_scaling)  # (n, d+1)
-    x_t = x.T.contiguous()  # (d+1, n): both layouts, so that every product is a "wide" one
+    x = _Design(features, intercept_scaling)  # X̃ = [X, s] (n, d+1), never formed
     t, costs = svc_sample_costs(labels, n_classes, C=C, class_weight=class_weight, dtype=dtype)
     binary = n_classes == 2
     if binary:  # liblinear: one problem, class 1 positive (cost C q_1), class 0 negative (C q_0)
@@ -175,7 +257,7 @@ def fit_svc(
     def gradient(w_t: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
         """∇f (k, d+1) from the weights (k, d+1) and the slacks max(0, 1 − t z) (k, n)."""
         stats["products"] += 1
-        return w_t - 2.0 * ((costs * t * slack) @ x)
+        return w_t - 2.0 * x.t_product(costs * t * slack)
 
     g0_norm = torch.linalg.vector_norm(  # the gradient at zero, where every slack is 1
         gradient(torch.zeros(k, d + 1, dtype=dtype, device=device), torch.ones_like(costs)).double(), dim=1)
@@ -184,7 +266,7 @@ def fit_svc(
         if tuple(w0.shape) != (d + 1, k):
             raise ConfigError(f"w0 has shape {tuple(w0.shape)}, expected {(d + 1, k)}")
         w_t = w0.T.to(dtype=dtype, device=device).contiguous()
-    z = w_t @ x_t  # (k, n) scores
+    z = x.scores(w_t)  # (k, n)
     stats["products"] += 1
     slack = (1.0 - t * z).clamp_min_(0.0)
     g = gradient(w_t, slack)
@@ -200,20 +282,19 @@ def fit_svc(
         if blocks is not None:
             s = blocks.newton_direction(active, g, running, stats)
         else:
-            s = _cg_direction(x, x_t, costs * active, g, g_norm * cg_forcing, max_cg, stats)
+            s = _cg_direction(x, costs * active, g, g_norm * cg_forcing, max_cg, stats)
             s[~running] = 0.0
-        xs = s @ x_t
+        xs = x.scores(s)
         stats["products"] += 1
         step = _line_search(w_t, s, z, xs, t, costs)
         w_t += step[:, None] * s
-        z = w_t @ x_t  # afresh rather than z + α X̃s: no drift of the scores
+        z = x.scores(w_t)  # afresh rather than z + α X̃s: no drift of the scores
         stats["products"] += 1
         slack = (1.0 - t * z).clamp_min_(0.0)
         g = gradient(w_t, slack)
         g_norm = torch.linalg.vector_norm(g.double(), dim=1)
     w64 = w_t.double()  # the objective per class, in float64 from the final weights
-    # in column chunks: a float64 copy of all of x would be 2× its size (6 GB at n = 60,000, d = 12,544)
-    z64 = torch.cat([w64 @ x_t[:, i : i + 8192].double() for i in range(0, x_t.shape[1], 8192)], dim=1)
+    z64 = x.scores64(w_t)
     obj = 0.5 * (w64**2).sum(dim=1) + (costs.double() * (1.0 - t.double() * z64).clamp_min(0.0) ** 2).sum(dim=1)
     info = {
         "newton_iterations": newton,
@@ -237,14 +318,11 @@ class _HessianBlocks:
     batched float64 Cholesky factorisation.
     """
 
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, costs: torch.Tensor, k: int):
+    def __init__(self, x: _Design, labels: torch.Tensor, costs: torch.Tensor, k: int):
         self.x, self.labels, self.costs, self.k = x, labels, costs, k
-        self.a = torch.zeros(k, x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        d1 = x.x.shape[1] + 1
+        self.a = torch.zeros(k, d1, d1, dtype=torch.float64, device=x.x.device)
         self.active: torch.Tensor | None = None  # (k, n) the active sets A_c was built for
-
-    def _weighted_gram(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        xr = self.x[rows]
-        return ((xr * weights[:, None]).T @ xr).double()
 
     def update(self, active: torch.Tensor, classes: list[int], stats: dict) -> None:
         """Bring ``A_c`` of ``classes`` to the active sets ``active`` (k, n)."""
@@ -254,7 +332,7 @@ class _HessianBlocks:
             # Gram matrices, C_cj the cost that problem c gives to the rows of label j
             for j in torch.unique(self.labels).tolist():
                 rows = torch.nonzero(self.labels == j).squeeze(1)
-                gram = (x[rows].T @ x[rows]).double()
+                gram = x.gram(rows, torch.ones(rows.numel(), dtype=x.x.dtype, device=x.x.device))
                 stats["gram_rows"] += rows.numel()
                 for c in range(self.k):
                     self.a[c] += float(costs[c, rows[0]]) * gram
@@ -268,11 +346,11 @@ class _HessianBlocks:
             if changed.numel() == 0:
                 continue
             if changed.numel() < now.numel():
-                sign = torch.where(active[c][changed], 1.0, -1.0).to(x.dtype)
-                self.a[c] += self._weighted_gram(changed, sign * costs[c][changed])
+                sign = torch.where(active[c][changed], 1.0, -1.0).to(costs.dtype)
+                self.a[c] += x.gram(changed, sign * costs[c][changed])
                 stats["gram_rows"] += changed.numel()
             else:
-                self.a[c] = self._weighted_gram(now, costs[c][now]) if now.numel() else 0.0
+                self.a[c] = x.gram(now, costs[c][now]) if now.numel() else 0.0
                 stats["gram_rows"] += now.numel()
             self.active[c] = active[c]
 
@@ -292,8 +370,7 @@ class _HessianBlocks:
             # rebuild those blocks from the active rows in float64, where I + 2 A_c is definite
             for c in classes[failed > 0].tolist():
                 rows = torch.nonzero(active[c]).squeeze(1)
-                xr = self.x[rows].double()
-                self.a[c] = (xr * self.costs[c][rows].double()[:, None]).T @ xr
+                self.a[c] = self.x.gram(rows, self.costs[c][rows], exact=True)
                 stats["gram_rows"] += rows.numel()
             chol = torch.linalg.cholesky(self._hessian(classes))
         s = torch.zeros_like(g)
@@ -301,9 +378,9 @@ class _HessianBlocks:
         return s
 
 
-def _cg_direction(x, x_t, active_cost, g, cg_tol, max_cg, stats) -> torch.Tensor:
+def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats) -> torch.Tensor:
     """Diagonal-preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once."""
-    precond = 1.0 + 2.0 * (active_cost @ (x * x))  # diag(H) (k, d+1)
+    precond = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
     stats["products"] += 1
     s = torch.zeros_like(g)
     r = -g
@@ -314,7 +391,7 @@ def _cg_direction(x, x_t, active_cost, g, cg_tol, max_cg, stats) -> torch.Tensor
     for _ in range(max_cg):
         if not bool(live.any()):
             break
-        hp = p + 2.0 * ((active_cost * (p @ x_t)) @ x)
+        hp = p + 2.0 * x.gauss_newton_product(p, active_cost)
         stats["products"] += 2
         stats["cg_iterations"] += 1
         php = (p * hp).sum(dim=1, dtype=torch.float64)

@@ -122,3 +122,69 @@ def test_readout_accuracy_by_name_and_errors():
         readout_accuracy("svc", bad, y, x, y)
     with pytest.raises(DataError, match="shapes disagree"):
         readout_accuracy("svc", x[:10], y[:9], x, y)
+
+
+@pytest.mark.parametrize("direction", ["hessian", "cg"])
+def test_svc_intercept_scaling_is_liblinears_bias_feature(direction):
+    """The intercept as a separate column term (no augmented copy) solves liblinear's problem with
+    the bias a regularised feature of value ``intercept_scaling``: sklearn's weights, s · its bias."""
+    from sklearn.svm import LinearSVC
+
+    x, y = blobs(imbalance=True)
+    ours = fit_svc(x, y, tol=1e-8, intercept_scaling=3.0, direction=direction)
+    sk = LinearSVC(C=1.0, class_weight="balanced", intercept_scaling=3.0, tol=1e-8, max_iter=100000,
+                   dual=False).fit(x.numpy(), y.numpy())
+    assert ours.info["converged"]
+    np.testing.assert_allclose(ours.weights[:-1].numpy(), sk.coef_.T, atol=1e-4)
+    # sklearn reports intercept_ = s · w_bias; ours scores with the same s · w_bias in weights[-1]
+    np.testing.assert_allclose(3.0 * ours.weights[-1].numpy(), sk.intercept_, atol=3e-4)
+
+
+def test_svc_hessian_and_cg_agree_on_a_chunked_problem(monkeypatch):
+    """Chunked passes (objective, Gram blocks, preconditioner) over many small chunks give the
+    same minimum as one chunk: both directions, float32 data."""
+    import dynsim.readouts as ro
+
+    x, y = blobs(n=3000, d=40, k=5, imbalance=True, dtype=torch.float32)
+    whole = fit_svc(x, y, tol=1e-6, direction="hessian")
+    monkeypatch.setattr(ro, "CHUNK_ELEMENTS", 41 * 7)  # 7 rows a chunk
+    for direction in ("hessian", "cg"):
+        m = fit_svc(x, y, tol=1e-6, direction=direction)
+        assert m.info["converged"]
+        np.testing.assert_allclose(m.info["objective"], whole.info["objective"], rtol=1e-5)
+        torch.testing.assert_close(m.weights, whole.weights, atol=2e-3, rtol=0)
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from dynsim.readouts import fit_svc
+torch.set_num_threads(1)
+n, d, direction = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g).clamp_min_(0.0)
+y = torch.randint(0, 10, (n,), generator=g)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fit_svc(x, y, direction=direction, max_iter=2)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("direction,n,d", [("cg", 20000, 4200), ("hessian", 40000, 600)])
+def test_svc_holds_one_copy_of_the_features(tmp_path, direction, n, d):
+    """Peak memory of the fit (``ru_maxrss`` of a fresh process, beyond what it held with the
+    features made) stays below 0.6 × the features' bytes + 64 MiB (+ the k Hessian blocks in
+    float64): no augmented copy, no transposed copy, float64 only in chunks. The former
+    fit held three copies (features, ``[X, s]`` and its transpose): 2 × the features beyond."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "peak.py"
+    script.write_text(_PEAK_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(script), str(n), str(d), direction], capture_output=True,
+                         text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, check=True)
+    extra = int(out.stdout.split()[-1])
+    features = 4 * n * d
+    blocks = 10 * (d + 1) ** 2 * 8 if direction == "hessian" else 0
+    assert extra < 0.6 * features + blocks + 64 * 2**20, (extra / 2**20, features / 2**20)

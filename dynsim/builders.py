@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dynsim.engine import DynamicsSettler, EpochDraws
+from dynsim.errors import ConfigError
 from dynsim.plasticity import DecayingRate, SimilarityMatchingRule
 from dynsim.plasticity.deep import DeepSimilarityMatchingRule
 from dynsim.solvers import Solver, solver_from_spec
@@ -120,6 +121,19 @@ def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
         return x, y
     idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
     return x[idx], y[idx]
+
+
+def readout_sets(config, ds, x_train: np.ndarray, x_test: np.ndarray):
+    """The readout's train and test sets ``(x_train, y_train, x_test, y_test)``: all images, or
+    the seeded subsets of ``eval_train_size`` / ``eval_test_size`` (seeds ``seed``, ``seed + 1``);
+    refused (one line) when a subset holds a single class."""
+    ev_xtr, ev_ytr = subset(x_train, ds.y_train, config.eval_train_size, config.seed)
+    ev_xte, ev_yte = subset(x_test, ds.y_test, config.eval_test_size, config.seed + 1)
+    for flag, y in (("--eval-train-size", ev_ytr), ("--eval-test-size", ev_yte)):
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
+                              f"use at least {2 * ds.n_classes} or 'none' for all")
+    return ev_xtr, ev_ytr, ev_xte, ev_yte
 
 
 def build_solver(config, spec: str | None = None) -> Solver:

@@ -66,7 +66,13 @@ def test_study_runs_end_to_end_and_resumes_per_cell(tmp_path):
     assert main(argv) == 0
     study = json.loads((tmp_path / "nps" / "nps.json").read_text())
     assert (tmp_path / "nps" / "nps.png").exists()
-    assert len(list((tmp_path / "nps" / "cells").glob("cell-*.json"))) == 2
+    files = sorted((tmp_path / "nps" / "cells").glob("cell-*.json"))
+    assert len(files) == 3  # two (NpS, seed) cells and the raw-pixel baseline's
+    saved = [json.loads(f.read_text())["result"] for f in files]
+    assert sorted(r.get("kind", "dssm") for r in saved) == ["dssm", "dssm", "raw_pixels"]
+    assert all(r["raw_pixel_accuracy"] is None for r in saved if "kind" not in r)  # not recomputed per cell
+    (raw,) = study["raw_pixel_cells"]
+    assert raw["seed"] == 0 and all(c["raw_pixel_accuracy"] == raw["raw_pixel_accuracy"] for c in study["cells"])
     assert [r["nps"] for r in study["rows"]] == [2, 3] and study["data"] == "digits"
     for row, cell in zip(study["rows"], sorted(study["cells"], key=lambda c: c["nps"]), strict=True):
         assert row["test_accuracy"] == cell["test_accuracy"] and row["test_accuracy_se"] is None
@@ -79,3 +85,30 @@ def test_study_runs_end_to_end_and_resumes_per_cell(tmp_path):
     assert main([*argv, "--resume"]) == 0
     again = json.loads((tmp_path / "nps" / "nps.json").read_text())
     assert again["rows"] == study["rows"]
+
+
+def test_raw_pixel_baseline_is_one_cell_unless_the_readout_sets_are_seeded():
+    one = NpsStudyConfig(nps=[4, 8], seeds=[0, 1, 2]).baseline_cells()
+    assert len(one) == 1 and one[0]["seed"] is None and one[0]["kind"] == "raw_pixels"
+    per_seed = NpsStudyConfig(nps=[4], seeds=[0, 1], eval_test_size=500).baseline_cells()
+    assert [c["seed"] for c in per_seed] == [0, 1] and per_seed[0]["eval_test_size"] == 500
+    via_set = NpsStudyConfig(nps=[4], seeds=[3], base={"eval_train_size": 100}).baseline_cells()
+    assert [c["seed"] for c in via_set] == [3] and via_set[0]["eval_train_size"] == 100
+
+
+def test_raw_pixel_cell_is_run_dssms_own_baseline():
+    """The study's baseline cell reads out the same sets as ``run dssm`` would: the same accuracy."""
+    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+    from dynsim.studies.nps import attach_baseline, raw_pixel_cell
+
+    study = NpsStudyConfig(data="digits", nps=[2], seeds=[1], epochs=1, images_per_epoch=10,
+                           eval_train_size=300, eval_test_size=200)
+    (base,) = study.baseline_cells()
+    (cell,) = study.cells()
+    own = run_dssm(DSSMConfig.from_dict({**cell, "progress": False}))["final"]["raw_pixel_accuracy"]
+    got = raw_pixel_cell(base)
+    assert got["raw_pixel_accuracy"] == own and 0.5 < own <= 1
+    skipped = run_dssm(DSSMConfig.from_dict({**cell, "progress": False, "raw_baseline": False}))["final"]
+    assert skipped["raw_pixel_accuracy"] is None and skipped["gain_over_raw"] is None
+    (row,) = attach_baseline([{"seed": 1, "raw_pixel_accuracy": None}], [got])
+    assert row["raw_pixel_accuracy"] == own

@@ -54,9 +54,10 @@ def cmd_run_dssm(args: argparse.Namespace) -> int:
         return _run_dssm_seeds(config, args)
     result = run_dssm(config, resume=args.resume)
     f = result["final"]
-    acc = f["test_accuracy"]
+    acc, raw = f["test_accuracy"], f["raw_pixel_accuracy"]
+    raw_text = "no raw-pixel baseline" if raw is None else f"raw pixels {100 * raw:.2f} %"
     print(
-        f"test accuracy {100 * acc:.2f} % (raw pixels {100 * f['raw_pixel_accuracy']:.2f} %), "
+        f"test accuracy {100 * acc:.2f} % ({raw_text}), "
         f"mean iterations {f['mean_iterations']:.1f}, converged {100 * f['fraction_converged']:.1f} %, "
         f"train {f['train_seconds']:.1f} s, eval {f['eval_seconds']:.1f} s"
         if acc is not None

@@ -114,6 +114,9 @@ class DSSMConfig:
     eval_batch_size: int = setting(1000, group="evaluation", help="inputs settled together for the readout")
     eval_train_size: int | None = setting(None, group="evaluation",
                                           help="subsample the train set for the readout ('none': all)")
+    raw_baseline: bool = setting(True, group="evaluation",
+                                 help="skip the raw-pixel baseline (the same readout on the pixels; study nps "
+                                 "computes it once per study instead of once per cell)")
     eval_test_size: int | None = setting(None, group="evaluation",
                                          help="subsample the test set for the readout ('none': all)")
     # run
@@ -272,7 +275,7 @@ class DSSMConfig:
 # every other DSSMConfig field, including ones added later, must match the checkpoint
 RESUME_MAY_CHANGE = (
     "epochs", "eval_every", "eval_solver", "readout", "eval_batch_size", "eval_train_size", "eval_test_size", "device",
-    "threads", "on_divergence", "checkpoint_every", "out", "progress",
+    "threads", "on_divergence", "checkpoint_every", "out", "progress", "raw_baseline",
 )
 
 

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynsim.builders import build_dssm, build_solver, describe_system, epoch_batches, prepare_data, subset
+from dynsim.builders import build_dssm, build_solver, describe_system, epoch_batches, prepare_data, readout_sets
 from dynsim.checkpoint import Checkpoint, check_resume, checkpoint_path
 from dynsim.configs.dssm import DSSMConfig, training_settings
 from dynsim.engine import Engine
-from dynsim.errors import ConfigError, DivergenceError
+from dynsim.errors import DivergenceError
 from dynsim.evaluation import Evaluator, readout_accuracy
 from dynsim.layer_monitor import LayerMonitor
 from dynsim.monitors import SettlingMonitor
@@ -52,20 +52,15 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     t_start = time.perf_counter()
     ds, x_train, x_test = prepare_data(config)
-    y_train, y_test = ds.y_train, ds.y_test
     device = torch.device(config.device)
     net = build_dssm(config, ds.image_shape, device=config.device)
     layer, solver, stop, settler = net.system, net.solver, net.stop, net.settler
     deep = isinstance(layer, DeepHebbianNet)
 
-    ev_xtr, ev_ytr = subset(x_train, y_train, config.eval_train_size, config.seed)
-    ev_xte, ev_yte = subset(x_test, y_test, config.eval_test_size, config.seed + 1)
-    for flag, y in (("--eval-train-size", ev_ytr), ("--eval-test-size", ev_yte)):
-        if len(np.unique(y)) < 2:
-            raise ConfigError(f"{flag} leaves {len(y)} sample(s) of a single class, too few for a readout; "
-                              f"use at least {2 * ds.n_classes} or 'none' for all")
+    ev_xtr, ev_ytr, ev_xte, ev_yte = readout_sets(config, ds, x_train, x_test)
     t0 = time.perf_counter()  # raw-pixel baseline with the run's readout, timed apart
-    baseline = readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
+    baseline = (readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
+                if config.raw_baseline else {"accuracy": None, "test_predictions": None})
     baseline.pop("weights", None)
     baseline_seconds = time.perf_counter() - t0
 
@@ -124,7 +119,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     evaluated = [h for h in history if "test_accuracy" in h]
     its = np.asarray(monitor.iterations)
     paired = None
-    if evaluator.test_predictions is not None:
+    if evaluator.test_predictions is not None and baseline["test_predictions"] is not None:
         paired = paired_difference(evaluator.test_predictions[-1], baseline["test_predictions"], ev_yte)
     result = {
         **result_header("run dssm", config, device=str(device)),

@@ -11,6 +11,12 @@ same readout on the same split, training and evaluation seconds, the wall second
 and the peak resident memory of the worker process (``ru_maxrss``; a worker that ran a larger
 cell before reports that cell's peak).
 
+The raw-pixel baseline depends on neither NpS nor the network's seed, only on the data, the
+readout and the readout sets: it is computed once per study, as its own cell
+(:meth:`NpsStudyConfig.baseline_cells`; one per seed only when ``--eval-train-size`` /
+``--eval-test-size`` subsample the sets, whose draws follow the seed), and the DSSM cells run
+with ``raw_baseline = False``.
+
 Cells run through :func:`dynsim.sweeps.run_grid`, each saved as it finishes (resumable). Per NpS
 the seeds give mean ± standard error (:func:`dynsim.studies.seeds.mean_sem`; "one seed" when
 there is one). The published numbers are MNIST; ours are whatever ``--data`` is, and every
@@ -34,6 +40,7 @@ from dynsim.studies.seeds import mean_sem, parse_seeds
 
 # Obeid et al. (2019), MNIST test error (%) of the single-layer structured network vs NpS
 PUBLISHED_MNIST_ERROR: dict[int, float] = {4: 3.87, 8: 2.41, 16: 1.73, 32: 1.60, 64: 1.47, 100: 1.40}
+RAW_PIXELS = "raw_pixels"  # the ``kind`` of the baseline's cell
 
 
 @dataclass
@@ -67,6 +74,15 @@ class NpsStudyConfig:
         check_settings(self, command="study nps")
         return self
 
+    def baseline_cells(self) -> list[dict[str, Any]]:
+        """The raw-pixel baseline's cells: one for the study (``seed`` None: the readout sets are
+        all images), or one per seed when a readout set is a seeded subsample."""
+        sets = {k: self.base.get(k, getattr(self, k)) for k in ("eval_train_size", "eval_test_size")}
+        device = {"device": self.base["device"]} if "device" in self.base else {}
+        sampled = any(v is not None for v in sets.values())
+        return [{"kind": RAW_PIXELS, "data": self.data, "data_dir": self.data_dir, "readout": self.readout,
+                 **sets, **device, "seed": seed} for seed in (self.seeds if sampled else [None])]
+
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per (NpS, seed), smallest NpS first (an interrupted study has
         the cheap cells finished)."""
@@ -88,11 +104,41 @@ class NpsStudyConfig:
         ]
 
 
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One cell of the study's grid (top level and picklable for :func:`run_grid`): the
+    raw-pixel baseline (``kind = "raw_pixels"``) or a DSSM (NpS, seed) cell."""
+    return raw_pixel_cell(cell) if cell.get("kind") == RAW_PIXELS else train_cell(cell)
+
+
+def raw_pixel_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """The readout on the raw pixels (each image /255 minus its mean, the network's input) of the
+    readout sets ``run dssm`` would use with these settings (:func:`dynsim.builders.readout_sets`)."""
+    import torch
+
+    from dynsim.builders import prepare_data, readout_sets
+    from dynsim.pipelines.dssm import DSSMConfig
+    from dynsim.readouts import readout_accuracy
+
+    settings = {k: v for k, v in cell.items() if k != "kind"}
+    config = DSSMConfig.from_dict({**settings, "seed": cell["seed"] or 0, "progress": False, "out": None})
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    ds, x_train, x_test = prepare_data(config)
+    xtr, ytr, xte, yte = readout_sets(config, ds, x_train, x_test)
+    out = readout_accuracy(config.readout, xtr, ytr, xte, yte, device=config.device)
+    return {
+        "kind": RAW_PIXELS, "cell": cell, "seed": cell["seed"], "raw_pixel_accuracy": out["accuracy"],
+        "readout_seconds": out["readout_seconds"], "readout_converged": out["readout_converged"],
+        "wall_seconds": time.perf_counter() - start,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
 def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    """Train and read out one (NpS, seed) cell (top level and picklable for :func:`run_grid`)."""
+    """Train and read out one (NpS, seed) cell, without the raw-pixel baseline (its own cell)."""
     from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
-    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1})
+    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1, "raw_baseline": False})
     start = time.perf_counter()
     result = run_dssm(config)
     wall = time.perf_counter() - start
@@ -112,6 +158,14 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": wall,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
     }
+
+
+def attach_baseline(cells: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each DSSM cell with the raw-pixel accuracy of its readout sets: the study's one baseline, or
+    its seed's (per-seed baselines); a cell that computed its own (older cell files) keeps it."""
+    by_seed = {b["seed"]: b["raw_pixel_accuracy"] for b in baselines}
+    return [c if c.get("raw_pixel_accuracy") is not None else
+            {**c, "raw_pixel_accuracy": by_seed.get(c["seed"], by_seed.get(None))} for c in cells]
 
 
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,16 +215,18 @@ def run_nps_study(config: NpsStudyConfig) -> dict[str, Any]:
     cells = config.cells()
     for cell in cells:  # every bad setting is refused before any worker starts
         DSSMConfig.from_dict({**cell, "progress": False}).validate()
+    baselines = config.baseline_cells()
     folder = Path(config.out) if config.out else None  # <out>/nps.json, <out>/nps.png, <out>/cells/
     out = folder / "nps.json" if folder else None
     results_dir = folder / "cells" if folder else Path("runs") / "nps_cells"
-    results = run_grid(cells, train_cell, results_dir=results_dir, workers=config.workers,
-                       backend=config.backend, ray_address=config.ray_address, progress=config.progress)
+    done = run_grid(baselines + cells, run_cell, results_dir=results_dir, workers=config.workers,
+                    backend=config.backend, ray_address=config.ray_address, progress=config.progress)
+    raw, results = done[: len(baselines)], attach_baseline(done[len(baselines) :], done[: len(baselines)])
     rows = summarise(results)
     study = {**result_header("study nps", config), "cells_dir": str(results_dir), "data": config.data,
              "published": {"data": "mnist", "source": "Obeid, Ramambason & Pehlevan 2019",
                            "test_error_percent": {str(k): v for k, v in PUBLISHED_MNIST_ERROR.items()}},
-             "rows": rows, "table": table(rows, config.data), "cells": results}
+             "rows": rows, "table": table(rows, config.data), "cells": results, "raw_pixel_cells": raw}
     if out:
         from dynsim.plots import plot_nps_study
         from dynsim.results import write_result

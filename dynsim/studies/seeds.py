@@ -106,7 +106,7 @@ def summarize_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``final`` block over seeds (module docstring) from each seed's ``final``."""
     acc = [r["final"]["test_accuracy"] for r in per_seed]
     raw = [r["final"]["raw_pixel_accuracy"] for r in per_seed]
-    gain = [a - b if a is not None else None for a, b in zip(acc, raw, strict=True)]
+    gain = [a - b if a is not None and b is not None else None for a, b in zip(acc, raw, strict=True)]
     m, s = mean_sem(acc)
     gm, gs = mean_sem(gain)
     best_m, best_s = mean_sem([r["final"].get("best_test_accuracy") for r in per_seed])

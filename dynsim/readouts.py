@@ -553,7 +553,7 @@ def train_softmax_layer(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, epo
     instead of by autograd: with ``P = softmax(X_b Wᵀ + b)`` and ``Y`` the one-hot labels of
     the batch (B rows), ``G = (P − Y)/B``, ``∇_W = Gᵀ X_b``, ``∇_b = Σ_i G_i`` — the gradient
     of ``F.cross_entropy`` (mean reduction), the same steps as ``nn.Linear`` + autograd up to
-    float rounding, at a fraction of the cost on CPU (``benchmarks/ssl_step.py``).
+    float rounding, and faster on CPU (``benchmarks/ssl_step.py``).
 
     Returns ``(W (k, d), b (k,))``, detached.
     """

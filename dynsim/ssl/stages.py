@@ -55,9 +55,8 @@ def conv_transpose_input(weight: torch.Tensor, grad_out: torch.Tensor) -> torch.
 
     ``W̃[i, o, u, v] = W[o, i, 2 − u, 2 − v]`` (channels swapped, kernel flipped): the adjoint
     of the convolution is the convolution with the flipped, transposed kernel: the same
-    numbers as :func:`torch.nn.grad.conv2d_input`, computed by oneDNN's forward kernel. Faster
-    in isolation for some layer shapes; in the whole training step ``benchmarks/ssl_step.py``
-    measured no difference beyond its noise.
+    numbers as :func:`torch.nn.grad.conv2d_input`, computed by oneDNN's forward kernel (in the
+    whole training step ``benchmarks/ssl_step.py`` measured no speed difference beyond its noise).
     """
     return F.conv2d(grad_out, weight.flip(2, 3).transpose(0, 1), padding=1)
 

@@ -31,7 +31,7 @@ def compiled_settle(system, x: torch.Tensor, u0, solver, limits, max_state_norm:
 def compiled_hebbian_update(layer, x: torch.Tensor, r: torch.Tensor, rate_ff: float, rate_lat: float) -> bool:
     """Apply one sample's update ``W += rate_ff (r xᵀ − W)``, ``L += rate_lat (r rᵀ − L)`` with the
     compiled kernel if it applies (batch 1, a layer and tensors it handles); False if it did not."""
-    if x.shape[0] != 1 or not compiled.applies(layer, x, r):
+    if x.shape[0] != 1 or not compiled.applies(layer, x, r, max_nps=None):  # site-first: any NpS
         return False
     compiled.hebbian_update_online(layer, x, r, rate_ff, rate_lat)
     return True

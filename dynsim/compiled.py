@@ -83,10 +83,13 @@ def disabled() -> Iterator[None]:
         _enabled = old
 
 
-def applies(layer, *tensors: torch.Tensor) -> bool:
-    """The kernels handle ``layer`` (a site-separable HebbianLayer, nps ≤ MAX_NPS) with these tensors
-    (CPU, float32 or float64, all one dtype, no grad)."""
-    if numba is None or not _enabled or not getattr(layer, "site_separable", False) or layer.nps > MAX_NPS:
+def applies(layer, *tensors: torch.Tensor, max_nps: int | None = MAX_NPS) -> bool:
+    """The kernels handle ``layer`` (a site-separable HebbianLayer, nps ≤ ``max_nps``: the settle
+    kernels' limit; the Hebbian update takes any, ``None``) with these tensors (CPU, float32 or
+    float64, all one dtype, no grad)."""
+    if numba is None or not _enabled or not getattr(layer, "site_separable", False):
+        return False
+    if max_nps is not None and layer.nps > max_nps:
         return False
     w = layer.ff.weight
     dtype = w.dtype

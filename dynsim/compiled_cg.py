@@ -27,7 +27,8 @@ reach its share within ``max_cg`` iterations takes the exact Newton step (Gaussi
 with partial pivoting of ``J_k = −I + a_k D_k``), as in the torch step.
 
 It applies to a site-separable :class:`~dynsim.systems.HebbianLayer` on CPU in float32/float64
-with symmetric lateral blocks, lateral distance 0, a stop rule with limits on the field
+with symmetric lateral blocks (checked in the kernel's first pass over ``L``; the Hebbian rule
+keeps ``L`` exactly symmetric), lateral distance 0, a stop rule with limits on the field
 residual; for any NpS (the torch step remains the definition, the GPU path and the fallback).
 Batches of ≥ 2·``PARALLEL_MIN_ROWS`` rows run on ``torch.get_num_threads()`` threads, as
 :func:`dynsim.compiled.settle_layer`. Timings: ``benchmarks/nps100.py``, benchmarks/README.md.
@@ -43,8 +44,8 @@ from dynsim.compiled import _DIVERGED, _MAX_STEPS, _SETTLED, _jit, _rate, _slope
 
 
 def applies(layer, *tensors: torch.Tensor) -> bool:
-    """The kernel handles ``layer`` (site-separable, lateral distance 0, symmetric blocks, any NpS)
-    with these tensors (CPU, float32/float64, one dtype, no grad)."""
+    """The kernel handles ``layer`` (site-separable, lateral distance 0, any NpS) with these tensors
+    (CPU, float32/float64, one dtype, no grad); it also needs symmetric blocks, which it checks itself."""
     if not compiled.available() or not getattr(layer, "site_separable", False):
         return False
     lat = layer.lateral.weight
@@ -56,8 +57,7 @@ def applies(layer, *tensors: torch.Tensor) -> bool:
     for t in (layer.ff.weight, lat, *tensors):
         if t.dtype != dtype or t.device.type != "cpu" or t.requires_grad:
             return False
-    layer._lateral_blocks()  # refreshes the symmetry flag when L changed
-    return bool(layer._symmetric)
+    return True  # the kernel checks that L is symmetric (else the torch path runs)
 
 
 @_jit
@@ -244,7 +244,8 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
 def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, atol, cap, cap_first,
                       bound, big, forcing, floor, max_cg, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,);
-    returns the field evaluations (one per step and sample, plus the first)."""
+    returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
+    written) if a lateral block is not symmetric."""
     n_sites, m, kc = w.shape
     k_in = ff_index.shape[1]
     dtype = w.dtype
@@ -254,6 +255,8 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
         for i in range(m):
             acc = zero
             for j in range(m):
+                if lat[s, i, j] != lat[s, j, i]:
+                    return -1
                 acc += abs(dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0)))
             row[s, i] = acc
     d = np.empty((n_sites, m), dtype=dtype)
@@ -306,7 +309,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
                  cap: int | None, cap_first: bool, max_state_norm: float, picard_start: bool, forcing: float,
                  max_cg: int):
     """Settle ``x`` (B, D_in) with the compiled Newton–CG loop; returns ``(u, r, steps, status,
-    residual, n_evals)`` as :func:`dynsim.compiled.settle_layer`."""
+    residual, n_evals)`` as :func:`dynsim.compiled.settle_layer`, or ``None`` if a lateral block
+    is not symmetric."""
     w_np, ff_index, n_pixels, channels, lat_np, _ = compiled._arrays(layer)
     dtype = layer.ff.weight.dtype
     npt = w_np.dtype.type
@@ -331,10 +335,12 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
     threads = min(torch.get_num_threads(), b // compiled.PARALLEL_MIN_ROWS)
     if threads > 1:
         cut = [c * b // threads for c in range(threads + 1)]
-        n_evals = sum(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))
+        counts = list(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))
     else:
-        n_evals = rows(0, b)
-    return u, r, steps, status, residual, int(n_evals)
+        counts = [rows(0, b)]
+    if min(counts) < 0:  # a non-symmetric block: CG does not apply (the torch step takes exact steps)
+        return None
+    return u, r, steps, status, residual, int(sum(counts))
 
 
 def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits, max_state_norm: float):

@@ -153,6 +153,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--readout-every-row", action="store_true",
                    help="fit the subset readout in every row (default: the first row of each NpS)")
+    p.add_argument("--no-readout", action="store_true", help="time settling only (no subset readout)")
     p.add_argument("--full-readout", type=int, default=None, metavar="NPS",
                    help="instead: settle all images at this NpS with newton-cg and time the svc readout on them")
     p.add_argument("--out", default="runs/nps100.json")
@@ -172,7 +173,7 @@ def main(argv=None):
     for nps in [int(v) for v in args.nps.split(",")]:
         for k, name in enumerate(args.solvers.split(",")):
             job = {"data": args.data, "nps": nps, "solver": name, "warm_images": args.warm_images,
-                   "readout": k == 0 or args.readout_every_row,
+                   "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
                    "train_images": args.train_images, "eval_images": args.eval_images,
                    "eval_batch": args.eval_batch, "threads": args.threads,
                    "states": str(tmp) + f"_states_{nps}_{name.replace(':', '-')}.npy"}
@@ -183,8 +184,12 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     import numpy as np
 
-    for row in rows:  # the two solvers' settled evaluation states, and the speed-up, per NpS
-        base = next(r for r in rows if r["nps"] == row["nps"] and r["solver"] == "newton")
+    for row in rows:  # each row's settled evaluation states and speed-up against newton's, per NpS
+        base = next((r for r in rows if r["nps"] == row["nps"] and r["solver"] == "newton"), None)
+        if base is None:  # no newton row for this NpS (e.g. --solvers newton-cg)
+            row["max_rel_state_distance_to_newton"] = row["train_speedup_vs_newton"] = float("nan")
+            row["eval_speedup_vs_newton"] = float("nan")
+            continue
         a = np.load(str(tmp) + f"_states_{row['nps']}_newton.npy")
         b = np.load(str(tmp) + f"_states_{row['nps']}_{row['solver'].replace(':', '-')}.npy")
         row["max_rel_state_distance_to_newton"] = float(
@@ -206,7 +211,7 @@ def main(argv=None):
             f"| {r['projected_15_epochs_one_eval_seconds'] / 60:.0f} min "
             f"| {r['projected_120_epochs_8_evals_seconds'] / 3600:.1f} h "
             f"| {r['max_rel_state_distance_to_newton']:.1e} |")
-    table = "\n".join(lines).replace("| nan |", "| – |")
+    table = "\n".join(lines).replace("| nan |", "| – |").replace("| nan |", "| – |")
     print(table)
     result = {"settings": vars(args), "rows": rows, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -128,3 +128,15 @@ def test_parallel_rows_equal_one_thread():
         torch.set_num_threads(old)
     assert one.steps.tolist() == two.steps.tolist()
     torch.testing.assert_close(one.u, two.u, rtol=0, atol=0)
+
+
+def test_the_batch_1_hebbian_kernel_applies_past_nps_32():
+    """Large-NpS online training uses the compiled Hebbian update too: same W and L as torch's."""
+    layers = [_trained_like_layer(40, dtype=torch.float32) for _ in range(2)]
+    x = _inputs(1, 64, 8, torch.float32)
+    r = torch.tanh(_inputs(1, layers[0].state_size, 9, torch.float32))
+    assert backend.compiled_hebbian_update(layers[0], x, r, 5e-3, 2.5e-3)  # the kernel ran
+    with compiled.disabled():
+        hebbian_update(layers[1], x, r, 5e-3)
+    torch.testing.assert_close(layers[0].ff.weight, layers[1].ff.weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(layers[0].lateral.weight, layers[1].lateral.weight, rtol=0, atol=1e-7)

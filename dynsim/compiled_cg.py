@@ -61,19 +61,48 @@ def applies(layer, *tensors: torch.Tensor) -> bool:
 
 
 @_jit
+def _matvec(lat_s, x, out):
+    """``out = L_k x`` for one site's (M, M) block, four rows at a time (each ``x[j]`` loaded once
+    for four products: ~1.3× the one-row loop's rate, benchmarks/README.md)."""
+    m = x.shape[0]
+    zero = x.dtype.type(0)
+    i = 0
+    while i + 4 <= m:
+        a0 = zero
+        a1 = zero
+        a2 = zero
+        a3 = zero
+        for j in range(m):
+            xj = x[j]
+            a0 += lat_s[i, j] * xj
+            a1 += lat_s[i + 1, j] * xj
+            a2 += lat_s[i + 2, j] * xj
+            a3 += lat_s[i + 3, j] * xj
+        out[i] = a0
+        out[i + 1] = a1
+        out[i + 2] = a2
+        out[i + 3] = a3
+        i += 4
+    while i < m:
+        acc = zero
+        for j in range(m):
+            acc += lat_s[i, j] * x[j]
+        out[i] = acc
+        i += 1
+
+
+@_jit
 def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code):
     """One site: ``r = f(u)``, ``τF = d − u + s·(L_k r − r)``; returns ``(‖τF_k‖², ‖u_k‖², ‖h τF_k‖²)``."""
     m = d_s.shape[0]
     for j in range(m):
         r_s[j] = _rate(u_s[j], code)
+    _matvec(lat_s, r_s, f_s)
     f2 = 0.0
     u2 = 0.0
     b2 = 0.0
     for i in range(m):
-        acc = lat_s[i, 0] * r_s[0]
-        for j in range(1, m):
-            acc += lat_s[i, j] * r_s[j]
-        v = d_s[i] - u_s[i] + sign * (acc - r_s[i])
+        v = d_s[i] - u_s[i] + sign * (f_s[i] - r_s[i])
         f_s[i] = v
         fp = max(float(_slope(u_s[i], r_s[i], code)), 0.0)
         f2 += float(v) * float(v)
@@ -88,11 +117,9 @@ def _k_times(lat_s, sign, h, p, hp, q):
     m = p.shape[0]
     for j in range(m):
         hp[j] = h[j] * p[j]
+    _matvec(lat_s, hp, q)
     for i in range(m):
-        acc = lat_s[i, 0] * hp[0]
-        for j in range(1, m):
-            acc += lat_s[i, j] * hp[j]
-        q[i] = p[i] - h[i] * (sign * (acc - hp[i]))
+        q[i] = p[i] - h[i] * (sign * (q[i] - hp[i]))
 
 
 @_jit
@@ -210,11 +237,9 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                 if _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
                     for j in range(m):
                         hp[j] = h[j] * v[j]
+                    _matvec(lat_s, hp, z)
                     for i in range(m):
-                        acc = lat_s[i, 0] * hp[0]
-                        for j in range(1, m):
-                            acc += lat_s[i, j] * hp[j]
-                        z[i] = sign * (acc - hp[i]) - fs[s, i]
+                        z[i] = sign * (z[i] - hp[i]) - fs[s, i]
                 else:
                     _exact_site_step(lat_s, sign, fpv, fs[s], jac, z)
                 for i in range(m):

@@ -63,7 +63,7 @@ def applies(layer, *tensors: torch.Tensor) -> bool:
 @_jit
 def _matvec(lat_s, x, out):
     """``out = L_k x`` for one site's (M, M) block, four rows at a time (each ``x[j]`` loaded once
-    for four products: ~1.3× the one-row loop's rate, benchmarks/README.md)."""
+    for four products; the rates of both loops: benchmarks/README.md, issue 15)."""
     m = x.shape[0]
     zero = x.dtype.type(0)
     i = 0

@@ -40,6 +40,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/ssl_probe_diagnostics.json")
     ap.add_argument("--readouts", default=",".join(r[0] for r in READOUTS),
                     help="comma-separated labels of READOUTS to run (default: all)")
+    ap.add_argument("--encoders", default="random,trained",
+                    help="which encoders to read out: random, trained or both (the random one is deterministic "
+                         "given the checkpoint's seed, so one reading of it serves every checkpoint of a run)")
     args = ap.parse_args(argv)
     chosen = [r for r in READOUTS if r[0] in args.readouts.split(",")]
     torch.set_num_threads(1)
@@ -60,7 +63,10 @@ def main(argv=None) -> dict:
         return enc
 
     rows = []
+    which = args.encoders.split(",")
     for name, trained in (("random encoder", False), (f"trained, {ck['completed_epochs']} epochs", True)):
+        if ("trained" if trained else "random") not in which:
+            continue
         enc = encoder(trained)
         for label, probe, std in chosen:
             t0 = time.perf_counter()

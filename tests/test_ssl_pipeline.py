@@ -218,8 +218,8 @@ def test_study_grid_runs_on_digits_and_writes_the_table(tmp_path):
     assert all(r["accuracy"] is not None and r["accuracy"] > 10 for r in summary["rows"])
     assert json.loads((tmp_path / "ssl_study.json").read_text())["rows"] == summary["rows"]
     assert (tmp_path / "ssl_study.png").stat().st_size > 1000
-    for r in summary["rows"]:  # "a few seconds per cell"
-        assert r["train_seconds"] < 30  # RLL: L passes per epoch
+    for r in summary["rows"]:  # a few CPU seconds per cell; the bound only catches a runaway budget (e.g. 100x
+        assert r["train_seconds"] < 300  # the batches), since on a shared machine a cell may get ~5 % of a core
 
 
 def test_linear_probe_separates_separable_classes():
@@ -375,3 +375,25 @@ def test_study_rows_mean_and_sem_over_seeds():
     assert len(rows) == len(study_cells(base))
     assert rows[0]["accuracy"] == pytest.approx(51.0) and rows[0]["seeds"] == [0, 1, 2]
     assert rows[0]["accuracy_sem"] == pytest.approx(1.0 / 3**0.5)
+
+
+def test_resumed_run_probes_and_stops_at_its_plateau_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    """After --resume the probe monitor and the plateau rule see the restored epochs: the probe
+    rows after the resume point and the plateau stop (epoch 2, window 2, a tolerance every
+    decrease passes) are those of the uninterrupted run. (Before the fix the resumed run never
+    probed again and trained its whole budget.)"""
+    from dynsim.cli import main
+
+    args = [*RESUME_ARGS[:6], "--epochs", "6", "--batch-size", "50", "--probe-epochs", "5", "--threads", "1",
+            "--probe-every", "1", "--plateau-window", "2", "--plateau-tol", "1e9"]
+    whole, cut = tmp_path / "whole.json", tmp_path / "cut.json"
+    assert main([*args, "--out", str(whole)]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_after_first_checkpoint(m)
+        assert main([*args, "--out", str(cut)]) == 130
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    a, b = json.loads(whole.read_text()), json.loads(cut.read_text())
+    assert a["final"]["stopped_by"] == b["final"]["stopped_by"] == "plateau"
+    assert [h["epoch"] for h in b["history"]] == [0, 1, 2]
+    assert all("probe_test_accuracy" in h for h in b["history"])
+    _same_numbers(a, b)

@@ -235,3 +235,26 @@ def test_dense_weight_grad_is_post_error_times_pre():
     torch.testing.assert_close(
         unit.weight_grad(pre, err), torch.tensor([[1.0, 2, 3], [-1, -2, -3]])
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_error_below_equals_conv2d_input(channels_last):
+    """The error sent below a conv unit (forward kernel on the flipped, transposed weight)
+    equals torch's conv2d_input, for both memory layouts and a feedback B != W."""
+    from torch.nn.grad import conv2d_input
+
+    from dynsim.ssl.stages import conv_transpose_input
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64)
+    e = torch.randn(4, 5, 7, 6, generator=g, dtype=torch.float64)
+    if channels_last:
+        e = e.contiguous(memory_format=torch.channels_last)
+    want = conv2d_input((4, 3, 7, 6), w, e, padding=1)
+    torch.testing.assert_close(conv_transpose_input(w, e), want, rtol=1e-12, atol=1e-12)
+    unit = Conv3x3(3, 5, generator=g).double()
+    unit.make_feedback(g)
+    unit.feedback = unit.feedback.double()
+    x = torch.randn(4, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(unit(x), x, grad_outputs=e)
+    torch.testing.assert_close(grad_x, conv2d_input(x.shape, unit.feedback, e, padding=1), rtol=1e-12, atol=1e-12)

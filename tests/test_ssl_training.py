@@ -137,3 +137,17 @@ def test_rll_budget_theirs_gives_each_stage_a_full_pass():
     shared = run_ssl(SSLConfig(**base, rll_budget="shared"), dataset=_digits(), progress=False)
     n_stages = 3  # the digits encoder 'tiny'
     assert theirs["history"][0]["batches"] == n_stages * shared["history"][0]["batches"]
+
+
+def test_effective_rank_from_the_gram_matrix_equals_the_svd_formula():
+    """exp(entropy of σ/Σσ) with σ from torch.linalg.svdvals, for wide and tall features."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((40, 90), (90, 40)):
+        f = torch.randn(shape[0], 6, generator=g) @ torch.randn(6, shape[1], generator=g)
+        f += 0.05 * torch.randn(*shape, generator=g)
+        c = f.double() - f.double().mean(0)
+        p = torch.linalg.svdvals(c)
+        p = p / p.sum()
+        want = float(torch.exp(-(p * p.log()).sum()))
+        assert abs(effective_rank(f) - want) < 1e-9 * want
+        assert 6 < want < 40  # low rank plus noise: between the signal rank and full

@@ -48,4 +48,5 @@ class LossHistory(Callback):
         return {"rows": [dict(r) for r in self.rows]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.rows = [dict(r) for r in state["rows"]]
+        # in place: the probe monitor and the plateau rule hold this same list
+        self.rows[:] = [dict(r) for r in state["rows"]]

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.grad import conv2d_weight
 
 from dynsim.errors import ConfigError
 
@@ -50,6 +50,17 @@ ACTIVATIONS = {"relu": F.relu, "hardtanh": F.hardtanh, "linear": _identity}
 """Stage nonlinearities; ``linear`` (identity) is for tests and analysis."""
 
 
+def conv_transpose_input(weight: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The error below a 3x3, stride-1, padding-1 convolution: ``dL/dx = conv(dL/dy, W̃)``.
+
+    ``W̃[i, o, u, v] = W[o, i, 2 − u, 2 − v]`` (channels swapped, kernel flipped): the adjoint
+    of the convolution is the convolution with the flipped, transposed kernel: the same
+    numbers as :func:`torch.nn.grad.conv2d_input`, computed by oneDNN's forward kernel (in the
+    whole training step ``benchmarks/ssl_step.py`` measured no speed difference beyond its noise).
+    """
+    return F.conv2d(grad_out, weight.flip(2, 3).transpose(0, 1), padding=1)
+
+
 class _FeedbackConv2d(torch.autograd.Function):
     """y = conv3x3(x, W); backward sends the error down through ``B`` instead of ``W``."""
 
@@ -64,7 +75,7 @@ class _FeedbackConv2d(torch.autograd.Function):
         (feedback,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(ctx.x_shape, feedback, grad_out, padding=1)
+            grad_x = conv_transpose_input(feedback, grad_out)
         return grad_x, None, None
 
 

@@ -39,7 +39,9 @@ def effective_rank(features: torch.Tensor) -> float:
     """
     f = features.to(torch.float64)
     f = f - f.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(f)
+    # σ_k² are the eigenvalues of the smaller Gram matrix (F Fᵀ or Fᵀ F), cheaper than svdvals
+    gram = f @ f.T if f.shape[0] <= f.shape[1] else f.T @ f
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     if float(s.sum()) == 0.0:
         return 0.0
     p = s / s.sum()

@@ -1,21 +1,27 @@
-"""Large NpS on 28×28 (NpS 100: 19,600 neurons): today's per-site Newton vs Newton–CG in one run.
+"""Large NpS on 28×28 (NpS 100: 19,600 neurons): per-site Newton, torch Newton–CG and compiled Newton–CG in one run.
 
-For each NpS and each solver — ``newton`` (per-site LU Newton: the compiled kernels up to NpS 32,
-the torch path above; the path before issue 15) and ``newton-cg`` (conjugate-gradient block
-solves, what ``--solver auto`` picks from NpS 33) — one spawned process (so that its peak
-resident memory, ``ru_maxrss``, is its own) builds the layer with the same seed, trains it for
-``--warm-images`` online images (batch 1, η = 5e-3, with newton-cg: the same weights for both
-solvers), then times:
+For each NpS and each solver row — ``newton`` (per-site LU Newton: the compiled kernels up to NpS 32,
+the torch path above; the path before issue 15), ``newton-cg:torch`` (conjugate-gradient block
+solves, one batched product over all sites per CG iteration: the torch step, run with the compiled
+kernels switched off, as ``--solver auto`` ran from NpS 32 before the compiled backend) and
+``newton-cg`` (the same iteration in the compiled site-first kernel, ``dynsim/compiled_cg.py``,
+with the compiled batch-1 Hebbian update: what ``--solver auto`` runs now) — one spawned process
+(so that its peak resident memory, ``ru_maxrss``, is its own) builds the layer with the same seed,
+trains it for ``--warm-images`` online images (batch 1, η = 5e-3, with newton-cg: the same weights
+for every row), then times:
 
 * online training: ``--train-images`` images, batch 1, settle + Hebbian update, per image;
 * evaluation settling: ``--eval-images`` train and test images each, batch ``--eval-batch``;
-* the ``svc`` readout on those settled subsets (n = ``--eval-images``, d = 196·NpS).
+* the ``svc`` readout on those settled subsets (n = ``--eval-images``, d = 196·NpS), in the first
+  row of each NpS only (the rows' settled states agree to the tolerance; ``--readout-every-row``).
 
-Both solvers stop on the same per-sample test ``‖F(u)‖/‖u‖ < 1e-4``; the table reports the max
-relative distance between their settled evaluation states. Projections: a 15-epoch run with one
-evaluation of all 70,000 images = 15,000 × train + 70,000 × eval settle; the default 120-epoch run
-(8 evaluations) = 120,000 × train + 560,000 × eval settle; neither includes the full-size readout
-(60,000 × 196·NpS), which this script does not time (it times a readout on the subsets).
+All rows stop on the same per-sample test ``‖F(u)‖/‖u‖ < 1e-4``; the table reports the max
+relative distance between each row's settled evaluation states and ``newton``'s. Projections: a
+15-epoch run with one evaluation of all 70,000 images = 15,000 × train + 70,000 × eval settle; the
+default 120-epoch run (8 evaluations) = 120,000 × train + 560,000 × eval settle; neither includes
+the full-size readout (60,000 × 196·NpS), which this script does not time (it times a readout on
+the subsets). ``--threads`` sets torch's threads (the compiled kernels split evaluation batches
+of ≥ 128 rows over them).
 
 Example::
 
@@ -26,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +48,7 @@ def measure(args: dict) -> dict:
 
     torch.set_num_threads(args["threads"])
     torch.set_grad_enabled(False)
+    from dynsim import compiled
     from dynsim.builders import build_layer, epoch_batches, prepare_data
     from dynsim.configs.dssm import DSSMConfig
     from dynsim.evaluation import settle_dataset
@@ -59,20 +67,26 @@ def measure(args: dict) -> dict:
     for batch in epoch_batches(x, images=args["warm_images"], batch_size=1, seed=1)(0):
         res = settle(layer, batch.x, solver=warm_solver, stop=stop)
         hebbian_update(layer, batch.x, res.r, 5e-3)
-    solver = make_solver(args["solver"])
-    t0, steps = time.perf_counter(), []
-    for batch in epoch_batches(x, images=args["train_images"], batch_size=1, seed=0)(0):
-        res = settle(layer, batch.x, solver=solver, stop=stop)
-        hebbian_update(layer, batch.x, res.r, 5e-3)
-        steps.append(int(res.steps))
-    train = (time.perf_counter() - t0) / args["train_images"]
-    n = args["eval_images"]
-    kw = dict(solver=solver, stop=stop, batch_size=args["eval_batch"], keep_states=True)
-    t0 = time.perf_counter()
-    rep_tr = settle_dataset(layer, xtr[:n], **kw)
-    rep_te = settle_dataset(layer, xte[:n], **kw)
-    evaluate = (time.perf_counter() - t0) / (2 * n)
-    probe = readout_accuracy("svc", rep_tr.r, ds.y_train[:n], rep_te.r, ds.y_test[:n])
+    name, _, variant = args["solver"].partition(":")
+    solver = make_solver(name)
+    path = compiled.disabled() if variant == "torch" else contextlib.nullcontext()
+    with path:
+        settle(layer, x[:1], solver=solver, stop=stop)  # compiles the kernels, if not cached
+        t0, steps = time.perf_counter(), []
+        for batch in epoch_batches(x, images=args["train_images"], batch_size=1, seed=0)(0):
+            res = settle(layer, batch.x, solver=solver, stop=stop)
+            hebbian_update(layer, batch.x, res.r, 5e-3)
+            steps.append(int(res.steps))
+        train = (time.perf_counter() - t0) / args["train_images"]
+        n = args["eval_images"]
+        kw = dict(solver=solver, stop=stop, batch_size=args["eval_batch"], keep_states=True)
+        t0 = time.perf_counter()
+        rep_tr = settle_dataset(layer, xtr[:n], **kw)
+        rep_te = settle_dataset(layer, xte[:n], **kw)
+        evaluate = (time.perf_counter() - t0) / (2 * n)
+    probe = {"readout_seconds": float("nan"), "accuracy": float("nan")}
+    if args["readout"]:
+        probe = readout_accuracy("svc", rep_tr.r, ds.y_train[:n], rep_te.r, ds.y_test[:n])
     out = {
         "nps": args["nps"], "solver": args["solver"], "neurons": layer.state_size, "threads": args["threads"],
         "train_seconds_per_image": train, "train_mean_newton_steps": sum(steps) / len(steps),
@@ -130,12 +144,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--nps", default="16,32,64,100")
-    p.add_argument("--solvers", default="newton,newton-cg")
+    p.add_argument("--solvers", default="newton,newton-cg:torch,newton-cg",
+                   help="rows per NpS; NAME:torch runs NAME with the compiled kernels switched off")
     p.add_argument("--warm-images", type=int, default=200)
     p.add_argument("--train-images", type=int, default=50)
     p.add_argument("--eval-images", type=int, default=200, help="train and test images each")
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--readout-every-row", action="store_true",
+                   help="fit the subset readout in every row (default: the first row of each NpS)")
+    p.add_argument("--no-readout", action="store_true", help="time settling only (no subset readout)")
     p.add_argument("--full-readout", type=int, default=None, metavar="NPS",
                    help="instead: settle all images at this NpS with newton-cg and time the svc readout on them")
     p.add_argument("--out", default="runs/nps100.json")
@@ -153,11 +171,12 @@ def main(argv=None):
     rows = []
     tmp = Path(args.out).with_suffix("")
     for nps in [int(v) for v in args.nps.split(",")]:
-        for name in args.solvers.split(","):
+        for k, name in enumerate(args.solvers.split(",")):
             job = {"data": args.data, "nps": nps, "solver": name, "warm_images": args.warm_images,
+                   "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
                    "train_images": args.train_images, "eval_images": args.eval_images,
                    "eval_batch": args.eval_batch, "threads": args.threads,
-                   "states": str(tmp) + f"_states_{nps}_{name}.npy"}
+                   "states": str(tmp) + f"_states_{nps}_{name.replace(':', '-')}.npy"}
             with ctx.Pool(1, maxtasksperchild=1) as pool:
                 row = pool.apply(measure, (job,))
             row["load_average"] = os.getloadavg()
@@ -165,10 +184,14 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     import numpy as np
 
-    for row in rows:  # the two solvers' settled evaluation states, and the speed-up, per NpS
-        base = next(r for r in rows if r["nps"] == row["nps"] and r["solver"] == "newton")
+    for row in rows:  # each row's settled evaluation states and speed-up against newton's, per NpS
+        base = next((r for r in rows if r["nps"] == row["nps"] and r["solver"] == "newton"), None)
+        if base is None:  # no newton row for this NpS (e.g. --solvers newton-cg)
+            row["max_rel_state_distance_to_newton"] = row["train_speedup_vs_newton"] = float("nan")
+            row["eval_speedup_vs_newton"] = float("nan")
+            continue
         a = np.load(str(tmp) + f"_states_{row['nps']}_newton.npy")
-        b = np.load(str(tmp) + f"_states_{row['nps']}_{row['solver']}.npy")
+        b = np.load(str(tmp) + f"_states_{row['nps']}_{row['solver'].replace(':', '-')}.npy")
         row["max_rel_state_distance_to_newton"] = float(
             (np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).max())
         row["train_speedup_vs_newton"] = base["train_seconds_per_image"] / row["train_seconds_per_image"]
@@ -176,7 +199,8 @@ def main(argv=None):
     for f in tmp.parent.glob(tmp.name + "_states_*.npy"):
         f.unlink()
     head = ("| NpS | solver | train s/img | steps | eval s/img | steps | ×train | ×eval | readout s (subset) "
-            "| peak GiB | 15 ep + 1 eval (proj.) | 120 ep + 8 evals (proj.) | max state dist |")
+            "| peak GiB | 15 ep + 1 eval (proj., target 15 min) | 120 ep + 8 evals (proj., target 1 h) "
+            "| max state dist |")
     lines = [head, "|" + "---:|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -187,7 +211,7 @@ def main(argv=None):
             f"| {r['projected_15_epochs_one_eval_seconds'] / 60:.0f} min "
             f"| {r['projected_120_epochs_8_evals_seconds'] / 3600:.1f} h "
             f"| {r['max_rel_state_distance_to_newton']:.1e} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines).replace("| nan |", "| – |").replace("| nan |", "| – |")
     print(table)
     result = {"settings": vars(args), "rows": rows, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

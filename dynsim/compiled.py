@@ -25,7 +25,7 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
-  on the stored (structural) entries: the formula of
+  on the stored (structural) entries, site-first and so at any NpS: the formula of
   :func:`dynsim.plasticity.similarity_matching.structured_update`, tested for parity with it.
 
 They run on CPU tensors of float32/float64, in place, without copies. Used automatically
@@ -57,7 +57,9 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 PARALLEL_MIN_ROWS = 64  # rows per thread below which a batch settles in one thread
 # Above this the torch path (batched LAPACK) wins: the kernel's elimination is O(M³) per site in
-# scalar code, LAPACK's is blocked (crossover measured by benchmarks/compiled_kernels.py row 9)
+# scalar code, LAPACK's is blocked (crossover measured by benchmarks/compiled_kernels.py row 9).
+# Newton–CG has its own site-first kernel for any NpS (dynsim/compiled_cg.py), and the batch-1
+# Hebbian update below applies at any NpS.
 MAX_NPS = 32
 _DTYPES = (torch.float32, torch.float64)
 METHOD_NEWTON, METHOD_PICARD_NEWTON, METHOD_EULER = 0, 1, 2
@@ -83,10 +85,13 @@ def disabled() -> Iterator[None]:
         _enabled = old
 
 
-def applies(layer, *tensors: torch.Tensor) -> bool:
-    """The kernels handle ``layer`` (a site-separable HebbianLayer, nps ≤ MAX_NPS) with these tensors
-    (CPU, float32 or float64, all one dtype, no grad)."""
-    if numba is None or not _enabled or not getattr(layer, "site_separable", False) or layer.nps > MAX_NPS:
+def applies(layer, *tensors: torch.Tensor, max_nps: int | None = MAX_NPS) -> bool:
+    """The kernels handle ``layer`` (a site-separable HebbianLayer, nps ≤ ``max_nps``: the settle
+    kernels' limit; the Hebbian update takes any, ``None``) with these tensors (CPU, float32 or
+    float64, all one dtype, no grad)."""
+    if numba is None or not _enabled or not getattr(layer, "site_separable", False):
+        return False
+    if max_nps is not None and layer.nps > max_nps:
         return False
     w = layer.ff.weight
     dtype = w.dtype

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "dynsim.backend": 1,
     "dynsim.compiled": 1,
     "dynsim.compiled_deep": 1,
+    "dynsim.compiled_cg": 1,
     "dynsim.engine": 2,
     "dynsim.callbacks": 2,
     "dynsim.plasticity": 2,

@@ -46,7 +46,7 @@ def test_site_cg_solves_each_block_system():
 
 
 def test_site_cg_flags_an_indefinite_block():
-    """A block with a negative eigenvalue meets pᵀKp ≤ 0 (reported per sample)."""
+    """A block with a negative eigenvalue meets pᵀKp ≤ 0 (reported per site and sample)."""
     m = 4
     a = torch.diag(torch.tensor([0.0, 0.0, 0.0, 3.0], dtype=torch.float64))[None]  # K = I − a: eigenvalue −2
     h = torch.ones(1, 2, m, dtype=torch.float64)
@@ -54,7 +54,7 @@ def test_site_cg_flags_an_indefinite_block():
     rhs[0, 1, 3] = 1.0  # sample 1 excites the negative direction, sample 0 only positive ones
     rhs[0, 0, 0] = 1.0
     _, _, failed = site_cg(a, h, rhs, torch.full((2,), 1e-12, dtype=torch.float64), m)
-    assert failed.tolist() == [False, True]
+    assert failed.tolist() == [[False, True]]
 
 
 @pytest.mark.parametrize("nps", [2, 4, 8])

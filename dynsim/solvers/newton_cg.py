@@ -21,11 +21,13 @@ vector product per iteration for all samples and sites at once (a batched matrix
 per sample: an inexact Newton method whose forcing term shrinks with the residual, so it keeps
 Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
 
-Where ``K`` is not positive definite (``s = +1`` with a large ``L``, an indefinite or
-non-symmetric ``L`` given by hand) CG meets ``pᵀKp ≤ 0`` or does not reach its tolerance in
-``max_cg`` iterations; those samples take the exact Newton step of
-:func:`~dynsim.solvers.newton.newton_step` instead (same result as ``SiteNewton``), so the
-solver is correct for every layer and fast where the theory applies.
+Each site stops on its equal share of the sample's CG budget (:func:`site_cg`). Where ``K_k``
+is not positive definite (``s = +1`` with a large ``L``, an indefinite ``L`` given by hand) CG
+meets ``pᵀKp ≤ 0`` or does not reach its share in ``max_cg`` iterations; that site of that sample
+takes the exact Newton step ``J_k⁻¹G_k`` instead (LU, as ``SiteNewton``), and a non-symmetric
+``L`` makes every sample take :func:`~dynsim.solvers.newton.newton_step`, so the solver is
+correct for every layer and fast where the theory applies. On CPU the compiled backend
+:mod:`dynsim.compiled_cg` runs the same iteration site by site in cache.
 
 The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
 safeguard the same tanh box; a sample stops on the same residual test as every solver.
@@ -87,34 +89,38 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
     """Solve ``(I − h a h) v = b`` per site by conjugate gradients, all samples at once.
 
     Shapes (site first, then sample): a (S, M, M) symmetric, h and b (S, B, M), tol (B,) the
-    relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. ``a`` is applied as
-    ``x a`` on rows (``= (a x)ᵀ`` for symmetric ``a``), the layout in which one batched product
-    reads ``a`` once, also for B = 1 (benchmarks/README.md, issue 15). Returns v (S, B, M), the CG
-    iterations run and a (B,) bool: the sample met ``pᵀKp ≤ 0`` (K not positive definite) or did
-    not reach ``tol`` within ``max_iter`` iterations."""
+    relative residual ``‖b − Kv‖/‖b‖`` (over all sites of a sample) to reach. Each site stops on
+    its own equal share of that budget, ``‖b_k − K_k v_k‖² ≤ tol² ‖b‖² / S`` (so the sample meets
+    ``tol``, and a site whose right-hand side is already within its share costs nothing; the
+    compiled backend, :mod:`dynsim.compiled_cg`, solves site by site with the same test). ``a`` is
+    applied as ``x a`` on rows (``= (a x)ᵀ`` for symmetric ``a``), the layout in which one batched
+    product reads ``a`` once, also for B = 1 (benchmarks/README.md, issue 15). Returns v (S, B, M),
+    the CG iterations run and an (S, B) bool: the site of the sample met ``pᵀKp ≤ 0`` (K not
+    positive definite) or did not reach its share within ``max_iter`` iterations."""
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rr = (r * r).sum(-1)  # (S, B)
-    target = tol.square() * rr.sum(0)
-    indefinite = torch.zeros(b.shape[1], dtype=torch.bool, device=b.device)
+    target = tol.square() * rr.sum(0) / b.shape[0]  # (B,): each site's share
+    failed = torch.zeros_like(rr, dtype=torch.bool)
     it = 0
     for it in range(1, max_iter + 1):
-        active = rr.sum(0) > target  # (B,)
+        active = (rr > target) & ~failed  # (S, B)
         if not bool(active.any()):
             it -= 1
             break
         q = p - h * torch.bmm(h * p, a)
         pq = (p * q).sum(-1)
-        indefinite |= ((pq <= 0) & (rr > 0)).any(0)
-        alpha = torch.where(pq > 0, rr / pq.clamp_min(torch.finfo(pq.dtype).tiny), 0.0) * active
+        failed |= active & ~(pq > 0)
+        go = active & ~failed
+        alpha = torch.where(go, rr / pq.clamp_min(torch.finfo(pq.dtype).tiny), 0.0)
         v.addcmul_(alpha.unsqueeze(-1), p)
         r.addcmul_(alpha.unsqueeze(-1), q, value=-1.0)
         rr_new = (r * r).sum(-1)
-        beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), 0.0)
-        p = torch.where(active.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
-        rr = rr_new
-    failed = indefinite | (rr.sum(0) > target)
+        beta = torch.where(go, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), 0.0)
+        p = torch.where(go.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
+        rr = torch.where(go, rr_new, rr)
+    failed |= rr > target
     return v, it, failed
 
 
@@ -134,10 +140,12 @@ def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.
     tol = rel.clamp(min=floor, max=forcing)
     v, _, failed = site_cg(a, h, -h * gs, tol, max_cg or m)
     z = (torch.bmm(h * v, a) - gs).transpose(0, 1)  # (B, S, M); a symmetric: (h v) a = (a h v)ᵀ
-    us = u.reshape(g.shape)
-    u_next = system.newton_safeguard(us - z, drive)
-    if bool(failed.any()):  # K not positive definite there, or CG short of its tolerance: the exact step
-        idx = failed.nonzero().squeeze(1)
-        u_next = u_next.reshape(bsz, -1).index_copy(0, idx, newton_step(system, u[idx], drive[idx], tau)[0])
+    if bool(failed.any()):  # K_k not positive definite there, or CG short of its share: the exact step
+        site, sample = failed.nonzero(as_tuple=True)
+        jac = a[site] * fp[sample, site].unsqueeze(-2)  # J_k = −I + a_k diag f'(u_k)
+        jac.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        z = z.clone()
+        z[sample, site] = torch.linalg.solve_ex(jac, g[sample, site])[0]
+    u_next = system.newton_safeguard(u.reshape(g.shape) - z, drive)
     f = g if tau == 1.0 else g / tau
     return u_next.reshape(bsz, -1), f.reshape(bsz, -1)

@@ -1,0 +1,381 @@
+"""Compiled (numba) Newton–CG settle for large NpS: every site's Newton solve done in cache.
+
+A backend of :func:`dynsim.settle` for :class:`~dynsim.solvers.SiteNewtonCG` (chosen by
+:mod:`dynsim.backend`): the same iteration as the torch step :func:`~dynsim.solvers.newton_cg.newton_cg_step`,
+the same loop as :func:`dynsim.compiled._settle_row` (the residual ``‖F(u)‖/‖u‖`` tested first,
+then a Picard start or a Newton step, NaN → 0 and the tanh box, divergence), the same stop rules,
+:class:`~dynsim.stopping.Status` codes and step counts.
+
+Why a second kernel layout. :mod:`dynsim.compiled` keeps its arrays *site-last* ((M, M, S)), so
+that the per-site M × M elimination vectorises over the S sites; that pays off up to NpS 32. At
+NpS 64–100 the per-site systems are solved by conjugate gradients, and what costs is reading the
+lateral blocks ``L_k`` (S·M² numbers: 7.8 MB in float32 at NpS 100, beyond the 2 MB L2 cache):
+the torch path (one batched product over all sites per CG iteration) reads all of them from
+memory once per CG iteration, i.e. ~15–25 times per image at batch 1. Here the arrays are
+*site-first*, the layer's own layout (``W`` (S, M, K), ``L`` (S, M, M), no copies), and one
+Newton step visits the sites one by one: site ``k``'s block (40 KB at NpS 100) is read from
+memory once and stays in cache for its CG iterations, the step ``z``, the new field
+``F_k(u_next)`` and the next step's right-hand side. Per Newton step that is one pass over ``L``
+instead of one per CG iteration. With tanh (``0 ≤ f' ≤ 1``) and ``s = −1`` the site systems are
+``K_k v = −h G_k``, ``K_k = I − h a_k h = (I − D_k) + h L_k h`` with ``h = D_k^{1/2}``, ``a_k = s(L_k − I)``
+(positive definite for positive definite ``L_k``; :mod:`dynsim.solvers.newton_cg`).
+
+The CG tolerance is the one of the torch step: each site reaches its equal share of the sample's
+budget, ``‖r_k‖² ≤ η² ‖b‖² / S`` with ``b = −h G`` over all sites and ``η = min(forcing,
+max(‖G‖/‖u‖, 50 ε))`` (so the sample's ``‖r‖ ≤ η‖b‖``); a site that meets ``pᵀKp ≤ 0`` or does not
+reach its share within ``max_cg`` iterations takes the exact Newton step (Gaussian elimination
+with partial pivoting of ``J_k = −I + a_k D_k``), as in the torch step.
+
+It applies to a site-separable :class:`~dynsim.systems.HebbianLayer` on CPU in float32/float64
+with symmetric lateral blocks (checked in the kernel's first pass over ``L``; the Hebbian rule
+keeps ``L`` exactly symmetric), lateral distance 0, a stop rule with limits on the field
+residual; for any NpS (the torch step remains the definition, the GPU path and the fallback).
+Batches of ≥ 2·``PARALLEL_MIN_ROWS`` rows run on ``torch.get_num_threads()`` threads, as
+:func:`dynsim.compiled.settle_layer`. Timings: ``benchmarks/nps100.py``, benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynsim import compiled
+from dynsim.compiled import _DIVERGED, _MAX_STEPS, _SETTLED, _jit, _rate, _slope
+
+
+def applies(layer, *tensors: torch.Tensor) -> bool:
+    """The kernel handles ``layer`` (site-separable, lateral distance 0, any NpS) with these tensors
+    (CPU, float32/float64, one dtype, no grad); it also needs symmetric blocks, which it checks itself."""
+    if not compiled.available() or not getattr(layer, "site_separable", False):
+        return False
+    lat = layer.lateral.weight
+    if lat.shape[-1] != layer.nps:  # lateral distance 0: one (M, M) block per site
+        return False
+    dtype = layer.ff.weight.dtype
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    for t in (layer.ff.weight, lat, *tensors):
+        if t.dtype != dtype or t.device.type != "cpu" or t.requires_grad:
+            return False
+    return True  # the kernel checks that L is symmetric (else the torch path runs)
+
+
+@_jit
+def _matvec(lat_s, x, out):
+    """``out = L_k x`` for one site's (M, M) block, four rows at a time (each ``x[j]`` loaded once
+    for four products; the rates of both loops: benchmarks/README.md, issue 15)."""
+    m = x.shape[0]
+    zero = x.dtype.type(0)
+    i = 0
+    while i + 4 <= m:
+        a0 = zero
+        a1 = zero
+        a2 = zero
+        a3 = zero
+        for j in range(m):
+            xj = x[j]
+            a0 += lat_s[i, j] * xj
+            a1 += lat_s[i + 1, j] * xj
+            a2 += lat_s[i + 2, j] * xj
+            a3 += lat_s[i + 3, j] * xj
+        out[i] = a0
+        out[i + 1] = a1
+        out[i + 2] = a2
+        out[i + 3] = a3
+        i += 4
+    while i < m:
+        acc = zero
+        for j in range(m):
+            acc += lat_s[i, j] * x[j]
+        out[i] = acc
+        i += 1
+
+
+@_jit
+def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code):
+    """One site: ``r = f(u)``, ``τF = d − u + s·(L_k r − r)``; returns ``(‖τF_k‖², ‖u_k‖², ‖h τF_k‖²)``."""
+    m = d_s.shape[0]
+    for j in range(m):
+        r_s[j] = _rate(u_s[j], code)
+    _matvec(lat_s, r_s, f_s)
+    f2 = 0.0
+    u2 = 0.0
+    b2 = 0.0
+    for i in range(m):
+        v = d_s[i] - u_s[i] + sign * (f_s[i] - r_s[i])
+        f_s[i] = v
+        fp = max(float(_slope(u_s[i], r_s[i], code)), 0.0)
+        f2 += float(v) * float(v)
+        u2 += float(u_s[i]) * float(u_s[i])
+        b2 += fp * float(v) * float(v)
+    return f2, u2, b2
+
+
+@_jit
+def _k_times(lat_s, sign, h, p, hp, q):
+    """``q = K p = p − h ∘ (s·(L_k − I)(h ∘ p))`` for one site."""
+    m = p.shape[0]
+    for j in range(m):
+        hp[j] = h[j] * p[j]
+    _matvec(lat_s, hp, q)
+    for i in range(m):
+        q[i] = p[i] - h[i] * (sign * (q[i] - hp[i]))
+
+
+@_jit
+def _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
+    """CG on ``K v = b`` (one site) from v = 0 until ``‖b − Kv‖² ≤ share``; returns False where it met
+    ``pᵀKp ≤ 0`` or ran ``max_cg`` iterations short of the share."""
+    m = b.shape[0]
+    rr = 0.0
+    for i in range(m):
+        v[i] = 0
+        res[i] = b[i]
+        p[i] = b[i]
+        rr += float(b[i]) * float(b[i])
+    it = 0
+    while rr > share:
+        if it >= max_cg:
+            return False
+        _k_times(lat_s, sign, h, p, hp, q)
+        pq = 0.0
+        for i in range(m):
+            pq += float(p[i]) * float(q[i])
+        if not pq > 0:
+            return False
+        alpha = rr / pq
+        rr_new = 0.0
+        for i in range(m):
+            v[i] += alpha * p[i]
+            res[i] -= alpha * q[i]
+            rr_new += float(res[i]) * float(res[i])
+        beta = rr_new / rr
+        for i in range(m):
+            p[i] = res[i] + beta * p[i]
+        rr = rr_new
+        it += 1
+    return True
+
+
+@_jit
+def _exact_site_step(lat_s, sign, fp, g, jac, z):
+    """``z = J_k⁻¹ g`` with ``J_k = −I + s·(L_k − I) diag(fp)`` (Gaussian elimination with partial
+    pivoting, as LAPACK's getrf; a zero pivot divides by zero, as there)."""
+    m = g.shape[0]
+    for i in range(m):
+        z[i] = g[i]
+        for j in range(m):
+            jac[i, j] = sign * (lat_s[i, j] - (1 if i == j else 0)) * fp[j] - (1 if i == j else 0)
+    for c in range(m):
+        piv = c
+        best = abs(jac[c, c])
+        for i in range(c + 1, m):
+            if abs(jac[i, c]) > best:
+                best = abs(jac[i, c])
+                piv = i
+        if piv != c:
+            for j in range(m):
+                t = jac[c, j]
+                jac[c, j] = jac[piv, j]
+                jac[piv, j] = t
+            t = z[c]
+            z[c] = z[piv]
+            z[piv] = t
+        pv = jac[c, c]
+        for i in range(c + 1, m):
+            fac = jac[i, c] / pv if pv != 0 else pv
+            for j in range(c + 1, m):
+                jac[i, j] -= fac * jac[c, j]
+            z[i] -= fac * z[c]
+    for c in range(m - 1, -1, -1):
+        acc = z[c]
+        for j in range(c + 1, m):
+            acc -= jac[c, j] * z[j]
+        z[c] = acc / jac[c, c]
+
+
+@_jit
+def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
+                   big, forcing, floor, max_cg, scratch, jac):
+    """Settle one input (site-first arrays (S, M): drive ``d``, box ``box``, state ``us``) with
+    Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
+    residual)``; ``us`` holds the returned state and ``rs`` its rates."""
+    n_sites, m = d.shape
+    dt = d.dtype.type
+    zero = dt(0)
+    h, b, v, res, p, hp, q, z, fpv = (scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5],
+                                      scratch[6], scratch[7], scratch[8])
+    f2 = 0.0
+    u2 = 0.0
+    b2 = 0.0
+    for s in range(n_sites):
+        a1, a2, a3 = _site_field(lat[s], sign, d[s], us[s], rs[s], fs[s], code)
+        f2 += a1
+        u2 += a2
+        b2 += a3
+    n = 0
+    while True:
+        u_norm = max(np.sqrt(u2), 1e-12)
+        res_n = np.sqrt(f2) / tau / u_norm
+        settled = res_n < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
+        capped = cap >= 0 and n >= cap
+        if settled or capped:
+            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res_n
+        eta = min(max(np.sqrt(f2) / u_norm, floor), forcing)
+        share = eta * eta * b2 / n_sites
+        newton = not (n == 0 and picard)
+        f2n = 0.0
+        u2n = 0.0
+        b2n = 0.0
+        for s in range(n_sites):
+            lat_s = lat[s]
+            if newton:  # z = J⁻¹ τF: CG on K v = −h τF, z = a h v − τF
+                for i in range(m):
+                    fpv[i] = _slope(us[s, i], rs[s, i], code)
+                    h[i] = np.sqrt(max(fpv[i], zero))
+                    b[i] = -h[i] * fs[s, i]
+                if _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
+                    for j in range(m):
+                        hp[j] = h[j] * v[j]
+                    _matvec(lat_s, hp, z)
+                    for i in range(m):
+                        z[i] = sign * (z[i] - hp[i]) - fs[s, i]
+                else:
+                    _exact_site_step(lat_s, sign, fpv, fs[s], jac, z)
+                for i in range(m):
+                    w = us[s, i] - z[i]
+                    w = zero if np.isnan(w) else min(max(w, -big), big)  # as torch.nan_to_num
+                    if code == 0 or code == 3:  # tanh: the box that holds every fixed point
+                        w = min(max(w, -box[s, i]), box[s, i])
+                    un[s, i] = w
+            else:  # Picard start: u1 = u0 + τF(u0)
+                for i in range(m):
+                    un[s, i] = us[s, i] + fs[s, i]
+            a1, a2, a3 = _site_field(lat_s, sign, d[s], un[s], rn[s], fn[s], code)
+            f2n += a1
+            u2n += a2
+            b2n += a3
+        # divergence: a non-finite residual or state, or a state norm above the bound
+        if not (np.isfinite(res_n) and np.isfinite(u2n)) or np.sqrt(u2n) > bound:
+            return n, _DIVERGED, res_n
+        us[:, :] = un
+        rs[:, :] = rn
+        fs[:, :] = fn
+        f2, u2, b2 = f2n, u2n, b2n
+        n += 1
+
+
+@_jit
+def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, atol, cap, cap_first,
+                      bound, big, forcing, floor, max_cg, u, r, steps, status, residual):
+    """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,);
+    returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
+    written) if a lateral block is not symmetric."""
+    n_sites, m, kc = w.shape
+    k_in = ff_index.shape[1]
+    dtype = w.dtype
+    zero = dtype.type(0)
+    row = np.zeros((n_sites, m), dtype=dtype)  # Σ_j |s·A_kij|
+    for s in range(n_sites):
+        for i in range(m):
+            acc = zero
+            for j in range(m):
+                if lat[s, i, j] != lat[s, j, i]:
+                    return -1
+                acc += abs(dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0)))
+            row[s, i] = acc
+    d = np.empty((n_sites, m), dtype=dtype)
+    box = np.empty((n_sites, m), dtype=dtype)
+    un = np.empty((n_sites, m), dtype=dtype)
+    rn = np.empty((n_sites, m), dtype=dtype)
+    fs = np.empty((n_sites, m), dtype=dtype)
+    fn = np.empty((n_sites, m), dtype=dtype)
+    scratch = np.empty((9, m), dtype=dtype)
+    jac = np.empty((m, m), dtype=dtype)
+    xg = np.empty(kc, dtype=dtype)
+    n_evals = 0
+    for bi in range(x.shape[0]):
+        xb = x[bi]
+        for s in range(n_sites):  # the drive d = W x, site by site (padding reads 0)
+            for k in range(k_in):
+                p = ff_index[s, k]
+                for g in range(channels):
+                    xg[k * channels + g] = xb[g * n_pixels + p] if p != n_pixels else zero
+            for i in range(m):
+                acc = zero
+                for j in range(kc):
+                    acc += w[s, i, j] * xg[j]
+                d[s, i] = acc
+                box[s, i] = abs(acc) + row[s, i]
+        us = u[bi].reshape(n_sites, m)  # views: the state is site-major
+        rs = r[bi].reshape(n_sites, m)
+        nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, us, un, rs, rn, fs, fn, tau, code, picard,
+                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, scratch, jac)
+        steps[bi] = nb
+        status[bi] = code_b
+        residual[bi] = res
+        n_evals += nb + 1
+    return n_evals
+
+
+def kernel_settings(solver, limits, max_state_norm: float) -> dict | None:
+    """The settings of :func:`settle_layer` for a :class:`~dynsim.solvers.SiteNewtonCG` and a stop
+    rule's ``limits``, or ``None`` where this kernel does not implement them."""
+    from dynsim.solvers import SiteNewtonCG
+
+    if type(solver) is not SiteNewtonCG or limits is None or limits.on != "field" or limits.cap == 0:
+        return None
+    return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,
+            "max_state_norm": max_state_norm, "picard_start": solver.picard_start, "forcing": solver.forcing,
+            "max_cg": solver.max_cg}
+
+
+def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None, atol: float,
+                 cap: int | None, cap_first: bool, max_state_norm: float, picard_start: bool, forcing: float,
+                 max_cg: int):
+    """Settle ``x`` (B, D_in) with the compiled Newton–CG loop; returns ``(u, r, steps, status,
+    residual, n_evals)`` as :func:`dynsim.compiled.settle_layer`, or ``None`` if a lateral block
+    is not symmetric."""
+    w_np, ff_index, n_pixels, channels, lat_np, _ = compiled._arrays(layer)
+    dtype = layer.ff.weight.dtype
+    npt = w_np.dtype.type
+    loop = (npt(layer.lateral_sign), float(layer.tau), compiled._activation_code(layer.activation, dtype),
+            bool(picard_start and layer.activation == "tanh"), -1.0 if tol is None else float(tol),
+            0.0 if tol is None else float(atol), -1 if cap is None else int(cap), bool(cap_first),
+            float(max_state_norm * np.sqrt(layer.state_size)), float(torch.finfo(dtype).max), float(forcing),
+            float(50 * torch.finfo(dtype).eps), int(max_cg or layer.nps))
+    b = x.shape[0]
+    u = torch.zeros(b, layer.state_size, dtype=dtype) if u0 is None else u0.clone()
+    r = torch.empty_like(u)
+    steps = torch.empty(b, dtype=torch.long)
+    status = torch.empty(b, dtype=torch.int8)
+    residual = torch.empty(b, dtype=dtype)
+    xs = x.detach().contiguous().numpy()
+    outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
+
+    def rows(lo: int, hi: int) -> int:
+        return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop,
+                                 *(o[lo:hi] for o in outs))
+
+    threads = min(torch.get_num_threads(), b // compiled.PARALLEL_MIN_ROWS)
+    if threads > 1:
+        cut = [c * b // threads for c in range(threads + 1)]
+        counts = list(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))
+    else:
+        counts = [rows(0, b)]
+    if min(counts) < 0:  # a non-symmetric block: CG does not apply (the torch step takes exact steps)
+        return None
+    return u, r, steps, status, residual, int(sum(counts))
+
+
+def settle_backend(system, x: torch.Tensor, u0: torch.Tensor | None, solver, limits, max_state_norm: float):
+    """:func:`dynsim.settle` on this kernel, or ``None`` where it does not apply."""
+    settings = kernel_settings(solver, limits, max_state_norm)
+    if settings is None:
+        return None
+    if u0 is not None and (not isinstance(u0, torch.Tensor) or tuple(u0.shape) != (x.shape[0], system.state_size)
+                           or not bool(torch.isfinite(u0).all())):
+        return None
+    if not applies(system, *((x,) if u0 is None else (x, u0))) or x.shape[1] != system.input_size:
+        return None
+    return settle_layer(system, x, u0, **settings)

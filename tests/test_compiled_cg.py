@@ -1,0 +1,142 @@
+"""The compiled Newton–CG backend (dynsim/compiled_cg.py, issue 15): same iteration as the torch
+step, same fixed points as SiteNewton, same weights after online updates.
+
+newton-cg also runs through the conformance table of tests/test_solvers.py, compiled and not
+(``test_backends_agree``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynsim import HebbianLayer, MaxSteps, ResidualBelow, Status, backend, compiled, compiled_cg, settle
+from dynsim.plasticity import hebbian_update
+from dynsim.solvers import SiteNewton, SiteNewtonCG
+
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba not installed")
+torch.set_num_threads(1)
+
+
+def _trained_like_layer(nps: int, seed: int = 0, image: int = 8, dtype=torch.float64) -> HebbianLayer:
+    """A layer whose L = 0.3·I + (2/k) Σ r rᵀ (positive definite, as the Hebbian rule makes it)."""
+    radius = 3.0 if image == 8 else 4.0
+    layer = HebbianLayer((1, image, image), nps=nps, stride=2, radius=radius, seed=seed).to(dtype)
+    gen = torch.Generator().manual_seed(seed + 7)
+    w = layer.lateral.weight
+    r = torch.tanh(torch.randn(w.shape[0], nps, 3 * nps, generator=gen, dtype=dtype))
+    gram = r @ r.mT
+    with torch.no_grad():  # symmetrised: the matmul's rounding need not be (the Hebbian rule's is exact)
+        w.copy_(0.3 * torch.eye(nps, dtype=dtype) + (gram + gram.mT) / (3 * nps))
+    return layer
+
+
+def _inputs(n: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("nps", [3, 8, 16])
+def test_compiled_cg_reaches_site_newtons_fixed_point(nps):
+    """float64, ‖F‖/‖u‖ < 1e-10: the kernel's fixed points equal SiteNewton's (LU) to 1e-9."""
+    layer = _trained_like_layer(nps)
+    x = _inputs(5, 64, 1)
+    stop = ResidualBelow(1e-10) | MaxSteps(100)
+    solver = SiteNewtonCG()
+    assert backend.compiled_settle(layer, x, None, solver, stop.limits(), 1e6) is not None  # the kernel runs
+    fast = settle(layer, x, solver=solver, stop=stop)
+    ref = settle(layer, x, solver=SiteNewton(), stop=stop)
+    assert fast.status.tolist() == [Status.SETTLED] * 5 == ref.status.tolist()
+    rel = torch.linalg.vector_norm(fast.u - ref.u, dim=1) / torch.linalg.vector_norm(ref.u, dim=1)
+    assert float(rel.max()) < 1e-9
+    assert float(fast.residual.max()) < 1e-10
+    torch.testing.assert_close(fast.r, torch.tanh(fast.u))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_cg_equals_the_torch_step(dtype):
+    """Same steps, statuses, evaluation counts and states as the torch newton-cg (which runs the
+    same CG with the same per-site share), at the tolerance the DSSM uses."""
+    layer = _trained_like_layer(12, image=28, dtype=dtype)
+    x = _inputs(4, 784, 2, dtype)
+    stop = ResidualBelow(1e-4) | MaxSteps(50)
+    fast = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+    with compiled.disabled():
+        ref = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+    assert fast.steps.tolist() == ref.steps.tolist()
+    assert fast.status.tolist() == ref.status.tolist() == [Status.SETTLED] * 4
+    assert fast.n_evals == ref.n_evals
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fast.u, ref.u, rtol=tol, atol=tol)
+
+
+def test_an_indefinite_site_takes_the_exact_step():
+    """Site 0's L has an eigenvalue −0.72 (K not positive definite): that site takes the LU step;
+    the fixed point is SiteNewton's. (Newton wanders for dozens of steps on one sample here, so
+    the step counts of the two solvers, and of the kernel against the torch step, are not
+    compared: rounding decides them.)"""
+    layer = _trained_like_layer(4)
+    with torch.no_grad():
+        layer.lateral.weight[0] -= 1.2 * torch.eye(4, dtype=torch.float64)
+    assert float(torch.linalg.eigvalsh(layer.lateral.weight[0]).min()) < -0.5
+    x = _inputs(4, 64, 5)
+    stop = ResidualBelow(1e-10) | MaxSteps(200)
+    fast = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+    with compiled.disabled():
+        ref = settle(layer, x, solver=SiteNewton(), stop=stop)
+    assert fast.status.tolist() == ref.status.tolist() == [Status.SETTLED] * 4
+    torch.testing.assert_close(fast.u, ref.u, rtol=1e-8, atol=1e-9)
+
+
+def test_a_non_symmetric_block_leaves_it_to_the_torch_path():
+    layer = _trained_like_layer(3)
+    with torch.no_grad():
+        layer.lateral.weight[2, 0, 1] += 0.2
+    x = _inputs(2, 64, 6)
+    stop = ResidualBelow(1e-10) | MaxSteps(100)
+    assert compiled_cg.settle_backend(layer, x, None, SiteNewtonCG(), stop.limits(), 1e6) is None
+    res = settle(layer, x, solver=SiteNewtonCG(), stop=stop)  # the torch step's exact Newton steps
+    ref = settle(layer, x, solver=SiteNewton(), stop=stop)
+    torch.testing.assert_close(res.u, ref.u, rtol=1e-9, atol=1e-10)
+
+
+def test_same_weights_after_online_updates_as_site_newton():
+    """28×28, NpS 16, from L = I: eight online updates (batch 1, η = 5e-3) settled by the compiled
+    newton-cg and by SiteNewton (the compiled LU kernel) give the same W and L (float64)."""
+    weights = []
+    xs = _inputs(8, 784, 4)
+    for solver in (SiteNewton(), SiteNewtonCG()):
+        layer = HebbianLayer((1, 28, 28), nps=16, stride=2, radius=4.0, seed=3).double()
+        for i in range(8):
+            res = settle(layer, xs[i : i + 1], solver=solver, stop=ResidualBelow(1e-10) | MaxSteps(100))
+            assert res.status.tolist() == [Status.SETTLED]
+            hebbian_update(layer, xs[i : i + 1], res.r, 5e-3)
+        weights.append((layer.ff.weight.clone(), layer.lateral.weight.clone()))
+    assert float((weights[0][1] - torch.eye(16, dtype=torch.float64)).abs().max()) > 1e-3  # L did learn
+    torch.testing.assert_close(weights[0][0], weights[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(weights[0][1], weights[1][1], rtol=0, atol=1e-12)
+
+
+def test_parallel_rows_equal_one_thread():
+    layer = _trained_like_layer(6)
+    x = _inputs(300, 64, 7)
+    stop = ResidualBelow(1e-8) | MaxSteps(100)
+    old = torch.get_num_threads()
+    try:
+        one = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+        torch.set_num_threads(2)
+        two = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+    finally:
+        torch.set_num_threads(old)
+    assert one.steps.tolist() == two.steps.tolist()
+    torch.testing.assert_close(one.u, two.u, rtol=0, atol=0)
+
+
+def test_the_batch_1_hebbian_kernel_applies_past_nps_32():
+    """Large-NpS online training uses the compiled Hebbian update too: same W and L as torch's."""
+    layers = [_trained_like_layer(40, dtype=torch.float32) for _ in range(2)]
+    x = _inputs(1, 64, 8, torch.float32)
+    r = torch.tanh(_inputs(1, layers[0].state_size, 9, torch.float32))
+    assert backend.compiled_hebbian_update(layers[0], x, r, 5e-3, 2.5e-3)  # the kernel ran
+    with compiled.disabled():
+        hebbian_update(layers[1], x, r, 5e-3)
+    torch.testing.assert_close(layers[0].ff.weight, layers[1].ff.weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(layers[0].lateral.weight, layers[1].lateral.weight, rtol=0, atol=1e-7)

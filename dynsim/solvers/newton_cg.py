@@ -39,7 +39,7 @@ import torch
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import Solver, StepResult
-from dynsim.solvers.newton import _parse_bool, newton_step
+from dynsim.solvers.newton import _parse_bool, line_search, newton_step
 
 
 class SiteNewtonCG(Solver):
@@ -82,7 +82,9 @@ class SiteNewtonCG(Solver):
         if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
             f = field(u)
             return StepResult(u + tau * f, f, state, 1)
-        return StepResult(*newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing), state, 1)
+        u_next, f = newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing)
+        u_next, state = line_search(system, u, f, u_next, state)  # as SiteNewton's
+        return StepResult(u_next, f, state, 1)
 
 
 def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor, max_iter: int):

@@ -13,7 +13,8 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   ``F(u) = (−u + d + s·A f(u))/τ`` (``A_k = L_k − I`` per site) is tested first, then the
   Picard start ``u₁ = d + s·A f(u₀)`` or a Newton step ``u ← u − J⁻¹(τF)`` with
   ``J_k = −I + s·A_k diag f'(u_k)`` solved per site by Gaussian elimination with partial
-  pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``. Same stop rules
+  pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``, damped per site by the
+  late Armijo test of :func:`dynsim.solvers.newton.line_search` (:func:`_armijo_check`). Same stop rules
   (``‖F‖ < atol + tol‖u‖``, cap, divergence), the :class:`~dynsim.stopping.Status` codes and
   the step counts of the torch path, and the same fixed points up to float rounding (tests:
   ``tests/test_compiled.py`` and the solver conformance table). Float32
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 
 from dynsim.solvers import Euler, SiteNewton
-from dynsim.solvers.newton import ARMIJO_C, MAX_HALVINGS
+from dynsim.solvers.newton import ARMIJO_C, MAX_HALVINGS, SEARCH_AFTER
 from dynsim.stopping import Status, StopLimits
 
 try:  # numba is a dependency, but the torch path works without it
@@ -68,7 +69,7 @@ ACTIVATION_CODES = {"tanh": 0, "linear": 1, "relu": 2}
 _enabled = os.environ.get("DYNSIM_COMPILED", "1") != "0"
 # status codes written by the kernel: the Status enum's values (numba freezes these globals)
 _SETTLED, _MAX_STEPS, _DIVERGED = int(Status.SETTLED), int(Status.MAX_STEPS), int(Status.DIVERGED)
-_ARMIJO_C, _MAX_HALVINGS = ARMIJO_C, MAX_HALVINGS  # the Newton line search's (dynsim.solvers.newton)
+_ARMIJO_C, _MAX_HALVINGS, _SEARCH_AFTER = ARMIJO_C, MAX_HALVINGS, SEARCH_AFTER  # the Newton line search's
 
 
 def available() -> bool:
@@ -316,7 +317,7 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
                 else:
                     ls[0, s] = ls[2, s]
                     ls[1, s] = 1.0
-            checked = True
+            checked = n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
         # divergence: a non-finite residual or state, or a state norm above the bound
         n2 = 0.0
         for i in range(m_per):

@@ -3,7 +3,8 @@
 A backend of :func:`dynsim.settle` for :class:`~dynsim.solvers.SiteNewtonCG` (chosen by
 :mod:`dynsim.backend`): the same iteration as the torch step :func:`~dynsim.solvers.newton_cg.newton_cg_step`,
 the same loop as :func:`dynsim.compiled._settle_row` (the residual ``‖F(u)‖/‖u‖`` tested first,
-then a Picard start or a Newton step, NaN → 0 and the tanh box, divergence), the same stop rules,
+then a Picard start or a Newton step, NaN → 0 and the tanh box, the per-site line search of
+:func:`dynsim.solvers.newton.line_search`, divergence), the same stop rules,
 :class:`~dynsim.stopping.Status` codes and step counts.
 
 Why a second kernel layout. :mod:`dynsim.compiled` keeps its arrays *site-last* ((M, M, S)), so
@@ -45,6 +46,7 @@ from dynsim.compiled import (
     _DIVERGED,
     _MAX_HALVINGS,
     _MAX_STEPS,
+    _SEARCH_AFTER,
     _SETTLED,
     _cholesky_ok,
     _jit,
@@ -269,6 +271,9 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                     fpv[i] = _slope(us[s, i], rs[s, i], code)
                     h[i] = np.sqrt(max(fpv[i], zero))
                     b[i] = -h[i] * fs[s, i]
+                rr0 = 0.0
+                for i in range(m):
+                    rr0 += float(b[i]) * float(b[i])
                 if _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
                     for j in range(m):
                         hp[j] = h[j] * v[j]
@@ -289,7 +294,7 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                     p0[s, i] = un[s, i] - us[s, i]
                     g2 += float(fs[s, i]) * float(fs[s, i])
                 ls[0, s] = g2
-                ls[1, s] = 1.0
+                ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
             else:  # Picard start: u1 = u0 + τF(u0)
                 for i in range(m):
                     un[s, i] = us[s, i] + fs[s, i]
@@ -304,7 +309,7 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         rs[:, :] = rn
         fs[:, :] = fn
         f2, u2, b2 = f2n, u2n, b2n
-        checked = newton
+        checked = newton and n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
         n += 1
 
 

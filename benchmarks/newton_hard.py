@@ -58,10 +58,9 @@ def _train(images: int, path: str) -> None:
     from dynsim.builders import build_layer, epoch_batches, prepare_data
     from dynsim.configs.dssm import DSSMConfig
     from dynsim.plasticity import hebbian_update
+    from dynsim.settle import settle
     from dynsim.solvers import make_solver
     from dynsim.stopping import stop_rule
-
-    from dynsim.settle import settle
 
     cfg = DSSMConfig(data="fashion-mnist", nps=16)
     ds, xtr, _ = prepare_data(cfg)
@@ -74,8 +73,9 @@ def _train(images: int, path: str) -> None:
         res = settle(layer, batch.x, solver=solver, stop=stop)
         steps.append(int(res.steps))
         hebbian_update(layer, batch.x, res.r, 5e-3)
-    info = {"train_seconds": time.perf_counter() - t0, "train_steps_quantiles_50_90_99_100":
-            np.percentile(steps, [50, 90, 99, 100]).tolist(), "train_images_over_100_steps": int(sum(s > 100 for s in steps))}
+    info = {"train_seconds": time.perf_counter() - t0,
+            "train_steps_quantiles_50_90_99_100": np.percentile(steps, [50, 90, 99, 100]).tolist(),
+            "train_images_over_100_steps": int(sum(s > 100 for s in steps))}
     torch.save({"layer": layer, "x": x[:2000].clone(), "info": info}, path)
 
 

@@ -20,9 +20,10 @@ steps on trained weights (benchmarks/README.md). Any start is legitimate: a samp
 when its own field residual passes the test, and the inhibitory DSSM layer has one fixed point.
 
 Plain Newton is not globally convergent: on trained layers it can cycle where a site's Jacobian is
-near-singular (issue 15: ~11 % of Fashion-MNIST images at NpS 16). Every Newton step is therefore
-damped per site by :func:`line_search` (Armijo backtracking on ``½‖F_k‖²``, checked one step late,
-so it costs no field evaluation and leaves the steps of easy inputs unchanged).
+near-singular (issue 15: ~11 % of Fashion-MNIST images at NpS 16). From step ``SEARCH_AFTER`` (12,
+the Picard start counted) on, every Newton step is therefore damped per site by :func:`line_search`
+(Armijo backtracking on ``½‖F_k‖²``, checked one step late, so it costs no field evaluation); an
+input that settles in fewer steps takes exactly plain Newton's steps.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def line_search(system, u: torch.Tensor, f: torch.Tensor, u_full: torch.Tensor, 
     decreases its merit enough (every site of an easy input) takes exactly plain Newton's steps;
     a halving costs a step. ``p`` is a descent direction of ``φ_k`` (``∇φ_kᵀp = −‖F_k‖²``), so
     the merit decreases on every accepted step (Dennis & Schnabel 1996, §6.3; Nocedal & Wright
-    2006, §11.2). For a site with ``I − s·A_k ≻ 0`` (inhibitory sign: ``L_k`` positive definite,
-    which the Hebbian rule keeps from ``L = I``; :meth:`HebbianLayer.monotone_sites`)
+    2006, §11.2). :class:`SiteNewton` and :class:`~dynsim.solvers.SiteNewtonCG` call it from step
+    ``SEARCH_AFTER`` on (the torch path and the compiled kernels alike). For a site with
+    ``I − s·A_k ≻ 0`` (inhibitory sign: ``L_k`` positive definite, which the Hebbian rule keeps
+    from ``L = I``; :meth:`HebbianLayer.monotone_sites`)
     ``−J_k = (I − D) + D^{1/2}(I − s·A_k)D^{1/2}`` is similar to a positive definite matrix for
     every ``0 ≤ D = diag f' ≤ I``: ``F_k`` has one root, ``φ_k`` no other stationary point, and the
     damped iteration converges to that root from any start. Plain Newton need not: on a trained

@@ -13,7 +13,8 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   ``F(u) = (−u + d + s·A f(u))/τ`` (``A_k = L_k − I`` per site) is tested first, then the
   Picard start ``u₁ = d + s·A f(u₀)`` or a Newton step ``u ← u − J⁻¹(τF)`` with
   ``J_k = −I + s·A_k diag f'(u_k)`` solved per site by Gaussian elimination with partial
-  pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``. Same stop rules
+  pivoting, NaN → 0 and the tanh box ``|u_k| ≤ |d_k| + Σ_j |s·A_kj|``, damped per site by the
+  late Armijo test of :func:`dynsim.solvers.newton.line_search` (:func:`_armijo_check`). Same stop rules
   (``‖F‖ < atol + tol‖u‖``, cap, divergence), the :class:`~dynsim.stopping.Status` codes and
   the step counts of the torch path, and the same fixed points up to float rounding (tests:
   ``tests/test_compiled.py`` and the solver conformance table). Float32
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from dynsim.solvers import Euler, SiteNewton
+from dynsim.solvers.newton import ARMIJO_C, MAX_HALVINGS, SEARCH_AFTER
 from dynsim.stopping import Status, StopLimits
 
 try:  # numba is a dependency, but the torch path works without it
@@ -67,6 +69,7 @@ ACTIVATION_CODES = {"tanh": 0, "linear": 1, "relu": 2}
 _enabled = os.environ.get("DYNSIM_COMPILED", "1") != "0"
 # status codes written by the kernel: the Status enum's values (numba freezes these globals)
 _SETTLED, _MAX_STEPS, _DIVERGED = int(Status.SETTLED), int(Status.MAX_STEPS), int(Status.DIVERGED)
+_ARMIJO_C, _MAX_HALVINGS, _SEARCH_AFTER = ARMIJO_C, MAX_HALVINGS, SEARCH_AFTER  # the Newton line search's
 
 
 def available() -> bool:
@@ -190,7 +193,8 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
 @_jit
 def _site_work(m_per, n_sites, dtype):
     """The site-last working arrays of :func:`_settle_row`: ``(a, row, d, box, us, un, rr, fs, fp,
-    jac, piv, best, fac)``; ``row`` zeroed, the rest uninitialised."""
+    jac, piv, best, fac, u0, p0, ls, fail, definite, chol)``; ``row`` zeroed, ``definite`` −1 (to be
+    reset whenever ``a`` changes), the rest uninitialised."""
     a = np.empty((m_per, m_per, n_sites), dtype=dtype)  # s·(L_k − I)
     row = np.zeros((m_per, n_sites), dtype=dtype)  # Σ_j |s·A_kij|
     d = np.empty((m_per, n_sites), dtype=dtype)
@@ -204,7 +208,15 @@ def _site_work(m_per, n_sites, dtype):
     piv = np.empty(n_sites, dtype=np.int64)
     best = np.empty(n_sites, dtype=dtype)
     fac = np.empty(n_sites, dtype=dtype)
-    return a, row, d, box, us, un, rr, fs, fp, jac, piv, best, fac
+    # the line search (dynsim.solvers.newton.line_search): the checked step's start and direction,
+    # per-site merit ‖τF_k‖², α, this step's merit, rounding floor and verdict, I − a_k ≻ 0
+    u0 = np.empty((m_per, n_sites), dtype=dtype)
+    p0 = np.empty((m_per, n_sites), dtype=dtype)
+    ls = np.empty((4, n_sites), dtype=np.float64)  # rows: merit at u0, α, merit now, floor now
+    fail = np.zeros(n_sites, dtype=np.bool_)
+    definite = np.full(n_sites, -1, dtype=np.int8)  # 1 yes, 0 no, −1 not checked (reset when a changes)
+    chol = np.empty((m_per, m_per), dtype=np.float64)
+    return a, row, d, box, us, un, rr, fs, fp, jac, piv, best, fac, u0, p0, ls, fail, definite, chol
 
 
 @_jit
@@ -237,10 +249,12 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
     ``τF(u) = d − u + s·A f(u)`` first, then take a Picard start, a Newton step (NaN → 0, the tanh
     box) or an Euler step. Returns ``(steps, status, residual)``; ``us`` holds the returned state
     and ``rr`` its rates."""
-    a, _, d, box, us, un, rr, fs, fp, jac, piv, best, fac = work
+    a, _, d, box, us, un, rr, fs, fp, jac, piv, best, fac, u0, p0, ls, fail, definite, chol = work
     m_per, n_sites = d.shape
     dt = d.dtype.type
     zero = dt(0)
+    floor = (16.0 * float(np.finfo(d.dtype).eps)) ** 2
+    checked = False  # a Newton step to check (the line search)
     n = 0
     while True:
         # τF(u) = d − u + s·A f(u), its norm and the state's
@@ -274,6 +288,7 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
                 for s in range(n_sites):
                     un[i, s] = us[i, s] + fs[i, s]
         else:  # Newton: solve J z = τF per site, J = −I + s·A diag f'(u); u ← u − z
+            back = _armijo_check(a, us, fs, ls, fail, definite, chol, floor, checked)
             for j in range(m_per):
                 for s in range(n_sites):
                     fp[j, s] = _slope(us[j, s], rr[j, s], code)
@@ -289,6 +304,20 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
                     if code == 0 or code == 3:  # tanh
                         v = min(max(v, -box[i, s]), box[i, s])
                     un[i, s] = v
+            for i in range(m_per):  # a failed site goes back to u0 + (α/2)p; the others start a step
+                for s in range(n_sites):
+                    if back and fail[s]:
+                        un[i, s] = u0[i, s] + dt(0.5 * ls[1, s]) * p0[i, s]
+                    else:
+                        u0[i, s] = us[i, s]
+                        p0[i, s] = un[i, s] - us[i, s]
+            for s in range(n_sites):
+                if back and fail[s]:
+                    ls[1, s] *= 0.5
+                else:
+                    ls[0, s] = ls[2, s]
+                    ls[1, s] = 1.0
+            checked = n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
         # divergence: a non-finite residual or state, or a state norm above the bound
         n2 = 0.0
         for i in range(m_per):
@@ -298,6 +327,63 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
             return n, _DIVERGED, res
         us[:, :] = un
         n += 1
+
+
+@_jit
+def _armijo_check(a, us, fs, ls, fail, definite, chol, floor, checked):
+    """The late Armijo test of :func:`dynsim.solvers.newton.line_search` at ``us`` (``fs`` = τF(us)):
+    ``ls[2]`` ← ‖τF_k‖², and (``checked``: a Newton step led here) ``fail[k]`` ← the site's step
+    from ``u0`` failed ``‖τF_k‖² ≤ (1 − 2cα)·ls[0]`` and rounding level, with α = ``ls[1]`` >
+    2^−10 and ``I − a_k ≻ 0`` (``definite``, factorised when first needed). Returns whether any
+    site failed."""
+    m_per, n_sites = us.shape
+    for s in range(n_sites):
+        ls[2, s] = 0.0
+        ls[3, s] = 1.0
+    for i in range(m_per):
+        for s in range(n_sites):
+            ls[2, s] += float(fs[i, s]) * float(fs[i, s])
+            ls[3, s] += float(us[i, s]) * float(us[i, s])
+    anyfail = False
+    for s in range(n_sites):
+        bad = (checked and ls[2, s] > (1.0 - 2.0 * _ARMIJO_C * ls[1, s]) * ls[0, s]
+               and ls[2, s] > floor * ls[3, s] and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+        if bad and definite[s] < 0:
+            definite[s] = 1 if _definite_site(a, s, chol) else 0
+        fail[s] = bad and definite[s] == 1
+        anyfail = anyfail or fail[s]
+    return anyfail
+
+
+@_jit
+def _definite_site(a, s, chol):
+    """Whether ``I − ½(a_k + a_kᵀ)`` (site ``s`` of the site-last ``a``) is positive definite (float64)."""
+    m = chol.shape[0]
+    for i in range(m):
+        for j in range(m):
+            chol[i, j] = (1.0 if i == j else 0.0) - 0.5 * (float(a[i, j, s]) + float(a[j, i, s]))
+    return _cholesky_ok(chol)
+
+
+@_jit
+def _cholesky_ok(chol):
+    """Cholesky-factorise the symmetric ``chol`` (M, M) in place (lower triangle); False if it is not
+    positive definite."""
+    m = chol.shape[0]
+    for j in range(m):
+        v = chol[j, j]
+        for k in range(j):
+            v -= chol[j, k] * chol[j, k]
+        if not v > 0:
+            return False
+        v = np.sqrt(v)
+        chol[j, j] = v
+        for i in range(j + 1, m):
+            w = chol[i, j]
+            for k in range(j):
+                w -= chol[i, k] * chol[j, k]
+            chol[i, j] = w / v
+    return True
 
 
 @_jit
@@ -424,7 +510,7 @@ def _train_online(x, order, w, ff_index, n_pixels, channels, lat, sign, tau, cod
     xpad = np.zeros(pad + 1, dtype=dtype)
     xg = np.empty((kc, n_sites), dtype=dtype)
     work = _site_work(m_per, n_sites, dtype)
-    a, row, d, box, us, rr = work[0], work[1], work[2], work[3], work[4], work[6]
+    a, row, d, box, us, rr, definite = work[0], work[1], work[2], work[3], work[4], work[6], work[17]
     for s in range(n_sites):
         for i in range(m_per):
             us[i, s] = u[0, s * m_per + i] if carry_u else zero
@@ -450,6 +536,7 @@ def _train_online(x, order, w, ff_index, n_pixels, channels, lat, sign, tau, cod
                     row[i, s] += abs(v)
             for s in range(n_sites):
                 box[i, s] = abs(d[i, s]) + row[i, s]
+        definite[:] = -1  # the blocks changed with the last update
         if not carry_u:
             us[:, :] = zero
         n, code_t, res = _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, big)

@@ -3,7 +3,8 @@
 A backend of :func:`dynsim.settle` for :class:`~dynsim.solvers.SiteNewtonCG` (chosen by
 :mod:`dynsim.backend`): the same iteration as the torch step :func:`~dynsim.solvers.newton_cg.newton_cg_step`,
 the same loop as :func:`dynsim.compiled._settle_row` (the residual ``‖F(u)‖/‖u‖`` tested first,
-then a Picard start or a Newton step, NaN → 0 and the tanh box, divergence), the same stop rules,
+then a Picard start or a Newton step, NaN → 0 and the tanh box, the per-site line search of
+:func:`dynsim.solvers.newton.line_search`, divergence), the same stop rules,
 :class:`~dynsim.stopping.Status` codes and step counts.
 
 Why a second kernel layout. :mod:`dynsim.compiled` keeps its arrays *site-last* ((M, M, S)), so
@@ -40,7 +41,18 @@ import numpy as np
 import torch
 
 from dynsim import compiled
-from dynsim.compiled import _DIVERGED, _MAX_STEPS, _SETTLED, _jit, _rate, _slope
+from dynsim.compiled import (
+    _ARMIJO_C,
+    _DIVERGED,
+    _MAX_HALVINGS,
+    _MAX_STEPS,
+    _SEARCH_AFTER,
+    _SETTLED,
+    _cholesky_ok,
+    _jit,
+    _rate,
+    _slope,
+)
 
 
 def applies(layer, *tensors: torch.Tensor) -> bool:
@@ -196,10 +208,13 @@ def _exact_site_step(lat_s, sign, fp, g, jac, z):
 
 @_jit
 def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
-                   big, forcing, floor, max_cg, scratch, jac):
+                   big, forcing, floor, max_cg, scratch, jac, u0, p0, ls, definite, chol):
     """Settle one input (site-first arrays (S, M): drive ``d``, box ``box``, state ``us``) with
     Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
-    residual)``; ``us`` holds the returned state and ``rs`` its rates."""
+    residual)``; ``us`` holds the returned state and ``rs`` its rates. With the late Armijo test of
+    :func:`dynsim.solvers.newton.line_search` per site: ``u0``, ``p0`` (S, M) the checked step's
+    start and direction, ``ls`` (2, S) its merit ``‖τF_k(u0)‖²`` and α, ``definite`` (S,) whether
+    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` (M, M) float64 scratch)."""
     n_sites, m = d.shape
     dt = d.dtype.type
     zero = dt(0)
@@ -213,6 +228,8 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         f2 += a1
         u2 += a2
         b2 += a3
+    floor_ls = (16.0 * float(np.finfo(d.dtype).eps)) ** 2  # the line search's rounding level
+    checked = False  # a Newton step led here (the line search)
     n = 0
     while True:
         u_norm = max(np.sqrt(u2), 1e-12)
@@ -229,11 +246,34 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         b2n = 0.0
         for s in range(n_sites):
             lat_s = lat[s]
-            if newton:  # z = J⁻¹ τF: CG on K v = −h τF, z = a h v − τF
+            back = False
+            if newton and checked:  # the late Armijo test of the step that led to us
+                g2 = 0.0
+                q2 = 1.0
+                for i in range(m):
+                    g2 += float(fs[s, i]) * float(fs[s, i])
+                    q2 += float(us[s, i]) * float(us[s, i])
+                back = (g2 > (1.0 - 2.0 * _ARMIJO_C * ls[1, s]) * ls[0, s] and g2 > floor_ls * q2
+                        and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+                if back and definite[s] < 0:  # only I − s·(L_k − I) ≻ 0 guarantees the search
+                    for i in range(m):
+                        for j in range(m):
+                            eye = 1.0 if i == j else 0.0
+                            chol[i, j] = eye - float(sign) * (float(lat_s[i, j]) - eye)
+                    definite[s] = 1 if _cholesky_ok(chol) else 0
+                back = back and definite[s] == 1
+            if back:  # go back to u0 + (α/2) p0
+                ls[1, s] *= 0.5
+                for i in range(m):
+                    un[s, i] = u0[s, i] + dt(ls[1, s]) * p0[s, i]
+            elif newton:  # z = J⁻¹ τF: CG on K v = −h τF, z = a h v − τF
                 for i in range(m):
                     fpv[i] = _slope(us[s, i], rs[s, i], code)
                     h[i] = np.sqrt(max(fpv[i], zero))
                     b[i] = -h[i] * fs[s, i]
+                rr0 = 0.0
+                for i in range(m):
+                    rr0 += float(b[i]) * float(b[i])
                 if _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
                     for j in range(m):
                         hp[j] = h[j] * v[j]
@@ -248,6 +288,13 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                     if code == 0 or code == 3:  # tanh: the box that holds every fixed point
                         w = min(max(w, -box[s, i]), box[s, i])
                     un[s, i] = w
+                g2 = 0.0
+                for i in range(m):  # the step to check next time
+                    u0[s, i] = us[s, i]
+                    p0[s, i] = un[s, i] - us[s, i]
+                    g2 += float(fs[s, i]) * float(fs[s, i])
+                ls[0, s] = g2
+                ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
             else:  # Picard start: u1 = u0 + τF(u0)
                 for i in range(m):
                     un[s, i] = us[s, i] + fs[s, i]
@@ -262,6 +309,7 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         rs[:, :] = rn
         fs[:, :] = fn
         f2, u2, b2 = f2n, u2n, b2n
+        checked = newton and n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
         n += 1
 
 
@@ -292,6 +340,11 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
     fn = np.empty((n_sites, m), dtype=dtype)
     scratch = np.empty((9, m), dtype=dtype)
     jac = np.empty((m, m), dtype=dtype)
+    u0 = np.empty((n_sites, m), dtype=dtype)  # the line search's state (_settle_row_cg)
+    p0 = np.empty((n_sites, m), dtype=dtype)
+    ls = np.empty((2, n_sites), dtype=np.float64)
+    definite = np.full(n_sites, -1, dtype=np.int8)
+    chol = np.empty((m, m), dtype=np.float64)
     xg = np.empty(kc, dtype=dtype)
     n_evals = 0
     for bi in range(x.shape[0]):
@@ -310,7 +363,8 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
         us = u[bi].reshape(n_sites, m)  # views: the state is site-major
         rs = r[bi].reshape(n_sites, m)
         nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, us, un, rs, rn, fs, fn, tau, code, picard,
-                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, scratch, jac)
+                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, scratch, jac,
+                                         u0, p0, ls, definite, chol)
         steps[bi] = nb
         status[bi] = code_b
         residual[bi] = res

@@ -18,6 +18,12 @@ For a tanh layer the first step (``picard_start``, default True) is one Picard/E
 starts from there: Newton from ``u = 0`` first has to undo tanh's saturation, so this saves
 steps on trained weights (benchmarks/README.md). Any start is legitimate: a sample stops only
 when its own field residual passes the test, and the inhibitory DSSM layer has one fixed point.
+
+Plain Newton is not globally convergent: on trained layers it can cycle where a site's Jacobian is
+near-singular (issue 15: ~11 % of Fashion-MNIST images at NpS 16). From step ``SEARCH_AFTER`` (12,
+the Picard start counted) on, every Newton step is therefore damped per site by :func:`line_search`
+(Armijo backtracking on ``½‖F_k‖²``, checked one step late, so it costs no field evaluation); an
+input that settles in fewer steps takes exactly plain Newton's steps.
 """
 
 from __future__ import annotations
@@ -53,7 +59,73 @@ class SiteNewton(Solver):
         if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
             f = field(u)  # u_1 = u_0 + τ F(u_0) = d + s·A f(u_0): from rest, the drive
             return StepResult(u + tau * f, f, state, 1)
-        return StepResult(*newton_step(system, u, field.drive, tau), state, 1)
+        u_next, f = newton_step(system, u, field.drive, tau)
+        if n >= SEARCH_AFTER:
+            u_next, state = line_search(system, u, f, u_next, state)
+        return StepResult(u_next, f, state, 1)
+
+
+# Armijo's sufficient-decrease constant and the most halvings of a site's Newton step
+ARMIJO_C = 1e-4
+MAX_HALVINGS = 10
+SEARCH_AFTER = 12  # steps (the Picard start included) of plain Newton before the line search starts
+
+
+def line_search(system, u: torch.Tensor, f: torch.Tensor, u_full: torch.Tensor, state,
+                unchecked: torch.Tensor | None = None):
+    """A per-site backtracking line search on the merit ``φ_k = ½‖F_k‖²`` (Armijo), checked one step late.
+
+    A Newton step from ``u_n`` to ``u_n + p`` (``p_k = −J_k⁻¹G_k`` where the box is inactive) is
+    accepted on site ``k`` if at the next step, where ``F`` is evaluated anyway,
+
+        ‖F_k(u_n + α p)‖² ≤ (1 − 2cα) ‖F_k(u_n)‖²,    c = 1e-4,
+
+    (or ``‖τF_k‖² ≤ (16 eps)²(‖u_k‖² + 1)``, rounding level); else the site goes back to
+    ``u_n + (α/2) p`` and is tested again, down to ``α = 2^−10``, which is accepted. Checking late
+    costs no field evaluation: a step is one evaluation as before, and a site whose full step
+    decreases its merit enough (every site of an easy input) takes exactly plain Newton's steps;
+    a halving costs a step. ``p`` is a descent direction of ``φ_k`` (``∇φ_kᵀp = −‖F_k‖²``), so
+    the merit decreases on every accepted step (Dennis & Schnabel 1996, §6.3; Nocedal & Wright
+    2006, §11.2). :class:`SiteNewton` and :class:`~dynsim.solvers.SiteNewtonCG` call it from step
+    ``SEARCH_AFTER`` on (the torch path and the compiled kernels alike). For a site with
+    ``I − s·A_k ≻ 0`` (inhibitory sign: ``L_k`` positive definite, which the Hebbian rule keeps
+    from ``L = I``; :meth:`HebbianLayer.monotone_sites`)
+    ``−J_k = (I − D) + D^{1/2}(I − s·A_k)D^{1/2}`` is similar to a positive definite matrix for
+    every ``0 ≤ D = diag f' ≤ I``: ``F_k`` has one root, ``φ_k`` no other stationary point, and the
+    damped iteration converges to that root from any start. Plain Newton need not: on a trained
+    NpS 16 layer it cycles (period 2, the box projection active every other step) on ~11 % of
+    inputs (benchmarks/newton_hard.py). A site without that property may have several fixed
+    points and merit minima that are not roots, where backtracking would stall; it keeps plain
+    Newton (checked only when one of its steps fails the test).
+
+    ``unchecked`` (B, S) bool, optional: sites whose step from ``u`` is not a Newton step (Newton–CG
+    sites already within their CG share, which take ``z = −G_k``); the next step does not check
+    them (α = 0 in the state). ``state``: ``None`` (no step to check: the first Newton step) or the
+    solver state this function returned, ``(u_n, ‖F(u_n)‖² per site, p, α)``. Shapes: u, f, u_full (B, D); returns
+    the next state (B, D) and the solver state (tensors (B, S, M) and (B, S))."""
+    us = system.sites(u)
+    m = system.sites(f).square().sum(-1)  # (B, S)
+    full = system.sites(u_full)
+    one = torch.ones_like(m) if unchecked is None else (~unchecked).to(m.dtype)  # α of the new steps
+    if state is None:
+        return u_full, (us, m, full - us, one)
+    u0, m0, p0, a0 = state
+    floor = (16 * torch.finfo(u.dtype).eps) ** 2 * (us.square().sum(-1) + 1.0)
+    tau = float(getattr(system, "tau", 1.0))
+    fail = (m > (1 - 2 * ARMIJO_C * a0) * m0) & (m * (tau * tau) > floor) & (a0 > 2.0 ** -MAX_HALVINGS)
+    if bool(fail.any()):
+        monotone = getattr(system, "monotone_sites", None)
+        if monotone is not None:
+            fail &= monotone()
+    if not bool(fail.any()):
+        return u_full, (us, m, full - us, one)
+    half = 0.5 * a0
+    back = u0 + half.unsqueeze(-1) * p0
+    keep = fail.unsqueeze(-1)
+    out = torch.where(keep, back, full)
+    state = (torch.where(keep, u0, us), torch.where(fail, m0, m), torch.where(keep, p0, full - us),
+             torch.where(fail, half, one))
+    return out.reshape(u.shape), state
 
 
 def _parse_bool(value: bool | str | int, name: str) -> bool:

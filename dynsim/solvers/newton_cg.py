@@ -30,7 +30,8 @@ correct for every layer and fast where the theory applies. On CPU the compiled b
 :mod:`dynsim.compiled_cg` runs the same iteration site by site in cache.
 
 The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
-safeguard the same tanh box; a sample stops on the same residual test as every solver.
+safeguard the same tanh box and the same per-site line search
+(:func:`~dynsim.solvers.newton.line_search`); a sample stops on the same residual test as every solver.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import Solver, StepResult
-from dynsim.solvers.newton import _parse_bool, newton_step
+from dynsim.solvers.newton import SEARCH_AFTER, _parse_bool, line_search, newton_step
 
 
 class SiteNewtonCG(Solver):
@@ -82,7 +83,11 @@ class SiteNewtonCG(Solver):
         if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
             f = field(u)
             return StepResult(u + tau * f, f, state, 1)
-        return StepResult(*newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing), state, 1)
+        late = n >= SEARCH_AFTER
+        u_next, f, *within = newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing, with_sites=late)
+        if late:
+            u_next, state = line_search(system, u, f, u_next, state, unchecked=within[0])  # as SiteNewton's
+        return StepResult(u_next, f, state, 1)
 
 
 def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor, max_iter: int):
@@ -125,20 +130,25 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
 
 
 def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0, max_cg: int = 0,
-                   forcing: float = 0.1):
+                   forcing: float = 0.1, with_sites: bool = False):
     """``(u − J⁻¹G, F(u))`` with the Newton system solved per site by CG (module docstring).
 
-    Shapes: u, drive (B, D) -> (B, D), (B, D)."""
+    Shapes: u, drive (B, D) -> (B, D), (B, D). ``with_sites``: also the (B, S) bool of the sites
+    whose right-hand side was already within their CG share (no CG iteration: ``z = −G_k``, a
+    Picard step, not a Newton step; :func:`~dynsim.solvers.newton.line_search` leaves it
+    unchecked), or None."""
     g, a, fp, symmetric = system.jacobian_factors(u, drive)  # (B, S, M), (S, M, M), (B, S, M), bool
     bsz, _, m = g.shape
     if not symmetric:  # CG needs symmetric blocks: every sample takes the exact step
-        return newton_step(system, u, drive, tau)
+        out = newton_step(system, u, drive, tau)
+        return (*out, None) if with_sites else out
     gs = g.transpose(0, 1)  # (S, B, M)
     h = fp.clamp_min(0).sqrt().transpose(0, 1)
     rel = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1) / torch.linalg.vector_norm(u, dim=1).clamp_min(1e-12)
     floor = 50 * torch.finfo(g.dtype).eps
     tol = rel.clamp(min=floor, max=forcing)
-    v, _, failed = site_cg(a, h, -h * gs, tol, max_cg or m)
+    rhs = -h * gs
+    v, _, failed = site_cg(a, h, rhs, tol, max_cg or m)
     z = (torch.bmm(h * v, a) - gs).transpose(0, 1)  # (B, S, M); a symmetric: (h v) a = (a h v)ᵀ
     if bool(failed.any()):  # K_k not positive definite there, or CG short of its share: the exact step
         site, sample = failed.nonzero(as_tuple=True)
@@ -148,4 +158,8 @@ def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.
         z[sample, site] = torch.linalg.solve_ex(jac, g[sample, site])[0]
     u_next = system.newton_safeguard(u.reshape(g.shape) - z, drive)
     f = g if tau == 1.0 else g / tau
+    if with_sites:  # site_cg's share test before its first iteration
+        rr = rhs.square().sum(-1)  # (S, B)
+        within = (rr <= tol.square() * rr.sum(0) / rhs.shape[0]) & ~failed
+        return u_next.reshape(bsz, -1), f.reshape(bsz, -1), within.T
     return u_next.reshape(bsz, -1), f.reshape(bsz, -1)

@@ -184,6 +184,20 @@ class HebbianLayer(System):
             self._blocks_key = key
         return self._blocks
 
+    def monotone_sites(self) -> torch.Tensor:
+        """(S,) bool: ``I − s·(L_k − I)`` is positive definite (a Cholesky factorisation exists).
+
+        Then every site Jacobian ``J_k = −I + s·A_k D`` (``0 ≤ D ≤ I``) is similar to a negative
+        definite matrix, the site has exactly one fixed point and the Newton line search of
+        :func:`dynsim.solvers.newton.backtrack` converges to it. For the inhibitory sign this is
+        ``L_k ≻ 0``. Cached until ``L`` changes."""
+        a, _ = self._lateral_blocks()
+        if getattr(self, "_monotone_key", None) != self._blocks_key:
+            eye = torch.eye(self.nps, dtype=a.dtype, device=a.device)
+            self._monotone = torch.linalg.cholesky_ex(eye - 0.5 * (a + a.mT))[1] == 0
+            self._monotone_key = self._blocks_key
+        return self._monotone
+
     def _abs_row_sums(self) -> torch.Tensor:
         self._lateral_blocks()
         return self._row_sums

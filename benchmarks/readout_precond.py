@@ -15,9 +15,9 @@ NpS×NpS diagonal blocks (one per site) instead. This script:
     own spawned process: its own peak RSS; 1 thread) and reports seconds, Newton and CG
     iterations, CG iterations per Newton iteration, the time spent building the preconditioner,
     the objective, the largest gradient ratio, convergence and test accuracy.
-    ``--max-iter-diagonal`` caps the diagonal fit's Newton iterations (it then reports how far
-    it got: its gradient ratio against liblinear's test, and its CG iterations per Newton
-    iteration beside the block-Jacobi fit's).
+    ``--max-iter`` caps every fit's Newton iterations (a capped fit reports how far it got:
+    its objective and gradient ratio against liblinear's test, its CG iterations per Newton
+    iteration beside the other preconditioners').
 
     PYTHONPATH=. python benchmarks/readout_precond.py --make-features 64
     PYTHONPATH=. python benchmarks/readout_precond.py --fit 64 --out benchmarks/results/readout_precond_64.json
@@ -86,10 +86,11 @@ def fit_one(args: dict) -> dict:
     ytr = torch.from_numpy(np.load(d / f"train_y_{nps}.npy")).long()
     fte = torch.from_numpy(np.load(d / f"test_r_{nps}.npy"))
     yte = torch.from_numpy(np.load(d / f"test_y_{nps}.npy")).long()
-    block = None if args["preconditioner"] == "diagonal" else nps
+    name, _, size = args["preconditioner"].partition(":")
+    block = None if name == "diagonal" else int(size or nps)
     load = os.getloadavg()
     t0 = time.perf_counter()
-    max_iter = args["max_iter_diagonal"] if block is None and args["max_iter_diagonal"] else 1000
+    max_iter = args["max_iter"] or 1000
     model = fit_svc(ftr, ytr, n_classes=10, direction="cg", block=block, max_iter=max_iter)
     seconds = time.perf_counter() - t0
     info = model.info
@@ -120,9 +121,10 @@ def main(argv=None):
     p.add_argument("--warm-images", type=int, default=200)
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--preconditioners", default="block,diagonal", help="comma list of block, diagonal")
-    p.add_argument("--max-iter-diagonal", type=int, default=0,
-                   help="cap the diagonal fit's Newton iterations (0: none; a capped fit is reported unconverged)")
+    p.add_argument("--preconditioners", default="block,diagonal",
+                   help="comma list of diagonal, block (block = NpS) or block:SIZE")
+    p.add_argument("--max-iter", type=int, default=0,
+                   help="cap every fit's Newton iterations (0: none; a capped fit is reported unconverged)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {"settings": vars(args)}
@@ -137,7 +139,7 @@ def main(argv=None):
               f"{'objective':>12} {'grad ratio':>10} {'conv':>5} {'test acc':>8}", flush=True)
         for name in args.preconditioners.split(","):
             row = run(fit_one, {"nps": args.fit, "preconditioner": name, "threads": args.threads,
-                                "dir": args.features_dir, "max_iter_diagonal": args.max_iter_diagonal})
+                                "dir": args.features_dir, "max_iter": args.max_iter})
             rows.append(row)
             print(f"{name:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} {row['cg_iterations']:6d} "
                   f"{str(row['cg_per_newton']):>24} {row['preconditioner_seconds']:7.1f} {row['objective_sum']:12.4f} "

@@ -95,7 +95,8 @@ def fit_one(args: dict) -> dict:
     seconds = time.perf_counter() - t0
     info = model.info
     return {
-        "preconditioner": args["preconditioner"], "block": block, "max_iter": max_iter, "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
+        "preconditioner": args["preconditioner"], "block": block, "max_iter": max_iter,
+        "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
         "seconds": seconds, "newton_iterations": info["newton_iterations"], "cg_iterations": info["cg_iterations"],
         "cg_per_newton": info["cg_per_newton"], "preconditioner_seconds": info["preconditioner_seconds"],
         "products": info["products"], "converged": info["converged"],
@@ -141,9 +142,13 @@ def main(argv=None):
             row = run(fit_one, {"nps": args.fit, "preconditioner": name, "threads": args.threads,
                                 "dir": args.features_dir, "max_iter": args.max_iter})
             rows.append(row)
+            if args.out:  # after every fit: a stopped run keeps the fits it finished
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({**result, "fits": rows}, indent=1))
             print(f"{name:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} {row['cg_iterations']:6d} "
                   f"{str(row['cg_per_newton']):>24} {row['preconditioner_seconds']:7.1f} {row['objective_sum']:12.4f} "
-                  f"{row['max_gradient_ratio']:10.2e} {str(row['converged']):>5} {row['test_accuracy']:8.4f}", flush=True)
+                  f"{row['max_gradient_ratio']:10.2e} {str(row['converged']):>5} {row['test_accuracy']:8.4f}",
+                  flush=True)
         result["fits"] = rows
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ Three readouts, one interface (:func:`fit_readout` → :class:`LinearReadout`):
     Solved by a truncated Newton method (Lin, Weng & Keerthi, "Trust region Newton method for
     large-scale logistic regression", JMLR 2008, the method of liblinear's TRON): conjugate
     gradients on the generalised Hessian ``H_c = I + 2 X̃ᵀ D_c X̃`` (``D_c`` = ``C_i`` on the
-    active set ``1 − t_i wᵀx̃_i > 0``) with a diagonal preconditioner, then an exact line search
+    active set ``1 − t_i wᵀx̃_i > 0``) with a diagonal preconditioner (or a block-Jacobi one over
+    the sites of site-major features, ``block``), then an exact line search
     on the piecewise-quadratic objective. All ``k`` classes advance together, so every
     product with the data is one matrix–matrix product of width ``k``. It stops with
     liblinear's test, per class: ``‖∇f_c(w)‖ ≤ ε_c ‖∇f_c(0)‖``, ``ε_c = tol · min(n⁺_c, n⁻_c) / n``
@@ -143,17 +144,36 @@ class _Design:
         w64 = w_t.double()
         return torch.cat([w64 @ xr.double().T for _, xr in self.rows()], dim=1)
 
-    def gram(self, idx: torch.Tensor, weights: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
-        """``Σ_i c_i x̃_i x̃_iᵀ`` (d + 1, d + 1) float64 over the rows ``idx`` with weights ``c`` (m,);
-        each chunk's product in the data's dtype (float64 when ``exact``), summed in float64."""
+    def gram(self, idx: torch.Tensor, weights: torch.Tensor, *, exact: bool = False,
+             block: int | None = None) -> torch.Tensor:
+        """``Σ_i c_i x̃_i x̃_iᵀ`` float64 over the rows ``idx`` with weights ``c`` (m,): the whole
+        (d + 1, d + 1) matrix, or with ``block`` = b only its diagonal b×b blocks (nb, b, b) —
+        the blocks of consecutive coordinates of ``x̃`` zero-padded to ``nb = ⌈(d + 1)/b⌉``
+        blocks (:func:`block_layout`), n·(d + 1)·b multiply-adds instead of n·(d + 1)². Each
+        chunk's product in the data's dtype (float64 when ``exact``), summed in float64."""
         d1 = self.x.shape[1] + 1
-        out = torch.zeros(d1, d1, dtype=torch.float64, device=self.x.device)
+        nb = d1 if block is None else -(-d1 // block)
+        shape = (d1, d1) if block is None else (nb, block, block)
+        out = torch.zeros(shape, dtype=torch.float64, device=self.x.device)
         for i, xr in self.rows(idx):
             c = weights[i : i + xr.shape[0]]
             if exact:
                 xr, c = xr.double(), c.double()
-            out += ((xr * c[:, None]).T @ xr).double()
+            if block is None:
+                out += ((xr * c[:, None]).T @ xr).double()
+                continue
+            xb = torch.nn.functional.pad(xr, (0, nb * block - d1)).view(-1, nb, block).transpose(0, 1)  # (nb, m, b)
+            out += ((xb * c[None, :, None]).transpose(1, 2) @ xb).double()
         return out
+
+
+def block_layout(d1: int, block: int) -> tuple[int, int]:
+    """``(nb, pad)``: a vector of ``d1`` coordinates cut into ``nb = ⌈d1/b⌉`` consecutive blocks
+    of ``b`` after ``pad = nb·b − d1`` zeros at its end (the augmented weights ``[w, b]``: with
+    ``d = nb'·b`` site-structured features, blocks ``0 … nb'−1`` are the sites and the last one
+    holds the intercept alone)."""
+    nb = -(-d1 // block)
+    return nb, nb * block - d1
 
 
 def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: str | None,
@@ -197,6 +217,7 @@ def fit_svc(
     direction: str = "auto",
     cg_forcing: float = 0.1,
     max_cg: int = 500,
+    block: int | None = None,
 ) -> LinearReadout:
     """LinearSVC's one-vs-rest primal problem (module docstring) by Newton's method.
 
@@ -209,7 +230,17 @@ def fit_svc(
     when that is fewer); from ``w = 0`` every row is active and ``A_c = C G + C (q_c − 1) G_c``
     from the per-class Gram matrices ``G_c`` (``G = Σ_c G_c``), one pass over the data.
     ``"cg"``: conjugate gradients on ``H_c`` through products with the data (liblinear's
-    TRON does this), diagonal preconditioner, stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``.
+    TRON does this), stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``, preconditioned by ``M_c`` =
+    the diagonal of ``H_c`` (``block`` None, liblinear's choice) or, with ``block`` = b, the
+    block-Jacobi matrix: ``H_c``'s diagonal b×b blocks of consecutive coordinates of
+    ``x̃`` (:func:`block_layout`), i.e. for site-major DSSM rates with b = NpS the
+    within-site correlations ``I + 2 Σ_{i active} C_i x̃_{i,s} x̃_{i,s}ᵀ`` of each site
+    ``s`` (Saad, "Iterative methods for sparse linear systems", 2003, §10.1 on block
+    Jacobi). Its blocks are kept between iterations like the exact ``A_c`` (updated by the
+    rows that entered or left the active set; n·(d + 1)·b multiply-adds for a rebuild,
+    against n·(d + 1)² for the whole matrix) and factorised by Cholesky. The preconditioner
+    changes only how fast CG converges, not the Newton systems, the line search or the
+    stopping test: the same minimum.
     ``"auto"``: ``"hessian"`` up to :data:`EXACT_HESSIAN_MAX_DIM` features, else ``"cg"``.
 
     Memory: the features are held once (the caller's tensor); the intercept column and every
@@ -223,13 +254,15 @@ def fit_svc(
         liblinear's ``eps``; its stopping test is in the module docstring).
     w0 : (d + 1, k) start (warm start); zeros when None. The stopping test does not depend on it.
     max_iter : Newton iterations at most (LinearSVC's ``max_iter``).
+    block : the CG preconditioner's block size in ``1 … d + 1`` (``"cg"`` only; None: diagonal).
 
     Returns
     -------
     :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
-    ``products`` (products with the data of width k), ``gram_rows`` (rows that went into
-    Hessian blocks), ``objective`` (per class, float64), ``gradient_ratio``
-    (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``, ``direction``.
+    ``cg_per_newton`` (CG iterations of each Newton iteration), ``preconditioner_seconds``
+    (building and factorising the block-Jacobi blocks), ``products`` (products with the data
+    of width k), ``gram_rows`` (rows that went into Hessian blocks), ``objective`` (per class,
+    float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``, ``direction``, ``block``.
     """
     n, d = features.shape
     if labels.shape != (n,):
@@ -251,7 +284,9 @@ def fit_svc(
     k = t.shape[0]
     pos = (t > 0).sum(dim=1).to(torch.float64)
     eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
-    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0}
+    if block is not None and not 1 <= int(block) <= d + 1:
+        raise ConfigError(f"block must be an integer in 1 … d + 1 = {d + 1} (e.g. the neurons per site), got {block!r}")
+    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "preconditioner_seconds": 0.0}
 
     def gradient(w_t: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
         """∇f (k, d+1) from the weights (k, d+1) and the slacks max(0, 1 − t z) (k, n)."""
@@ -272,6 +307,7 @@ def fit_svc(
     g_norm = torch.linalg.vector_norm(g.double(), dim=1)
     target = eps * g0_norm
     blocks = _HessianBlocks(x, labels, costs, k) if direction == "hessian" else None
+    jacobi = _HessianBlocks(x, labels, costs, k, block=int(block)) if direction == "cg" and block else None
     newton = 0
     while newton < max_iter and bool((g_norm > target).any()):
         newton += 1
@@ -281,8 +317,19 @@ def fit_svc(
         if blocks is not None:
             s = blocks.newton_direction(active, g, running, stats)
         else:
-            s = _cg_direction(x, costs * active, g, g_norm * cg_forcing, max_cg, stats)
-            s[~running] = 0.0
+            precond = None
+            if jacobi is not None:
+                t_pre = time.perf_counter()
+                classes = torch.nonzero(running).squeeze(1)
+                chol = jacobi.factor(active, classes, stats)
+                stats["preconditioner_seconds"] += time.perf_counter() - t_pre
+
+                def precond(r, chol=chol, classes=classes):
+                    out = r.clone()  # identity for the classes that have stopped (their step is 0)
+                    out[classes] = jacobi.solve(chol, r[classes]).to(r.dtype)
+                    return out
+
+            s = _cg_direction(x, costs * active, g, g_norm * cg_forcing, max_cg, stats, running, precond)
         xs = x.scores(s)
         stats["products"] += 1
         step = _line_search(w_t, s, z, xs, t, costs)
@@ -302,6 +349,7 @@ def fit_svc(
         "gradient_ratio": (g_norm / g0_norm).cpu().numpy(),
         "converged": bool((g_norm <= target).all()),
         "direction": direction,
+        "block": None if direction == "hessian" or not block else int(block),
     }
     weights = w_t.T.contiguous()
     if binary:  # scores (−z, z): argmax is liblinear's sign rule
@@ -310,18 +358,28 @@ def fit_svc(
 
 
 class _HessianBlocks:
-    """``A_c = Σ_{i active in c} C_i x̃_i x̃_iᵀ`` for every class, kept along the iterations.
+    """``A_c = Σ_{i active in c} C_i x̃_i x̃_iᵀ`` for every class, kept along the iterations:
+    the whole (d + 1)² matrix, or with ``block`` = b its diagonal b×b blocks only
+    (:func:`block_layout`; the block-Jacobi preconditioner of the CG directions).
 
     The rank updates go through float32 (or the data's dtype) matrix products and are
-    accumulated in float64; the Newton system ``(I + 2 A_c) s_c = −∇f_c`` is solved by a
-    batched float64 Cholesky factorisation.
+    accumulated in float64; ``I + 2 A_c`` (or each of its blocks) is factorised by a batched
+    float64 Cholesky factorisation.
     """
 
-    def __init__(self, x: _Design, labels: torch.Tensor, costs: torch.Tensor, k: int):
-        self.x, self.labels, self.costs, self.k = x, labels, costs, k
-        d1 = x.x.shape[1] + 1
-        self.a = torch.zeros(k, d1, d1, dtype=torch.float64, device=x.x.device)
+    def __init__(self, x: _Design, labels: torch.Tensor, costs: torch.Tensor, k: int, block: int | None = None):
+        self.x, self.labels, self.costs, self.k, self.block = x, labels, costs, k, block
+        self.d1 = x.x.shape[1] + 1
+        if block is None:
+            shape = (k, self.d1, self.d1)
+        else:
+            self.nb, self.pad = block_layout(self.d1, block)
+            shape = (k, self.nb, block, block)
+        self.a = torch.zeros(shape, dtype=torch.float64, device=x.x.device)
         self.active: torch.Tensor | None = None  # (k, n) the active sets A_c was built for
+
+    def _gram(self, rows: torch.Tensor, weights: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        return self.x.gram(rows, weights, exact=exact, block=self.block)
 
     def update(self, active: torch.Tensor, classes: list[int], stats: dict) -> None:
         """Bring ``A_c`` of ``classes`` to the active sets ``active`` (k, n)."""
@@ -331,7 +389,7 @@ class _HessianBlocks:
             # Gram matrices, C_cj the cost that problem c gives to the rows of label j
             for j in torch.unique(self.labels).tolist():
                 rows = torch.nonzero(self.labels == j).squeeze(1)
-                gram = x.gram(rows, torch.ones(rows.numel(), dtype=x.x.dtype, device=x.x.device))
+                gram = self._gram(rows, torch.ones(rows.numel(), dtype=x.x.dtype, device=x.x.device))
                 stats["gram_rows"] += rows.numel()
                 for c in range(self.k):
                     self.a[c] += float(costs[c, rows[0]]) * gram
@@ -346,63 +404,92 @@ class _HessianBlocks:
                 continue
             if changed.numel() < now.numel():
                 sign = torch.where(active[c][changed], 1.0, -1.0).to(costs.dtype)
-                self.a[c] += x.gram(changed, sign * costs[c][changed])
+                self.a[c] += self._gram(changed, sign * costs[c][changed])
                 stats["gram_rows"] += changed.numel()
             else:
-                self.a[c] = x.gram(now, costs[c][now]) if now.numel() else 0.0
+                self.a[c] = self._gram(now, costs[c][now]) if now.numel() else 0.0
                 stats["gram_rows"] += now.numel()
             self.active[c] = active[c]
 
     def _hessian(self, classes: torch.Tensor) -> torch.Tensor:
         h = 2.0 * self.a[classes]
-        h.diagonal(dim1=1, dim2=2).add_(1.0)
+        h.diagonal(dim1=-2, dim2=-1).add_(1.0)
         return h
+
+    def factor(self, active: torch.Tensor, classes: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Cholesky factors of ``I + 2 A_c`` (or of its blocks) for ``classes``, at ``active``."""
+        self.update(active, classes.tolist(), stats)
+        chol, failed = torch.linalg.cholesky_ex(self._hessian(classes))
+        failed = failed.reshape(len(classes), -1).ne(0).any(dim=1)
+        if bool(failed.any()):
+            # rounding in the rank updates (large features, many removals) lost definiteness:
+            # rebuild those blocks from the active rows in float64, where I + 2 A_c is definite
+            for c in classes[failed].tolist():
+                rows = torch.nonzero(active[c]).squeeze(1)
+                self.a[c] = self._gram(rows, self.costs[c][rows], exact=True)
+                stats["gram_rows"] += rows.numel()
+            chol = torch.linalg.cholesky(self._hessian(classes))
+        return chol
+
+    def solve(self, chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """``(I + 2 A_c)⁻¹ rhs_c`` (or its block-diagonal part's) for the factored classes,
+        ``rhs`` (m, d + 1) in any float dtype; float64 result."""
+        r = rhs.double()
+        if self.block is None:
+            return torch.cholesky_solve(r[:, :, None], chol)[:, :, 0]
+        m = r.shape[0]
+        rb = torch.nn.functional.pad(r, (0, self.pad)).view(m, self.nb, self.block, 1)
+        return torch.cholesky_solve(rb, chol).view(m, -1)[:, : self.d1]
 
     def newton_direction(self, active: torch.Tensor, g: torch.Tensor, running: torch.Tensor,
                          stats: dict) -> torch.Tensor:
         """``s_c = −(I + 2 A_c)⁻¹ ∇f_c`` for the running classes, 0 for the others (k, D)."""
         classes = torch.nonzero(running).squeeze(1)
-        self.update(active, classes.tolist(), stats)
-        chol, failed = torch.linalg.cholesky_ex(self._hessian(classes))
-        if bool(failed.any()):
-            # rounding in the rank updates (large features, many removals) lost definiteness:
-            # rebuild those blocks from the active rows in float64, where I + 2 A_c is definite
-            for c in classes[failed > 0].tolist():
-                rows = torch.nonzero(active[c]).squeeze(1)
-                self.a[c] = self.x.gram(rows, self.costs[c][rows], exact=True)
-                stats["gram_rows"] += rows.numel()
-            chol = torch.linalg.cholesky(self._hessian(classes))
+        chol = self.factor(active, classes, stats)
         s = torch.zeros_like(g)
-        s[classes] = torch.cholesky_solve(-g[classes].double()[:, :, None], chol)[:, :, 0].to(g.dtype)
+        s[classes] = self.solve(chol, -g[classes]).to(g.dtype)
         return s
 
 
-def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats) -> torch.Tensor:
-    """Diagonal-preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once."""
-    precond = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
-    stats["products"] += 1
+def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, precond=None) -> torch.Tensor:
+    """Preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once (k, D).
+
+    ``precond(r)`` (k, D) → ``M_c⁻¹ r_c``; the diagonal ``M_c = diag(H_c)`` when None. Each
+    class stops at ``‖r_c‖ ≤ cg_tol_c``; classes not ``running`` take no step (0).
+    """
+    if precond is None:
+        diag = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
+        stats["products"] += 1
+
+        def precond(r):
+            return r / diag
+
     s = torch.zeros_like(g)
     r = -g
-    zr = r / precond
+    zr = precond(r).to(g.dtype)
     p = zr.clone()
     rz = (r * zr).sum(dim=1, dtype=torch.float64)
-    live = torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
+    live = running & (torch.linalg.vector_norm(r.double(), dim=1) > cg_tol)
+    iterations = 0
     for _ in range(max_cg):
         if not bool(live.any()):
             break
         hp = p + 2.0 * x.gauss_newton_product(p, active_cost)
         stats["products"] += 2
-        stats["cg_iterations"] += 1
+        iterations += 1
         php = (p * hp).sum(dim=1, dtype=torch.float64)
         alpha = torch.where(live, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
         s += alpha * p
         r -= alpha * hp
         live &= torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
-        zr = r / precond
+        zr = precond(r).to(g.dtype)
         rz_new = (r * zr).sum(dim=1, dtype=torch.float64)
         beta = torch.where(live, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
         p = zr + beta * p
         rz = rz_new
+    stats["cg_iterations"] += iterations
+    stats["cg_per_newton"].append(iterations)
+    s[~running] = 0.0
     return s
 
 
@@ -496,10 +583,12 @@ def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) ->
 
 
 def fit_readout(name: str, features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None,
-                w0: torch.Tensor | None = None) -> LinearReadout:
-    """Fit the readout ``name`` (one of :data:`READOUTS`); ``w0`` warm-starts ``svc``."""
+                w0: torch.Tensor | None = None, block: int | None = None) -> LinearReadout:
+    """Fit the readout ``name`` (one of :data:`READOUTS`); ``w0`` warm-starts ``svc`` and
+    ``block`` (e.g. the neurons per site of site-major rates) is its CG preconditioner's block
+    size (:func:`fit_svc`; the same minimum, fewer CG iterations)."""
     if name == "svc":
-        return fit_svc(features, labels, n_classes=n_classes, w0=w0)
+        return fit_svc(features, labels, n_classes=n_classes, w0=w0, block=block)
     if name == "ridge":
         return fit_ridge(features, labels, n_classes=n_classes)
     if name == "liblinear":
@@ -508,8 +597,8 @@ def fit_readout(name: str, features: torch.Tensor, labels: torch.Tensor, *, n_cl
 
 
 def readout_accuracy(name: str, f_train, y_train, f_test, y_test, *, w0: torch.Tensor | None = None,
-                     device: str | torch.device = "cpu") -> dict:
-    """Fit readout ``name`` on (f_train, y_train) and score it.
+                     device: str | torch.device = "cpu", block: int | None = None) -> dict:
+    """Fit readout ``name`` on (f_train, y_train) and score it (``w0``, ``block``: :func:`fit_readout`).
 
     Returns ``accuracy`` (test), ``train_accuracy``, ``readout_seconds``, ``readout_converged``,
     ``readout_iterations`` (Newton iterations; 0 for ridge), ``test_predictions`` (M,) int8 and
@@ -526,7 +615,7 @@ def readout_accuracy(name: str, f_train, y_train, f_test, y_test, *, w0: torch.T
     if not (torch.isfinite(ftr).all() and torch.isfinite(fte).all()):
         raise DataError("features contain NaN or Inf; the representation diverged")
     k = int(max(int(ytr.max()), int(yte.max()))) + 1
-    model = fit_readout(name, ftr, ytr, n_classes=k, w0=w0)
+    model = fit_readout(name, ftr, ytr, n_classes=k, w0=w0, block=block)
     pred = model.predict(fte)
     return {
         "accuracy": float((pred == yte).to(torch.float64).mean()),

@@ -81,6 +81,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         seed=config.seed,
         progress=config.progress,
         layer_slices=layer.layer_slices() if deep else None,
+        readout_blocks=[sub.nps for sub in layer.layers] if deep else [getattr(layer, "nps", None)],
     )
     callbacks = [net.rule, monitor, evaluator]
     if deep:  # before the rule: it reads the residuals at the weights the state settled with

@@ -49,6 +49,7 @@ from dynsim.compiled import (
     _SEARCH_AFTER,
     _SETTLED,
     _cholesky_ok,
+    _drive_sites,
     _jit,
     _rate,
     _slope,
@@ -320,7 +321,6 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
     returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
     written) if a lateral block is not symmetric."""
     n_sites, m, kc = w.shape
-    k_in = ff_index.shape[1]
     dtype = w.dtype
     zero = dtype.type(0)
     row = np.zeros((n_sites, m), dtype=dtype)  # Σ_j |s·A_kij|
@@ -349,17 +349,10 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
     n_evals = 0
     for bi in range(x.shape[0]):
         xb = x[bi]
-        for s in range(n_sites):  # the drive d = W x, site by site (padding reads 0)
-            for k in range(k_in):
-                p = ff_index[s, k]
-                for g in range(channels):
-                    xg[k * channels + g] = xb[g * n_pixels + p] if p != n_pixels else zero
+        _drive_sites(xb, w, ff_index, n_pixels, channels, xg, d.T)  # d = W x, written site-major through d.T
+        for s in range(n_sites):
             for i in range(m):
-                acc = zero
-                for j in range(kc):
-                    acc += w[s, i, j] * xg[j]
-                d[s, i] = acc
-                box[s, i] = abs(acc) + row[s, i]
+                box[s, i] = abs(d[s, i]) + row[s, i]
         us = u[bi].reshape(n_sites, m)  # views: the state is site-major
         rs = r[bi].reshape(n_sites, m)
         nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, us, un, rs, rn, fs, fn, tau, code, picard,

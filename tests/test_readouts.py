@@ -157,6 +157,24 @@ def test_svc_hessian_and_cg_agree_on_a_chunked_problem(monkeypatch):
         torch.testing.assert_close(m.weights, whole.weights, atol=2e-3, rtol=0)
 
 
+def test_svc_cg_products_over_the_active_rows_only(monkeypatch):
+    """CG products over a copy of the rows active for some running class (``cg_rows``) reach the
+    same minimum as products over all rows (``COMPACT_FRACTION`` 0: never compact); from w = 0
+    every row is active (first entry n), near the optimum far fewer are."""
+    import dynsim.readouts as ro
+
+    x, y = blobs(n=2000, d=30, k=4)
+    x[torch.arange(2000), y] += 4.0  # well separated: most rows leave every active set
+    compact = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
+    monkeypatch.setattr(ro, "COMPACT_FRACTION", 0.0)
+    full = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
+    assert compact.info["converged"] and full.info["converged"]
+    assert full.info["cg_rows"] == [2000] * full.info["newton_iterations"]
+    assert compact.info["cg_rows"][0] == 2000 and min(compact.info["cg_rows"]) < 0.5 * 2000
+    np.testing.assert_allclose(compact.info["objective"], full.info["objective"], rtol=1e-10)
+    torch.testing.assert_close(compact.weights, full.weights, atol=1e-7, rtol=0)
+
+
 def site_features(n=3000, sites=24, nps=8, noise=0.05, seed=0, k=5):
     """Site-structured features (feature j = site j // nps, neuron j % nps), like the DSSM's
     settled rates: the neurons of a site follow one shared factor (plus ``noise``) at their own

@@ -1,23 +1,23 @@
-"""The `svc` readout's CG preconditioner at full size: diagonal vs block-Jacobi over sites, real features.
+"""The `svc` readout's CG preconditioner at full size: one-level (diagonal, block-Jacobi over sites) vs two-level (+ a coarse space), real features.
 
 Issue 15: at NpS 64/100 the exact ``svc`` readout (n = 60,000, d = 196·NpS) is fitted by
-Newton–CG; with the diagonal preconditioner a converged fit at d = 19,600 takes hundreds of CG
-iterations. ``fit_svc(..., block=NpS)`` preconditions each class's CG with the exact Hessian's
-NpS×NpS diagonal blocks (one per site) instead. This script:
+Newton–CG, and the fit, not settling, is what a large-NpS study cell spends most on. This script:
 
 ``--make-features NPS``
-    builds the DSSM layer at NpS (``DSSMConfig`` defaults, the seed of ``benchmarks/nps100.py``),
-    trains it for ``--warm-images`` online images (batch 1, η = 5e-3, ``newton-cg``), settles all
-    70,000 Fashion-MNIST images with ``newton-cg`` and saves the rates and labels as ``.npy``
-    under ``--features-dir`` (``train_r_NPS.npy`` …) — real settled features, made once.
+    builds the DSSM layer at NpS (``DSSMConfig`` defaults), trains it as a ``study nps`` cell
+    does (``--epochs`` × 1000 online images, batch 1, ``DSSMConfig``'s η schedule,
+    ``newton-cg``), settles all 70,000 Fashion-MNIST images and saves the rates and labels as
+    ``.npy`` under ``--features-dir`` (``train_r_NPS.npy`` …) — real settled features, made once.
 ``--fit NPS``
     fits ``svc`` on those features with each ``--preconditioners`` entry in turn (each in its
-    own spawned process: its own peak RSS; 1 thread) and reports seconds, Newton and CG
-    iterations, CG iterations per Newton iteration, the time spent building the preconditioner,
-    the objective, the largest gradient ratio, convergence and test accuracy.
-    ``--max-iter`` caps every fit's Newton iterations (a capped fit reports how far it got:
-    its objective and gradient ratio against liblinear's test, its CG iterations per Newton
-    iteration beside the other preconditioners').
+    own spawned process: its own peak RSS; 1 thread): ``diagonal``, ``block`` (block-Jacobi,
+    blocks of NpS) or ``block:SIZE``, each optionally ``+coarseL`` (the balancing two-level
+    preconditioner with a coarse space of dimension L, ``fit_svc(coarse=L)``). It reports
+    seconds, Newton and CG iterations, CG iterations per Newton iteration, the rows CG ran over,
+    the time spent building the preconditioner, the objective, the largest gradient ratio,
+    convergence, test accuracy, and every fit's test predictions (to count the ones that differ:
+    liblinear's stopping test leaves each path a little short of the minimum).
+    ``--max-iter`` caps every fit's Newton iterations (a capped fit reports how far it got).
 
     PYTHONPATH=. python benchmarks/readout_precond.py --make-features 64
     PYTHONPATH=. python benchmarks/readout_precond.py --fit 64 --out benchmarks/results/readout_precond_64.json
@@ -55,9 +55,12 @@ def make_features(args: dict) -> dict:
     cfg = DSSMConfig(data=args["data"], nps=args["nps"])
     ds, xtr, xte = prepare_data(cfg)
     layer = build_layer(cfg, ds.image_shape)
-    stop, solver = stop_rule(1e-4, 3000), make_solver("newton-cg")
-    for batch in epoch_batches(torch.as_tensor(xtr), images=args["warm_images"], batch_size=1, seed=1)(0):
-        hebbian_update(layer, batch.x, settle(layer, batch.x, solver=solver, stop=stop).r, 5e-3)
+    stop, solver = stop_rule(cfg.threshold, cfg.max_steps), make_solver("newton-cg")
+    batches = epoch_batches(torch.as_tensor(xtr), images=cfg.images_per_epoch, batch_size=1, seed=0)
+    for epoch in range(args["epochs"]):  # a study cell's training: batch 1, η_e of DSSMConfig
+        eta = max(cfg.eta0 / (1 + cfg.eta_decay * epoch), cfg.eta_min)
+        for batch in batches(epoch):
+            hebbian_update(layer, batch.x, settle(layer, batch.x, solver=solver, stop=stop).r, eta)
     t0 = time.perf_counter()
     rep_tr = settle_dataset(layer, xtr, solver=solver, stop=stop, batch_size=args["eval_batch"])
     rep_te = settle_dataset(layer, xte, solver=solver, stop=stop, batch_size=args["eval_batch"])
@@ -70,7 +73,7 @@ def make_features(args: dict) -> dict:
     np.save(out / f"train_y_{nps}.npy", np.asarray(ds.y_train))
     np.save(out / f"test_y_{nps}.npy", np.asarray(ds.y_test))
     return {"nps": nps, "settle_seconds_all_images": seconds, "features": int(rep_tr.r.shape[1]),
-            "warm_images": args["warm_images"], "load_average": os.getloadavg()}
+            "epochs": args["epochs"], "load_average": os.getloadavg()}
 
 
 def fit_one(args: dict) -> dict:
@@ -86,16 +89,21 @@ def fit_one(args: dict) -> dict:
     ytr = torch.from_numpy(np.load(d / f"train_y_{nps}.npy")).long()
     fte = torch.from_numpy(np.load(d / f"test_r_{nps}.npy"))
     yte = torch.from_numpy(np.load(d / f"test_y_{nps}.npy")).long()
-    name, _, size = args["preconditioner"].partition(":")
+    spec, _, coarse = args["preconditioner"].partition("+coarse")
+    name, _, size = spec.partition(":")
     block = None if name == "diagonal" else int(size or nps)
+    coarse = int(coarse) if coarse else None
     load = os.getloadavg()
     t0 = time.perf_counter()
     max_iter = args["max_iter"] or 1000
-    model = fit_svc(ftr, ytr, n_classes=10, direction="cg", block=block, max_iter=max_iter)
+    model = fit_svc(ftr, ytr, n_classes=10, direction="cg", block=block, coarse=coarse, max_iter=max_iter,
+                    tol=args["tol"])
     seconds = time.perf_counter() - t0
     info = model.info
     return {
-        "preconditioner": args["preconditioner"], "block": block, "max_iter": max_iter,
+        "preconditioner": args["preconditioner"], "block": block, "coarse": coarse, "max_iter": max_iter,
+        "tol": args["tol"], "cg_rows": info["cg_rows"], "coarse_seconds": info.get("coarse_seconds"),
+        "test_predictions": "".join(map(str, model.predict(fte).tolist())),
         "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
         "seconds": seconds, "newton_iterations": info["newton_iterations"], "cg_iterations": info["cg_iterations"],
         "cg_per_newton": info["cg_per_newton"], "preconditioner_seconds": info["preconditioner_seconds"],
@@ -119,18 +127,20 @@ def main(argv=None):
     p.add_argument("--make-features", type=int, default=None, metavar="NPS")
     p.add_argument("--fit", type=int, default=None, metavar="NPS")
     p.add_argument("--features-dir", default="/work/runs/feat")
-    p.add_argument("--warm-images", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs of DSSMConfig's schedule before settling")
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--preconditioners", default="block,diagonal",
-                   help="comma list of diagonal, block (block = NpS) or block:SIZE")
+    p.add_argument("--preconditioners", default="block,block+coarse128",
+                   help="comma list of diagonal, block (block = NpS) or block:SIZE, each optionally +coarseL "
+                        "(the coarse space of dimension L)")
+    p.add_argument("--tol", type=float, default=1e-4, help="liblinear's tol (its stopping test)")
     p.add_argument("--max-iter", type=int, default=0,
                    help="cap every fit's Newton iterations (0: none; a capped fit is reported unconverged)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {"settings": vars(args)}
     if args.make_features:
-        row = run(make_features, {"data": args.data, "nps": args.make_features, "warm_images": args.warm_images,
+        row = run(make_features, {"data": args.data, "nps": args.make_features, "epochs": args.epochs,
                                   "eval_batch": args.eval_batch, "threads": args.threads, "dir": args.features_dir})
         print(json.dumps(row, indent=1), flush=True)
         result["features"] = row
@@ -140,7 +150,7 @@ def main(argv=None):
               f"{'objective':>12} {'grad ratio':>10} {'conv':>5} {'test acc':>8}", flush=True)
         for name in args.preconditioners.split(","):
             row = run(fit_one, {"nps": args.fit, "preconditioner": name, "threads": args.threads,
-                                "dir": args.features_dir, "max_iter": args.max_iter})
+                                "dir": args.features_dir, "max_iter": args.max_iter, "tol": args.tol})
             rows.append(row)
             if args.out:  # after every fit: a stopped run keeps the fits it finished
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +160,11 @@ def main(argv=None):
                   f"{row['max_gradient_ratio']:10.2e} {str(row['converged']):>5} {row['test_accuracy']:8.4f}",
                   flush=True)
         result["fits"] = rows
+        first = rows[0]["test_predictions"]
+        for row in rows[1:]:  # paths that stop at liblinear's test end a little apart
+            row["test_predictions_differing_from_first"] = sum(a != b for a, b in zip(first, row["test_predictions"]))
+            print(f"{row['preconditioner']}: {row['test_predictions_differing_from_first']} test predictions differ "
+                  f"from {rows[0]['preconditioner']}'s", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

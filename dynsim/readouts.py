@@ -210,6 +210,9 @@ def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: st
 # copy would cost more than it saves
 COMPACT_FRACTION = 0.7
 
+# the coarse space's dimension ℓ of fit_svc(coarse="auto") (benchmarks/readout_precond.py)
+COARSE_RANK = 128
+
 # feature dimension up to which Newton directions come from the exact Hessian blocks (k dense
 # (d+1)² matrices); above it, from conjugate gradients (memory O(n k) instead of O(k d²))
 EXACT_HESSIAN_MAX_DIM = 4096
@@ -231,7 +234,7 @@ def fit_svc(
     cg_forcing: float = 0.1,
     max_cg: int = 500,
     block: int | None = None,
-    coarse: int | None = None,
+    coarse: int | str | None = "auto",
 ) -> LinearReadout:
     """LinearSVC's one-vs-rest primal problem (module docstring) by Newton's method.
 
@@ -283,7 +286,9 @@ def fit_svc(
     w0 : (d + 1, k) start (warm start); zeros when None. The stopping test does not depend on it.
     max_iter : Newton iterations at most (LinearSVC's ``max_iter``).
     block : the CG preconditioner's block size in ``1 … d + 1`` (``"cg"`` only; None: diagonal).
-    coarse : the coarse space's dimension ℓ in ``1 … d + 1`` (``"cg"`` only; None: none).
+    coarse : the coarse space's dimension ℓ in ``1 … d + 1`` (``"cg"`` only; None: none;
+        ``"auto"``: :data:`COARSE_RANK` above :data:`EXACT_HESSIAN_MAX_DIM` features, where
+        ``"auto"`` directions are CG, else none).
 
     Returns
     -------
@@ -316,7 +321,9 @@ def fit_svc(
     eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
     if block is not None and not 1 <= int(block) <= d + 1:
         raise ConfigError(f"block must be an integer in 1 … d + 1 = {d + 1} (e.g. the neurons per site), got {block!r}")
-    if coarse is not None and not 1 <= int(coarse) <= d + 1:
+    if coarse == "auto":
+        coarse = min(COARSE_RANK, d + 1) if d + 1 > EXACT_HESSIAN_MAX_DIM else None
+    if coarse is not None and (isinstance(coarse, str) or not 1 <= int(coarse) <= d + 1):
         raise ConfigError(f"coarse must be an integer in 1 … d + 1 = {d + 1} (the coarse space's dimension), got {coarse!r}")
     stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "cg_rows": [],
              "preconditioner_seconds": 0.0}

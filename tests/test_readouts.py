@@ -207,7 +207,20 @@ def test_svc_coarse_space_of_every_direction_is_the_exact_newton_step():
     assert used == [1] * len(used)
 
 
-@pytest.mark.parametrize("coarse", [0, 32, -1])
+def test_svc_coarse_auto_only_where_auto_directions_are_cg(monkeypatch):
+    """``coarse="auto"`` (the default): none up to ``EXACT_HESSIAN_MAX_DIM`` features, ``min(COARSE_RANK,
+    d + 1)`` above it (where ``direction="auto"`` is CG)."""
+    import dynsim.readouts as ro
+
+    x, y = separated_blobs()
+    assert fit_svc(x, y, direction="cg").info["coarse"] is None
+    monkeypatch.setattr(ro, "EXACT_HESSIAN_MAX_DIM", 16)
+    monkeypatch.setattr(ro, "COARSE_RANK", 8)
+    m = fit_svc(x, y)
+    assert m.info["direction"] == "cg" and m.info["coarse"] == 8
+
+
+@pytest.mark.parametrize("coarse", [0, 32, -1, "full"])
 def test_svc_coarse_out_of_range_is_one_line_error(coarse):
     x, y = blobs(n=200, d=30)
     with pytest.raises(ConfigError, match="coarse must be an integer in 1 … d \\+ 1 = 31"):

@@ -135,12 +135,14 @@ def main(argv=None) -> dict:
     importlib.import_module("dynsim_a.plasticity"), importlib.import_module("dynsim_b.plasticity")
     xs = torch.rand(40, 784, generator=torch.Generator().manual_seed(0))
     xs -= xs.mean(1, keepdim=True)
-    setups = {}
+    setups, initial = {}, {}
     for key, m in mods.items():
         s = systems(m, args.deep)
-        if key == "b":  # the same weights in both versions
+        if key == "a":  # the same weights in both versions (before the warm-up's Hebbian update)
+            initial = {name: {k: v.clone() for k, v in system.state_dict().items()} for name, system in s.items()}
+        else:
             for name, system in s.items():
-                system.load_state_dict(setups["a"][1][name].state_dict())
+                system.load_state_dict(initial[name])
         stop = m.RelativeChange(1e-4) | m.MaxSteps(3000)
         m.settle(s["one"], xs[:2], solver=m.SiteNewton(), stop=stop)  # compile or load the kernels
         m.settle(s["one"], xs[:2], solver=m.Euler(), stop=stop)

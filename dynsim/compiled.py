@@ -666,6 +666,11 @@ def can_settle(system, x: torch.Tensor, u0) -> bool:
         return False
     if not applies(system, *((x,) if u0 is None else (x, u0))):
         return False
+    return inputs_fit(system, x, u0)
+
+
+def inputs_fit(system, x: torch.Tensor, u0: torch.Tensor | None) -> bool:
+    """``x`` is (B, system.input_size) and ``u0`` None or a finite (B, system.state_size) tensor."""
     if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
         return False
     return u0 is None or bool(torch.isfinite(u0).all())

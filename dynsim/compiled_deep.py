@@ -183,9 +183,7 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
                               dt(gamma * mults[p + 1]), fb)
                 bb = bb_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
                 ff = ff_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
-                for i in range(m_per):
-                    for s in range(n_sites):
-                        bb[i, s] = ff[i, s] + fb[i, s]
+                _add(ff, fb, bb)
                 f2s[p], u2s[p] = _site_field(bb, us_all[off[p]:off[p + 1]].reshape((m_per, n_sites)),
                                              rr_all[off[p]:off[p + 1]].reshape((m_per, n_sites)),
                                              a_all[joff[p]:joff[p + 1]].reshape((m_per, m_per, n_sites)),
@@ -236,9 +234,7 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
                         _layer_input(rr_all[off[p - 1]:off[p]], ws[p], idxs[p], dims[p - 1, 1], dims[p - 1, 0],
                                      dt(1.0 / mults[p]), xg, ff)
                         fb = fb_all[off[p]:off[p + 1]].reshape((m_per, n_sites))
-                        for i in range(m_per):
-                            for s in range(n_sites):
-                                bb[i, s] = ff[i, s] + fb[i, s]
+                        _add(ff, fb, bb)
                         f2, u2 = _site_field(bb, us, rr, a, fs)
                     for i in range(m_per):  # the tanh box of this layer's input b_p
                         for s in range(n_sites):
@@ -290,6 +286,14 @@ def _deep_kernel(x, ws, idxs, lats, n_pixels, channels, dims, gains, mults, gamm
 
 
 @_jit
+def _add(ff, fb, bb):
+    """``b_p = ff + fb``: layer p's input from below and from above."""
+    for i in range(ff.shape[0]):
+        for s in range(ff.shape[1]):
+            bb[i, s] = ff[i, s] + fb[i, s]
+
+
+@_jit
 def _half_step(us, un):
     """``un ← u + (un − u)/2``: the damped Newton step of :class:`~dynsim.solvers.BlockNewton`
     (the difference in float64, rounded once)."""
@@ -312,9 +316,7 @@ def can_settle(system, x: torch.Tensor, u0) -> bool:
         return False
     if len({lay.ff.weight.dtype for lay in layers}) != 1:
         return False
-    if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
-        return False
-    return u0 is None or bool(torch.isfinite(u0).all())
+    return compiled.inputs_fit(system, x, u0)
 
 
 def _arrays(system) -> tuple:

@@ -125,6 +125,14 @@ class _Design:
             bias += cz.sum(dim=1, keepdim=True)
         return torch.cat([out, self.s * bias], dim=1)
 
+    def t_product_rows(self, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``Σ_{i ∈ idx} a_{:, i} x̃_iᵀ`` (m, d + 1) from ``a`` (m, |idx|): ``A X̃`` over the rows
+        ``idx`` only, gathered chunk by chunk."""
+        out = a.new_zeros(a.shape[0], self.x.shape[1])
+        for i in range(0, idx.numel(), self.chunk):
+            out.addmm_(a[:, i : i + self.chunk], self.x[idx[i : i + self.chunk]])
+        return torch.cat([out, self.s * a.sum(dim=1, keepdim=True)], dim=1)
+
     def rows(self, idx: torch.Tensor | None = None):
         """``X̃`` in row chunks (of the rows ``idx``, all when None), each (m, d + 1)."""
         n = self.x.shape[0] if idx is None else idx.numel()
@@ -197,6 +205,11 @@ def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: st
     return t, costs
 
 
+# CG products run over a copy of the rows that are active for some running class when they are at
+# most this fraction of the data (rows outside every active set add 0 to H_c p); above it the
+# copy would cost more than it saves
+COMPACT_FRACTION = 0.7
+
 # feature dimension up to which Newton directions come from the exact Hessian blocks (k dense
 # (d+1)² matrices); above it, from conjugate gradients (memory O(n k) instead of O(k d²))
 EXACT_HESSIAN_MAX_DIM = 4096
@@ -218,6 +231,7 @@ def fit_svc(
     cg_forcing: float = 0.1,
     max_cg: int = 500,
     block: int | None = None,
+    coarse: int | None = None,
 ) -> LinearReadout:
     """LinearSVC's one-vs-rest primal problem (module docstring) by Newton's method.
 
@@ -230,7 +244,9 @@ def fit_svc(
     when that is fewer); from ``w = 0`` every row is active and ``A_c = C G + C (q_c − 1) G_c``
     from the per-class Gram matrices ``G_c`` (``G = Σ_c G_c``), one pass over the data.
     ``"cg"``: conjugate gradients on ``H_c`` through products with the data (liblinear's
-    TRON does this), stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``, preconditioned by ``M_c`` =
+    TRON does this) — with only the rows active for some running class, since the others add
+    nothing to ``H_c p`` (near the optimum a few per cent of the (row, class) pairs are active) —
+    stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``, preconditioned by ``M_c`` =
     the diagonal of ``H_c`` (``block`` None, liblinear's choice) or, with ``block`` = b, the
     block-Jacobi matrix: ``H_c``'s diagonal b×b blocks of consecutive coordinates of
     ``x̃`` (:func:`block_layout`), i.e. for site-major DSSM rates with b = NpS the
@@ -241,6 +257,18 @@ def fit_svc(
     against n·(d + 1)² for the whole matrix) and factorised by Cholesky. The preconditioner
     changes only how fast CG converges, not the Newton systems, the line search or the
     stopping test: the same minimum.
+    ``coarse`` = ℓ adds a coarse space to that preconditioner ``B_c`` (diagonal or block-Jacobi):
+    ``U`` (d + 1, ℓ), the ℓ leading right singular vectors of ``X̃`` (randomized range finder
+    with one power iteration, Halko, Martinsson & Tropp, SIAM Review 2011, alg. 4.3), computed
+    once — the directions shared by all sites (the features' mean, their leading components),
+    along which ``H_c`` is large and a per-site ``B_c`` is far from it. With ``E_c = Uᵀ H_c U``
+    and ``Q_c = U E_c⁻¹ Uᵀ`` the preconditioner is the balancing one
+    ``P_c = (I − Q_c H_c) B_c⁻¹ (I − H_c Q_c) + Q_c`` (Mandel, "Balancing domain
+    decomposition", 1993; Tang, Nabben, Vuik & Erlangga, J. Sci. Comput. 2009, "A-DEF2"),
+    symmetric positive definite: CG solves ``H_c`` exactly on span ``U`` and ``B_c`` handles the
+    rest. ``H_c U`` costs 2 ℓ (d + 1) multiply-adds per active row of class ``c``, so the coarse
+    space is used only in the Newton iterations whose CG runs over a compacted copy of the rows
+    (:data:`COMPACT_FRACTION`; from w = 0 every row is active and few CG iterations are needed).
     ``"auto"``: ``"hessian"`` up to :data:`EXACT_HESSIAN_MAX_DIM` features, else ``"cg"``.
 
     Memory: the features are held once (the caller's tensor); the intercept column and every
@@ -255,11 +283,13 @@ def fit_svc(
     w0 : (d + 1, k) start (warm start); zeros when None. The stopping test does not depend on it.
     max_iter : Newton iterations at most (LinearSVC's ``max_iter``).
     block : the CG preconditioner's block size in ``1 … d + 1`` (``"cg"`` only; None: diagonal).
+    coarse : the coarse space's dimension ℓ in ``1 … d + 1`` (``"cg"`` only; None: none).
 
     Returns
     -------
     :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
-    ``cg_per_newton`` (CG iterations of each Newton iteration), ``preconditioner_seconds``
+    ``cg_per_newton`` (CG iterations of each Newton iteration), ``cg_rows`` (rows its CG products
+    ran over: only the rows active for some running class, :data:`COMPACT_FRACTION`), ``preconditioner_seconds``
     (building and factorising the block-Jacobi blocks), ``products`` (products with the data
     of width k), ``gram_rows`` (rows that went into Hessian blocks), ``objective`` (per class,
     float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``, ``direction``, ``block``.
@@ -286,7 +316,10 @@ def fit_svc(
     eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
     if block is not None and not 1 <= int(block) <= d + 1:
         raise ConfigError(f"block must be an integer in 1 … d + 1 = {d + 1} (e.g. the neurons per site), got {block!r}")
-    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "preconditioner_seconds": 0.0}
+    if coarse is not None and not 1 <= int(coarse) <= d + 1:
+        raise ConfigError(f"coarse must be an integer in 1 … d + 1 = {d + 1} (the coarse space's dimension), got {coarse!r}")
+    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "cg_rows": [],
+             "preconditioner_seconds": 0.0}
 
     def gradient(w_t: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
         """∇f (k, d+1) from the weights (k, d+1) and the slacks max(0, 1 − t z) (k, n)."""
@@ -308,6 +341,7 @@ def fit_svc(
     target = eps * g0_norm
     blocks = _HessianBlocks(x, labels, costs, k) if direction == "hessian" else None
     jacobi = _HessianBlocks(x, labels, costs, k, block=int(block)) if direction == "cg" and block else None
+    space = _CoarseSpace(x, int(coarse), stats) if direction == "cg" and coarse else None
     newton = 0
     while newton < max_iter and bool((g_norm > target).any()):
         newton += 1
@@ -329,7 +363,20 @@ def fit_svc(
                     out[classes] = jacobi.solve(chol, r[classes]).to(r.dtype)
                     return out
 
-            s = _cg_direction(x, costs * active, g, g_norm * cg_forcing, max_cg, stats, running, precond)
+            design, weights = x, costs * active
+            rows = active[running].any(dim=0)  # the rows of some running class's Hessian
+            n_rows = int(rows.sum())
+            if n_rows <= COMPACT_FRACTION * n:  # a copy of just those rows for this system's CG
+                idx = torch.nonzero(rows).squeeze(1)
+                design, weights = _Design(features.index_select(0, idx), intercept_scaling), weights[:, idx]
+            stats["cg_rows"].append(n_rows if design is not x else n)
+            two_level = None
+            if space is not None and design is not x:
+                t_pre = time.perf_counter()
+                two_level = space.factor(costs * active, torch.nonzero(running).squeeze(1))
+                stats["preconditioner_seconds"] += time.perf_counter() - t_pre
+            s = _cg_direction(design, weights, g, g_norm * cg_forcing, max_cg, stats, running, precond, two_level)
+            del design
         xs = x.scores(s)
         stats["products"] += 1
         step = _line_search(w_t, s, z, xs, t, costs)
@@ -350,6 +397,7 @@ def fit_svc(
         "converged": bool((g_norm <= target).all()),
         "direction": direction,
         "block": None if direction == "hessian" or not block else int(block),
+        "coarse": None if direction == "hessian" or not coarse else int(coarse),
     }
     weights = w_t.T.contiguous()
     if binary:  # scores (−z, z): argmax is liblinear's sign rule
@@ -451,11 +499,73 @@ class _HessianBlocks:
         return s
 
 
-def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, precond=None) -> torch.Tensor:
+class _CoarseSpace:
+    """The coarse space ``U`` (d + 1, ℓ) of :func:`fit_svc`'s balancing preconditioner and
+    ``Z = X̃ U`` (n, ℓ), computed once; :meth:`factor` builds ``E_c = Uᵀ H_c U`` and ``H_c U``
+    for the running classes at the current active sets."""
+
+    def __init__(self, x: _Design, rank: int, stats: dict, seed: int = 0):
+        t0 = time.perf_counter()
+        self.x = x
+        d1 = x.x.shape[1] + 1
+        gen = torch.Generator(device=x.x.device).manual_seed(seed)
+        omega = torch.randn(rank, d1, generator=gen, dtype=x.x.dtype, device=x.x.device)
+        u = torch.linalg.qr(x.t_product(x.scores(omega)).T).Q  # range of X̃ᵀX̃ Ω
+        u = torch.linalg.qr(x.t_product(x.scores(u.T)).T).Q  # one power iteration
+        self.u = u  # (d + 1, ℓ) orthonormal
+        self.z = x.scores(u.T).T.contiguous()  # X̃ U (n, ℓ)
+        stats["coarse_seconds"] = time.perf_counter() - t0
+
+    def factor(self, active_cost: torch.Tensor, classes: torch.Tensor) -> "_TwoLevel":
+        """``E_c⁻¹`` (Cholesky, float64) and ``H_c U = U + 2 X̃ᵀ D_c Z`` of ``classes``
+        (over each class's active rows only); ``active_cost`` (k, n) is ``D_c``'s diagonal."""
+        k = active_cost.shape[0]
+        rank = self.u.shape[1]
+        hu = self.u.new_zeros(k, self.u.shape[0], rank)
+        e = torch.eye(rank, dtype=torch.float64, device=self.u.device).repeat(k, 1, 1)
+        for c in classes.tolist():
+            idx = torch.nonzero(active_cost[c] > 0).squeeze(1)
+            zc = self.z[idx] * active_cost[c, idx, None]  # D_c Z on the active rows
+            e[c] += 2.0 * (self.z[idx].T @ zc).double()
+            hu[c] = self.u + 2.0 * self.x.t_product_rows(idx, zc.T).T
+        return _TwoLevel(self.u, hu, torch.linalg.cholesky(e), classes)
+
+
+@dataclass
+class _TwoLevel:
+    """The balancing preconditioner ``P_c r = (I − Q_c H_c) B_c⁻¹ (I − H_c Q_c) r + Q_c r``,
+    ``Q_c = U E_c⁻¹ Uᵀ``, for ``classes`` (the others: ``B_c⁻¹ r``)."""
+
+    u: torch.Tensor  # (D, ℓ)
+    hu: torch.Tensor  # (k, D, ℓ) H_c U
+    chol: torch.Tensor  # (k, ℓ, ℓ) Cholesky factors of E_c
+    classes: torch.Tensor
+
+    def _e_solve(self, v: torch.Tensor) -> torch.Tensor:  # (m, ℓ) → E_c⁻¹ v_c
+        return torch.cholesky_solve(v.double()[:, :, None], self.chol[self.classes])[:, :, 0]
+
+    def apply(self, r: torch.Tensor, base) -> torch.Tensor:
+        c = self.classes
+        u, hu = self.u, self.hu[c]
+        rc = r[c]
+        a = self._e_solve(rc @ u).to(r.dtype)  # E⁻¹ Uᵀ r
+        q = r.clone()
+        q[c] = rc - torch.bmm(hu, a[:, :, None])[:, :, 0]  # (I − H Q) r
+        q = base(q).to(r.dtype)  # B⁻¹ (…)
+        qc = q[c]
+        b = self._e_solve(torch.bmm(qc[:, None, :], hu)[:, 0, :]).to(r.dtype)  # E⁻¹ (HU)ᵀ q
+        q[c] = qc - b @ u.T + a @ u.T
+        return q
+
+
+def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, precond=None,
+                  two_level=None) -> torch.Tensor:
     """Preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once (k, D).
 
-    ``precond(r)`` (k, D) → ``M_c⁻¹ r_c``; the diagonal ``M_c = diag(H_c)`` when None. Each
-    class stops at ``‖r_c‖ ≤ cg_tol_c``; classes not ``running`` take no step (0).
+    ``precond(r)`` (k, D) → ``M_c⁻¹ r_c``; the diagonal ``M_c = diag(H_c)`` when None. With
+    ``two_level`` (a :meth:`_CoarseSpace.factor`) that preconditioner is the ``B_c`` of the
+    balancing one. Each class stops at ``‖r_c‖ ≤ cg_tol_c``; classes not ``running`` take no
+    step (0).
     """
     if precond is None:
         diag = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
@@ -463,6 +573,12 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
 
         def precond(r):
             return r / diag
+
+    if two_level is not None:
+        base = precond
+
+        def precond(r):
+            return two_level.apply(r, base)
 
     s = torch.zeros_like(g)
     r = -g

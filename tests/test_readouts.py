@@ -157,6 +157,63 @@ def test_svc_hessian_and_cg_agree_on_a_chunked_problem(monkeypatch):
         torch.testing.assert_close(m.weights, whole.weights, atol=2e-3, rtol=0)
 
 
+def test_svc_cg_products_over_the_active_rows_only(monkeypatch):
+    """CG products over a copy of the rows active for some running class (``cg_rows``) reach the
+    same minimum as products over all rows (``COMPACT_FRACTION`` 0: never compact); from w = 0
+    every row is active (first entry n), near the optimum far fewer are."""
+    import dynsim.readouts as ro
+
+    x, y = blobs(n=2000, d=30, k=4)
+    x[torch.arange(2000), y] += 4.0  # well separated: most rows leave every active set
+    compact = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
+    monkeypatch.setattr(ro, "COMPACT_FRACTION", 0.0)
+    full = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
+    assert compact.info["converged"] and full.info["converged"]
+    assert full.info["cg_rows"] == [2000] * full.info["newton_iterations"]
+    assert compact.info["cg_rows"][0] == 2000 and min(compact.info["cg_rows"]) < 0.5 * 2000
+    np.testing.assert_allclose(compact.info["objective"], full.info["objective"], rtol=1e-10)
+    torch.testing.assert_close(compact.weights, full.weights, atol=1e-7, rtol=0)
+
+
+def separated_blobs(n=2000, d=30, k=4):
+    """Blobs far enough apart that most rows leave every active set (so CG runs on a compacted
+    copy of the rows after the first Newton iterations), plus a shared direction of large variance."""
+    x, y = blobs(n=n, d=d, k=k)
+    x[torch.arange(n), y] += 4.0
+    x += 3.0 * torch.rand(n, 1, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("block", [None, 5])
+def test_svc_coarse_space_same_minimum(block):
+    """The balancing preconditioner (``coarse`` = ℓ) changes CG's convergence only: the same
+    minimum and weights as the one-level preconditioner, diagonal or block-Jacobi."""
+    x, y = separated_blobs()
+    one = fit_svc(x, y, tol=1e-9, direction="cg", block=block)
+    two = fit_svc(x, y, tol=1e-9, direction="cg", block=block, coarse=4)
+    assert one.info["converged"] and two.info["converged"] and two.info["coarse"] == 4 and one.info["coarse"] is None
+    np.testing.assert_allclose(two.info["objective"], one.info["objective"], rtol=1e-10)
+    torch.testing.assert_close(two.weights, one.weights, atol=1e-5, rtol=0)
+
+
+def test_svc_coarse_space_of_every_direction_is_the_exact_newton_step():
+    """``coarse = d + 1``: ``U`` spans every direction, ``Q_c = H_c⁻¹`` and the balancing
+    preconditioner is ``H_c⁻¹`` itself, so CG ends after one iteration in every Newton
+    iteration that uses it (those whose rows were compacted)."""
+    x, y = separated_blobs()
+    m = fit_svc(x, y, tol=1e-9, direction="cg", coarse=x.shape[1] + 1)
+    used = [cg for cg, rows in zip(m.info["cg_per_newton"], m.info["cg_rows"]) if rows < len(y)]
+    assert m.info["converged"] and len(used) >= 3
+    assert used == [1] * len(used)
+
+
+@pytest.mark.parametrize("coarse", [0, 32, -1])
+def test_svc_coarse_out_of_range_is_one_line_error(coarse):
+    x, y = blobs(n=200, d=30)
+    with pytest.raises(ConfigError, match="coarse must be an integer in 1 … d \\+ 1 = 31"):
+        fit_svc(x, y, direction="cg", coarse=coarse)
+
+
 def site_features(n=3000, sites=24, nps=8, noise=0.05, seed=0, k=5):
     """Site-structured features (feature j = site j // nps, neuron j % nps), like the DSSM's
     settled rates: the neurons of a site follow one shared factor (plus ``noise``) at their own

@@ -25,6 +25,11 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   both pools spinning: benchmarks/README.md, issue 14 item 3).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
+  The loop's per-site pieces (the drive, the lateral blocks, the rates, the field, the Newton
+  and Euler steps, the stop and divergence tests; :func:`_settle_row`) are also the deep
+  network's (:mod:`dynsim.compiled_deep` runs them on each layer, with the coupling input in
+  place of the drive), and so are the outputs (:func:`loop_outputs`) and the threads
+  (:func:`in_threads`).
 * :func:`hebbian_update_online` — batch-1 ``W ← W + η(r xᵀ − W)``, ``L ← L + (η/2)(r rᵀ − L)``
   on the stored (structural) entries, site-first and so at any NpS: the formula of
   :func:`dynsim.plasticity.similarity_matching.structured_update`, tested for parity with it.
@@ -164,12 +169,7 @@ def _settle_kernel(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, met
     work = _site_work(m_per, n_sites, w.dtype)
     a, row, d, box, us = work[0], work[1], work[2], work[3], work[4]
     rr = work[6]
-    for s in range(n_sites):
-        for i in range(m_per):
-            for j in range(m_per):
-                v = w.dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0))
-                a[i, j, s] = v
-                row[i, s] += abs(v)
+    _lateral_blocks(lat, sign, a, row)
     xg = np.empty(kc, dtype=w.dtype)
     n_evals = 0
     for b in range(x.shape[0]):
@@ -243,6 +243,110 @@ def _drive_sites(xb, w, ff_index, n_pixels, channels, xg, d):
 
 
 @_jit
+def _lateral_blocks(lat, sign, a, row):
+    """The site-last blocks ``a[i, j, s] = s·(L_k − I)_ij`` of a layer's lateral weights ``lat``
+    (S, M, M), and ``row[i, s] += Σ_j |a[i, j, s]|`` (the tanh box's lateral part; ``row`` comes zeroed)."""
+    n_sites, m_per, _ = lat.shape
+    for s in range(n_sites):
+        for i in range(m_per):
+            for j in range(m_per):
+                v = a.dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0))
+                a[i, j, s] = v
+                row[i, s] += abs(v)
+
+
+@_jit
+def _site_rates(us, gain, code, rr):
+    """``rr = f(g·u)`` on a site-last (M, S) state (gain ``g``; 1 for a single layer)."""
+    m_per, n_sites = us.shape
+    dt = us.dtype.type
+    for j in range(m_per):
+        for s in range(n_sites):
+            rr[j, s] = _rate(us[j, s] if gain == 1.0 else dt(gain) * us[j, s], code)
+
+
+@_jit
+def _site_field(d, us, rr, a, fs):
+    """``fs = d − u + s·A f(u)`` (τF with the input ``d`` held fixed; ``rr`` = f(u)) on site-last
+    (M, S) arrays; returns ``(‖fs‖², ‖u‖²)`` in float64."""
+    m_per, n_sites = us.shape
+    f2 = 0.0
+    u2 = 0.0
+    for i in range(m_per):
+        for s in range(n_sites):
+            fs[i, s] = d[i, s] - us[i, s]
+        for j in range(m_per):
+            for s in range(n_sites):
+                fs[i, s] += a[i, j, s] * rr[j, s]
+        for s in range(n_sites):
+            f2 += float(fs[i, s]) * float(fs[i, s])
+            u2 += float(us[i, s]) * float(us[i, s])
+    return f2, u2
+
+
+@_jit
+def _stop_status(res, u_norm, tol, atol, n, cap, cap_first):
+    """The stop rule after ``n`` steps at residual ``res``: −1 (go on), or the
+    :class:`~dynsim.stopping.Status` code (``‖F‖ < atol + tol‖u‖``; the cap's code wins with
+    ``cap_first`` or when not settled)."""
+    settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
+    capped = cap >= 0 and n >= cap
+    if settled or capped:
+        return _MAX_STEPS if capped and (cap_first or not settled) else _SETTLED
+    return -1
+
+
+@_jit
+def _euler_sites(us, fs, dtn, tau, un):
+    """``un = u + dt_n F(u)``, ``F = τF/τ`` as the torch field computes it."""
+    m_per, n_sites = us.shape
+    dt = us.dtype.type
+    for i in range(m_per):
+        for s in range(n_sites):
+            un[i, s] = us[i, s] + dtn * (fs[i, s] if tau == 1.0 else fs[i, s] / dt(tau))
+
+
+@_jit
+def _newton_sites(us, rr, fs, a, box, gain, code, big, fp, jac, piv, best, fac, un):
+    """One per-site Newton step with the input held fixed: ``un = u − J⁻¹(τF)``, ``J_k = −I +
+    s·A_k diag(g f'(g u_k))`` solved by :func:`_eliminate`; NaN → 0, ±``big`` (as
+    ``torch.nan_to_num``), and for tanh the box ``|u| ≤ box`` that holds every fixed point
+    (``box = |d| + Σ_j |s·A_kj|``). ``fs`` (τF at ``u``) is overwritten; ``fp``, ``jac``, ``piv``,
+    ``best``, ``fac`` are scratch."""
+    m_per, n_sites = us.shape
+    dt = us.dtype.type
+    zero = dt(0)
+    for j in range(m_per):
+        for s in range(n_sites):
+            if gain == 1.0:
+                fp[j, s] = _slope(us[j, s], rr[j, s], code)
+            else:
+                fp[j, s] = _slope(dt(gain) * us[j, s], rr[j, s], code) * dt(gain)
+    for i in range(m_per):
+        for j in range(m_per):
+            for s in range(n_sites):
+                jac[i, j, s] = a[i, j, s] * fp[j, s] - (1 if i == j else 0)
+    _eliminate(jac, fs, piv, best, fac)
+    for i in range(m_per):
+        for s in range(n_sites):
+            v = us[i, s] - fs[i, s]
+            v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
+            if code == 0 or code == 3:  # tanh
+                v = min(max(v, -box[i, s]), box[i, s])
+            un[i, s] = v
+
+
+@_jit
+def _diverged(res, un, bound):
+    """A non-finite residual or state, or a state norm above ``bound``."""
+    n2 = 0.0
+    for i in range(un.shape[0]):
+        for s in range(un.shape[1]):
+            n2 += float(un[i, s]) * float(un[i, s])
+    return not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound
+
+
+@_jit
 def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, big):
     """Settle one input from ``us`` with drive ``d``, blocks ``a`` and box ``box`` (in ``work``, see
     :func:`_site_work`); the loop of :func:`dynsim.settle`: test the residual ``‖F(u)‖/‖u‖`` of
@@ -252,58 +356,27 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
     a, _, d, box, us, un, rr, fs, fp, jac, piv, best, fac, u0, p0, ls, fail, definite, chol = work
     m_per, n_sites = d.shape
     dt = d.dtype.type
-    zero = dt(0)
     floor = (16.0 * float(np.finfo(d.dtype).eps)) ** 2
     checked = False  # a Newton step to check (the line search)
     n = 0
     while True:
         # τF(u) = d − u + s·A f(u), its norm and the state's
-        for j in range(m_per):
-            for s in range(n_sites):
-                rr[j, s] = _rate(us[j, s], code)
-        f2 = 0.0
-        u2 = 0.0
-        for i in range(m_per):
-            for s in range(n_sites):
-                fs[i, s] = d[i, s] - us[i, s]
-            for j in range(m_per):
-                for s in range(n_sites):
-                    fs[i, s] += a[i, j, s] * rr[j, s]
-            for s in range(n_sites):
-                f2 += float(fs[i, s]) * float(fs[i, s])
-                u2 += float(us[i, s]) * float(us[i, s])
+        _site_rates(us, 1.0, code, rr)
+        f2, u2 = _site_field(d, us, rr, a, fs)
         u_norm = max(np.sqrt(u2), 1e-12)
         res = np.sqrt(f2) / tau / u_norm
-        settled = res < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
-        capped = cap >= 0 and n >= cap
-        if settled or capped:
-            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res
-        if method == METHOD_EULER:  # u ← u + dt_n F(u), F = τF/τ as the torch field computes it
-            dtn = dts[n]
-            for i in range(m_per):
-                for s in range(n_sites):
-                    un[i, s] = us[i, s] + dtn * (fs[i, s] if tau == 1.0 else fs[i, s] / dt(tau))
+        stop = _stop_status(res, u_norm, tol, atol, n, cap, cap_first)
+        if stop >= 0:
+            return n, stop, res
+        if method == METHOD_EULER:  # u ← u + dt_n F(u)
+            _euler_sites(us, fs, dts[n], tau, un)
         elif n == 0 and method == METHOD_PICARD_NEWTON:  # Picard start: u1 = u0 + τF(u0)
             for i in range(m_per):
                 for s in range(n_sites):
                     un[i, s] = us[i, s] + fs[i, s]
         else:  # Newton: solve J z = τF per site, J = −I + s·A diag f'(u); u ← u − z
             back = _armijo_check(a, us, fs, ls, fail, definite, chol, floor, checked)
-            for j in range(m_per):
-                for s in range(n_sites):
-                    fp[j, s] = _slope(us[j, s], rr[j, s], code)
-            for i in range(m_per):
-                for j in range(m_per):
-                    for s in range(n_sites):
-                        jac[i, j, s] = a[i, j, s] * fp[j, s] - (1 if i == j else 0)
-            _eliminate(jac, fs, piv, best, fac)
-            for i in range(m_per):
-                for s in range(n_sites):
-                    v = us[i, s] - fs[i, s]
-                    v = zero if np.isnan(v) else min(max(v, -big), big)  # as torch.nan_to_num
-                    if code == 0 or code == 3:  # tanh
-                        v = min(max(v, -box[i, s]), box[i, s])
-                    un[i, s] = v
+            _newton_sites(us, rr, fs, a, box, 1.0, code, big, fp, jac, piv, best, fac, un)
             for i in range(m_per):  # a failed site goes back to u0 + (α/2)p; the others start a step
                 for s in range(n_sites):
                     if back and fail[s]:
@@ -318,12 +391,7 @@ def _settle_row(work, tau, code, method, dts, tol, atol, cap, cap_first, bound, 
                     ls[0, s] = ls[2, s]
                     ls[1, s] = 1.0
             checked = n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
-        # divergence: a non-finite residual or state, or a state norm above the bound
-        n2 = 0.0
-        for i in range(m_per):
-            for s in range(n_sites):
-                n2 += float(un[i, s]) * float(un[i, s])
-        if not (np.isfinite(res) and np.isfinite(n2)) or np.sqrt(n2) > bound:
+        if _diverged(res, un, bound):
             return n, _DIVERGED, res
         us[:, :] = un
         n += 1
@@ -598,6 +666,11 @@ def can_settle(system, x: torch.Tensor, u0) -> bool:
         return False
     if not applies(system, *((x,) if u0 is None else (x, u0))):
         return False
+    return inputs_fit(system, x, u0)
+
+
+def inputs_fit(system, x: torch.Tensor, u0: torch.Tensor | None) -> bool:
+    """``x`` is (B, system.input_size) and ``u0`` None or a finite (B, system.state_size) tensor."""
     if x.shape[1] != system.input_size or (u0 is not None and tuple(u0.shape) != (x.shape[0], system.state_size)):
         return False
     return u0 is None or bool(torch.isfinite(u0).all())
@@ -619,27 +692,34 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, method: str
     loop = loop_arguments(layer, method=method, tol=tol, cap=cap, cap_first=cap_first, max_state_norm=max_state_norm,
                           picard_start=picard_start, dts=dts, atol=atol)
     w_np, ff_index, n_pixels, channels, lat_np, _ = _arrays(layer)
-    dtype = layer.ff.weight.dtype
-    b = x.shape[0]
-    u = torch.zeros(b, layer.state_size, dtype=dtype) if u0 is None else u0.clone()
-    r = torch.empty_like(u)
-    steps = torch.empty(b, dtype=torch.long)
-    status = torch.empty(b, dtype=torch.int8)
-    residual = torch.empty(b, dtype=dtype)
     xs = x.detach().contiguous().numpy()
     weights = (w_np, ff_index, n_pixels, channels, lat_np)
-    outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
+    outs = loop_outputs(x.shape[0], layer.state_size, layer.ff.weight.dtype, u0)
+    arrays = [o.numpy() for o in outs]
 
     def rows(lo: int, hi: int) -> int:
-        return _settle_kernel(xs[lo:hi], *weights, *loop, *(o[lo:hi] for o in outs))
+        return _settle_kernel(xs[lo:hi], *weights, *loop, *(o[lo:hi] for o in arrays))
 
+    return (*outs, in_threads(rows, x.shape[0]))
+
+
+def loop_outputs(b: int, n: int, dtype: torch.dtype, u0: torch.Tensor | None) -> tuple:
+    """The compiled loops' outputs, written in place: ``u`` (B, N) (zeros, or a copy of ``u0``),
+    ``r`` (B, N), ``steps`` (B,) int64, ``status`` (B,) int8, ``residual`` (B,)."""
+    u = torch.zeros(b, n, dtype=dtype) if u0 is None else u0.to(dtype).clone()
+    return (u, torch.empty_like(u), torch.empty(b, dtype=torch.long), torch.empty(b, dtype=torch.int8),
+            torch.empty(b, dtype=dtype))
+
+
+def in_threads(rows, b: int) -> int:
+    """``rows(lo, hi)`` (a kernel call on rows ``lo:hi`` that releases the GIL, returning its
+    evaluation count) over a batch of ``b``: in this thread, or for large batches (evaluation) in
+    ``torch.get_num_threads()`` contiguous slices on :func:`_pool`'s threads; the summed count."""
     threads = min(torch.get_num_threads(), b // PARALLEL_MIN_ROWS)
-    if threads > 1:  # large batches (evaluation) in torch's thread count: contiguous slices
+    if threads > 1:
         cut = [c * b // threads for c in range(threads + 1)]
-        n_evals = sum(_pool(threads).map(rows, cut[:-1], cut[1:]))
-    else:
-        n_evals = rows(0, b)
-    return u, r, steps, status, residual, int(n_evals)
+        return int(sum(_pool(threads).map(rows, cut[:-1], cut[1:])))
+    return int(rows(0, b))
 
 
 _POOL: list = [None, 0]
@@ -664,14 +744,7 @@ def loop_arguments(layer, *, method: str, tol: float | None, cap: int | None, ca
     """The arguments of :func:`_settle_kernel` between the weights and the outputs (``sign`` …
     ``big``) for these settings (see :func:`settle_layer`); shared with the fused online loop
     (:mod:`dynsim.fused`), so both settle with the same method and stop rule."""
-    if method == "euler":
-        if cap is None or dts is None or len(dts) < cap:
-            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
-        code = METHOD_EULER
-    elif method == "newton":
-        code = METHOD_PICARD_NEWTON if picard_start and layer.activation == "tanh" else METHOD_NEWTON
-    else:
-        raise ValueError(f"unknown compiled method {method!r}")
+    code = method_code(method, "newton", picard_start=picard_start, activation=layer.activation, cap=cap, dts=dts)
     dtype = layer.ff.weight.dtype
     npt = np.float32 if dtype == torch.float32 else np.float64
     dts = np.zeros(1, dtype=npt) if dts is None else np.asarray(dts, dtype=npt)
@@ -681,13 +754,32 @@ def loop_arguments(layer, *, method: str, tol: float | None, cap: int | None, ca
             float(torch.finfo(dtype).max))
 
 
-def kernel_settings(solver, limits: StopLimits | None, max_state_norm: float) -> dict | None:
+def method_code(method: str, newton: str, *, picard_start: bool, activation: str, cap: int | None,
+                dts: np.ndarray | None) -> int:
+    """The loops' method code: ``"euler"`` (needs a cap and ``cap`` step sizes) or the loop's Newton
+    method named ``newton`` (with a Picard start for tanh when ``picard_start``)."""
+    if method == "euler":
+        if cap is None or dts is None or len(dts) < cap:
+            raise ValueError("the compiled Euler loop needs a step cap and one step size per step")
+        return METHOD_EULER
+    if method == newton:
+        return METHOD_PICARD_NEWTON if picard_start and activation == "tanh" else METHOD_NEWTON
+    raise ValueError(f"unknown compiled method {method!r}")
+
+
+def _site_newton(solver) -> dict:
+    return {"method": "newton", "picard_start": solver.picard_start}
+
+
+def kernel_settings(solver, limits: StopLimits | None, max_state_norm: float, newton=(SiteNewton, _site_newton)
+                    ) -> dict | None:
     """The keyword settings of :func:`settle_layer` for ``solver`` and a stop rule's ``limits``, or
     ``None`` where the compiled loop does not implement them.
 
-    It implements :class:`~dynsim.solvers.SiteNewton` and :class:`~dynsim.solvers.Euler` with a
-    step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated once per schedule and cap), and
-    a stop rule with limits on the field residual and a cap > 0."""
+    It implements :class:`~dynsim.solvers.SiteNewton` (``newton``: the Newton solver class of a loop
+    and its settings, ``solver -> dict``; :mod:`dynsim.compiled_deep` gives its block solver) and
+    :class:`~dynsim.solvers.Euler` with a step cap (its step sizes ``dt_0 .. dt_{cap-1}`` tabulated
+    once per schedule and cap), and a stop rule with limits on the field residual and a cap > 0."""
     if limits is None or limits.on != "field" or limits.cap == 0:
         return None
     kind = type(solver)
@@ -695,8 +787,8 @@ def kernel_settings(solver, limits: StopLimits | None, max_state_norm: float) ->
         if limits.cap is None or limits.cap > 10_000_000:
             return None
         extra = {"method": "euler", "dts": _step_sizes(solver.schedule, limits.cap)}
-    elif kind is SiteNewton:
-        extra = {"method": "newton", "picard_start": solver.picard_start}
+    elif kind is newton[0]:
+        extra = newton[1](solver)
     else:
         return None
     return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,

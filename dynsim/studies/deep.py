@@ -5,10 +5,16 @@ input (off, or the input switching every k steps without a state reset) and the 
 repeated over seeds. Each cell is one :func:`dynsim.pipelines.dssm.run_dssm` run (layer 1:
 NpS 4 and the data set's geometry, stride 2 and radius 4 on 28×28; layers
 above: NpS 4, stride 1, radius 2) and records every layer's
-readout accuracy, the raw-pixel baseline (same readout, same images), the mean ``|r_p|`` of
-each layer over training (1 = saturated), iterations to settle and per-layer residuals.
+readout accuracy, the mean ``|r_p|`` of each layer over training (1 = saturated), iterations
+to settle and per-layer residuals.
 The settings of every cell are the run's own settings (``DSSMConfig``); the readout is a
 setting (``readout``, by name, through :mod:`dynsim.evaluation`).
+
+The raw-pixel baseline (the same readout on the same images' pixels) depends on neither the
+network nor its seed: it is computed once per study, as its own cell
+(:meth:`DeepStudyConfig.baseline_cells`, :mod:`dynsim.studies.baseline`; one per seed only when
+``--eval-train-size`` / ``--eval-test-size`` subsample the readout sets), the network cells run
+with ``raw_baseline = False``, and each row and cell carries its baseline's accuracy.
 
 Cells run through :func:`dynsim.sweeps.run_grid`, each cell's result saved as it finishes,
 so an interrupted study resumes. :func:`summarise` groups the seeds: mean ± standard error
@@ -27,6 +33,7 @@ from dynsim.errors import ConfigError
 from dynsim.readouts import READOUTS
 from dynsim.results import result_header
 from dynsim.settings import check_settings, setting
+from dynsim.studies.baseline import attach_baseline, baseline_cells, is_baseline, raw_pixel_cell
 from dynsim.studies.seeds import mean_sem as mean_se  # mean and s.e. (ddof 1) over seeds
 from dynsim.studies.seeds import parse_seeds
 
@@ -77,8 +84,17 @@ class DeepStudyConfig:
                               f"({max(self.layers)}), got {len(values)}")
         return list(values[:n_layers]) if n_layers > 1 else 1.0
 
+    def baseline_cells(self) -> list[dict[str, Any]]:
+        """The raw-pixel baseline's cells (:func:`dynsim.studies.baseline.baseline_cells`): one
+        for the whole grid, or one per seed when a readout set is a seeded subsample."""
+        return baseline_cells(data=self.data, data_dir=self.data_dir, readout=self.readout,
+                              eval_train_size=self.eval_train_size, eval_test_size=self.eval_test_size,
+                              seeds=self.seeds, base=self.base)
+
     def cells(self) -> list[dict[str, Any]]:
-        """One dict of DSSM settings per cell: layers × streaming × cap × seed."""
+        """One dict of DSSM settings per cell: layers × streaming × cap × seed. (Its keys name the
+        cell's result file, :func:`dynsim.sweeps.cell_key`: a new key makes every finished cell
+        of earlier studies unreachable by ``--resume``.)"""
         if not (self.layers and self.streams and self.caps and self.seeds):
             raise ConfigError("the grid needs at least one layer count, streaming setting, cap and seed")
         bad = [n for n in self.layers if not isinstance(n, int) or n < 1]
@@ -113,11 +129,18 @@ class DeepStudyConfig:
         return out
 
 
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One cell of the study's grid (top level and picklable for :func:`run_grid`): the raw-pixel
+    baseline (``kind = "raw_pixels"``) or a network cell."""
+    return raw_pixel_cell(cell) if is_baseline(cell) else train_cell(cell)
+
+
 def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    """Train and read out one cell (top level and picklable for :func:`run_grid`)."""
+    """Train and read out one network cell, without the raw-pixel baseline (its own cell; the
+    result's ``raw_pixel_accuracy`` is None until :func:`attach_baseline`)."""
     from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
-    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1,
+    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1, "raw_baseline": False,
                                    "on_divergence": cell.get("on_divergence", "skip")})
     result = run_dssm(config)
     final, hist = result["final"], result["history"]
@@ -210,13 +233,16 @@ def run_deep_study(config: DeepStudyConfig) -> dict[str, Any]:
     from dynsim.sweeps import run_grid
 
     cells = validate(config)
+    baselines = config.baseline_cells()
     out = Path(config.out) if config.out else None
     results_dir = cells_dir(out) if out else Path("runs") / "deep_cells"
-    results = run_grid(cells, train_cell, results_dir=results_dir, workers=config.workers,
-                       backend=config.backend, ray_address=config.ray_address, progress=config.progress)
+    done = run_grid(baselines + cells, run_cell, results_dir=results_dir, workers=config.workers,
+                    backend=config.backend, ray_address=config.ray_address, progress=config.progress)
+    raw = done[: len(baselines)]
+    results = attach_baseline(done[len(baselines):], raw, seed_of=lambda c: c["cell"]["seed"])
     rows = summarise(results)
     study = {**result_header("study deep", config), "cells_dir": str(results_dir), "rows": rows,
-             "table": table(rows), "cells": results}
+             "table": table(rows), "cells": results, "raw_pixel_cells": raw}
     if out:
         study["files"] = write_deep_outputs(study, out)
     return study

@@ -36,11 +36,11 @@ from dynsim.errors import ConfigError
 from dynsim.readouts import READOUTS
 from dynsim.results import result_header
 from dynsim.settings import check_settings, setting
+from dynsim.studies.baseline import attach_baseline, baseline_cells, is_baseline, raw_pixel_cell
 from dynsim.studies.seeds import mean_sem, parse_seeds
 
 # Obeid et al. (2019), MNIST test error (%) of the single-layer structured network vs NpS
 PUBLISHED_MNIST_ERROR: dict[int, float] = {4: 3.87, 8: 2.41, 16: 1.73, 32: 1.60, 64: 1.47, 100: 1.40}
-RAW_PIXELS = "raw_pixels"  # the ``kind`` of the baseline's cell
 
 
 @dataclass
@@ -77,11 +77,9 @@ class NpsStudyConfig:
     def baseline_cells(self) -> list[dict[str, Any]]:
         """The raw-pixel baseline's cells: one for the study (``seed`` None: the readout sets are
         all images), or one per seed when a readout set is a seeded subsample."""
-        sets = {k: self.base.get(k, getattr(self, k)) for k in ("eval_train_size", "eval_test_size")}
-        device = {"device": self.base["device"]} if "device" in self.base else {}
-        sampled = any(v is not None for v in sets.values())
-        return [{"kind": RAW_PIXELS, "data": self.data, "data_dir": self.data_dir, "readout": self.readout,
-                 **sets, **device, "seed": seed} for seed in (self.seeds if sampled else [None])]
+        return baseline_cells(data=self.data, data_dir=self.data_dir, readout=self.readout,
+                              eval_train_size=self.eval_train_size, eval_test_size=self.eval_test_size,
+                              seeds=self.seeds, base=self.base)
 
     def cells(self) -> list[dict[str, Any]]:
         """One dict of DSSM settings per (NpS, seed), smallest NpS first (an interrupted study has
@@ -107,31 +105,7 @@ class NpsStudyConfig:
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """One cell of the study's grid (top level and picklable for :func:`run_grid`): the
     raw-pixel baseline (``kind = "raw_pixels"``) or a DSSM (NpS, seed) cell."""
-    return raw_pixel_cell(cell) if cell.get("kind") == RAW_PIXELS else train_cell(cell)
-
-
-def raw_pixel_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    """The readout on the raw pixels (each image /255 minus its mean, the network's input) of the
-    readout sets ``run dssm`` would use with these settings (:func:`dynsim.builders.readout_sets`)."""
-    import torch
-
-    from dynsim.builders import prepare_data, readout_sets
-    from dynsim.pipelines.dssm import DSSMConfig
-    from dynsim.readouts import readout_accuracy
-
-    settings = {k: v for k, v in cell.items() if k != "kind"}
-    config = DSSMConfig.from_dict({**settings, "seed": cell["seed"] or 0, "progress": False, "out": None})
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    ds, x_train, x_test = prepare_data(config)
-    xtr, ytr, xte, yte = readout_sets(config, ds, x_train, x_test)
-    out = readout_accuracy(config.readout, xtr, ytr, xte, yte, device=config.device)
-    return {
-        "kind": RAW_PIXELS, "cell": cell, "seed": cell["seed"], "raw_pixel_accuracy": out["accuracy"],
-        "readout_seconds": out["readout_seconds"], "readout_converged": out["readout_converged"],
-        "wall_seconds": time.perf_counter() - start,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }
+    return raw_pixel_cell(cell) if is_baseline(cell) else train_cell(cell)
 
 
 def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -158,14 +132,6 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": wall,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
     }
-
-
-def attach_baseline(cells: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each DSSM cell with the raw-pixel accuracy of its readout sets: the study's one baseline, or
-    its seed's (per-seed baselines); a cell that computed its own (older cell files) keeps it."""
-    by_seed = {b["seed"]: b["raw_pixel_accuracy"] for b in baselines}
-    return [c if c.get("raw_pixel_accuracy") is not None else
-            {**c, "raw_pixel_accuracy": by_seed.get(c["seed"], by_seed.get(None))} for c in cells]
 
 
 def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

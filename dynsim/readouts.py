@@ -295,9 +295,12 @@ def fit_svc(
     :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
     ``cg_per_newton`` (CG iterations of each Newton iteration), ``cg_rows`` (rows its CG products
     ran over: only the rows active for some running class, :data:`COMPACT_FRACTION`), ``preconditioner_seconds``
-    (building and factorising the block-Jacobi blocks), ``products`` (products with the data
-    of width k), ``gram_rows`` (rows that went into Hessian blocks), ``objective`` (per class,
-    float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``, ``direction``, ``block``.
+    (building and factorising the block-Jacobi blocks and the coarse space's ``E_c``, ``H_c U``),
+    ``coarse_seconds`` (computing ``U`` and ``Z``, once, part of ``preconditioner_seconds``;
+    absent when never used), ``products``
+    (products with the data of width k), ``gram_rows`` (rows that went into Hessian blocks),
+    ``objective`` (per class, float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``,
+    ``direction``, ``block``, ``coarse`` (ℓ or None).
     """
     n, d = features.shape
     if labels.shape != (n,):
@@ -348,7 +351,7 @@ def fit_svc(
     target = eps * g0_norm
     blocks = _HessianBlocks(x, labels, costs, k) if direction == "hessian" else None
     jacobi = _HessianBlocks(x, labels, costs, k, block=int(block)) if direction == "cg" and block else None
-    space = _CoarseSpace(x, int(coarse), stats) if direction == "cg" and coarse else None
+    space = None  # the coarse space, built at its first use
     newton = 0
     while newton < max_iter and bool((g_norm > target).any()):
         newton += 1
@@ -378,8 +381,9 @@ def fit_svc(
                 design, weights = _Design(features.index_select(0, idx), intercept_scaling), weights[:, idx]
             stats["cg_rows"].append(n_rows if design is not x else n)
             two_level = None
-            if space is not None and design is not x:
+            if coarse and design is not x:
                 t_pre = time.perf_counter()
+                space = space or _CoarseSpace(x, int(coarse), stats)
                 two_level = space.factor(costs * active, torch.nonzero(running).squeeze(1))
                 stats["preconditioner_seconds"] += time.perf_counter() - t_pre
             s = _cg_direction(design, weights, g, g_norm * cg_forcing, max_cg, stats, running, precond, two_level)

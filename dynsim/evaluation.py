@@ -102,7 +102,7 @@ class Evaluator(Callback):
     ``readout_blocks`` (one per readout slice; None: the diagonal) is the ``svc`` readout's CG
     preconditioner block (:func:`~dynsim.readouts.fit_svc`): the neurons per site of site-major
     rates, whose within-site correlations the diagonal misses — the same minimum, fewer CG
-    iterations.
+    iterations. ``readout_tol``: liblinear's stopping tolerance of the ``svc``/``liblinear`` fit.
     """
 
     def __init__(
@@ -126,6 +126,7 @@ class Evaluator(Callback):
         warm_start: bool = True,
         warm_settle: bool = False,
         readout_blocks: list[int | None] | None = None,
+        readout_tol: float = 1e-4,
     ):
         if readout not in READOUTS:
             raise ConfigError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
@@ -138,6 +139,7 @@ class Evaluator(Callback):
         self.layer_slices = layer_slices
         self.warm_start, self.warm_settle = warm_start, warm_settle
         self.readout_blocks = readout_blocks
+        self.readout_tol = readout_tol
         self.last: dict | None = None
         self.test_predictions: list[np.ndarray] | None = None  # per readout slice, last evaluation
         self._u: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # previous fixed points
@@ -165,7 +167,8 @@ class Evaluator(Callback):
             w0 = self._w.get(i) if self.warm_start else None
             block = self.readout_blocks[i] if self.readout_blocks else None
             o = readout_accuracy(self.readout, rep_train.r[:, sl], y_train, rep_test.r[:, sl], y_test,
-                                 w0=w0 if self.readout == "svc" else None, device=self.device, block=block)
+                                 w0=w0 if self.readout == "svc" else None, device=self.device, block=block,
+                                 tol=self.readout_tol)
             if self.warm_start and self.readout == "svc":
                 self._w[i] = o["weights"].cpu()
             outs.append(o)

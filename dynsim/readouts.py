@@ -710,22 +710,23 @@ def paired_difference(pred: np.ndarray, pred_base: np.ndarray, y: np.ndarray) ->
 
 
 def fit_readout(name: str, features: torch.Tensor, labels: torch.Tensor, *, n_classes: int | None = None,
-                w0: torch.Tensor | None = None, block: int | None = None) -> LinearReadout:
+                w0: torch.Tensor | None = None, block: int | None = None, tol: float = 1e-4) -> LinearReadout:
     """Fit the readout ``name`` (one of :data:`READOUTS`); ``w0`` warm-starts ``svc`` and
     ``block`` (e.g. the neurons per site of site-major rates) is its CG preconditioner's block
-    size (:func:`fit_svc`; the same minimum, fewer CG iterations)."""
+    size (:func:`fit_svc`; the same minimum, fewer CG iterations); ``tol`` is liblinear's
+    stopping tolerance for ``svc`` and ``liblinear`` (LinearSVC's default 1e-4; ridge is exact)."""
     if name == "svc":
-        return fit_svc(features, labels, n_classes=n_classes, w0=w0, block=block)
+        return fit_svc(features, labels, n_classes=n_classes, w0=w0, block=block, tol=tol)
     if name == "ridge":
         return fit_ridge(features, labels, n_classes=n_classes)
     if name == "liblinear":
-        return fit_liblinear(features, labels, n_classes=n_classes)
+        return fit_liblinear(features, labels, n_classes=n_classes, tol=tol)
     raise ConfigError(f"unknown readout {name!r}; choose one of {', '.join(READOUTS)}")
 
 
 def readout_accuracy(name: str, f_train, y_train, f_test, y_test, *, w0: torch.Tensor | None = None,
-                     device: str | torch.device = "cpu", block: int | None = None) -> dict:
-    """Fit readout ``name`` on (f_train, y_train) and score it (``w0``, ``block``: :func:`fit_readout`).
+                     device: str | torch.device = "cpu", block: int | None = None, tol: float = 1e-4) -> dict:
+    """Fit readout ``name`` on (f_train, y_train) and score it (``w0``, ``block``, ``tol``: :func:`fit_readout`).
 
     Returns ``accuracy`` (test), ``train_accuracy``, ``readout_seconds``, ``readout_converged``,
     ``readout_iterations`` (Newton iterations; 0 for ridge), ``test_predictions`` (M,) int8 and
@@ -742,7 +743,7 @@ def readout_accuracy(name: str, f_train, y_train, f_test, y_test, *, w0: torch.T
     if not (torch.isfinite(ftr).all() and torch.isfinite(fte).all()):
         raise DataError("features contain NaN or Inf; the representation diverged")
     k = int(max(int(ytr.max()), int(yte.max()))) + 1
-    model = fit_readout(name, ftr, ytr, n_classes=k, w0=w0, block=block)
+    model = fit_readout(name, ftr, ytr, n_classes=k, w0=w0, block=block, tol=tol)
     pred = model.predict(fte)
     return {
         "accuracy": float((pred == yte).to(torch.float64).mean()),

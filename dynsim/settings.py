@@ -82,6 +82,7 @@ RANGES: dict[str, Range] = {
     "images_per_epoch": Range(int, 1),
     "batch_size": Range(int, 1),
     "eval_batch_size": Range(int, 1),
+    "readout_tol": Range(float, 0, low_open=True),
     "layers": Range(int, 1),
     "nps": Range(int, 1),
     "stride": Range(int, 1, none="the default geometry"),

@@ -337,3 +337,54 @@ def test_dssm_evaluation_hands_the_neurons_per_site_to_the_readout(monkeypatch, 
                         eval_train_size=100, eval_test_size=50, max_steps=100, progress=False, readout="svc",
                         checkpoint_every=0))
     assert seen == blocks
+
+
+def test_readout_tol_reaches_the_fit_and_stops_nearer_the_minimum():
+    """``readout_accuracy(tol=…)`` is liblinear's tolerance of the ``svc`` fit: a tight one takes
+    more Newton iterations and ends at an objective no higher than a loose one's."""
+    from dynsim.readouts import readout_accuracy
+
+    x, y = blobs(n=800, d=12, k=4)
+    loose = readout_accuracy("svc", x, y, x, y, tol=1e-1)
+    tight = readout_accuracy("svc", x, y, x, y, tol=1e-10)
+    assert tight["readout_iterations"] > loose["readout_iterations"]
+    k = 4
+    obj = lambda w: svc_objective(w.double(), x, y, k).sum()  # noqa: E731
+    assert obj(tight["weights"]) <= obj(loose["weights"])
+    exact = fit_svc(x, y, tol=1e-10)
+    torch.testing.assert_close(tight["weights"].double(), exact.weights.double(), atol=1e-5, rtol=0)
+
+
+def test_run_dssm_readout_tol_is_recorded_and_checked():
+    """``--readout-tol`` is a DSSM setting (in the result's config, free to change on resume) with a
+    one-line error for a non-positive value."""
+    from dynsim.configs.dssm import RESUME_MAY_CHANGE, DSSMConfig
+
+    assert DSSMConfig().readout_tol == 1e-4 and "readout_tol" in RESUME_MAY_CHANGE
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dynsim", "run", "dssm", "--readout-tol", "-1"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "--readout-tol must be > 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dssm_evaluation_and_baseline_use_the_readout_tol(monkeypatch):
+    """``run dssm --readout-tol`` reaches both the network's readout and the raw-pixel baseline."""
+    from dynsim import evaluation
+    from dynsim.pipelines import dssm
+    from dynsim.pipelines.dssm import DSSMConfig, run_dssm
+
+    seen = []
+    real = evaluation.readout_accuracy
+
+    def spy(*args, tol=1e-4, **kwargs):
+        seen.append(tol)
+        return real(*args, tol=tol, **kwargs)
+
+    monkeypatch.setattr(evaluation, "readout_accuracy", spy)
+    monkeypatch.setattr(dssm, "readout_accuracy", spy)
+    out = run_dssm(DSSMConfig(data="digits", epochs=1, images_per_epoch=20, eval_every=1, eval_train_size=100,
+                              eval_test_size=50, max_steps=100, progress=False, checkpoint_every=0, readout_tol=3e-3))
+    assert seen == [3e-3, 3e-3]  # the baseline, then the one evaluation
+    assert out["config"]["readout_tol"] == 3e-3

@@ -111,6 +111,10 @@ class DSSMConfig:
                            help="svc: LinearSVC(C=1, balanced)'s problem solved exactly by Newton (the papers' "
                            "number); liblinear: sklearn's LinearSVC itself (slow, for cross-checks); ridge: exact "
                            "one-vs-rest least squares (cheap, for relative comparisons)")
+    readout_tol: float = setting(1e-4, group="evaluation",
+                                 help="svc/liblinear: liblinear's stopping tolerance, ‖∇f_c‖ ≤ tol·min(n⁺,n⁻)/n·‖∇f_c(0)‖ "
+                                 "per class (LinearSVC's default; smaller stops nearer the minimum, see README "
+                                 "'Neurons per site')")
     eval_batch_size: int = setting(1000, group="evaluation", help="inputs settled together for the readout")
     eval_train_size: int | None = setting(None, group="evaluation",
                                           help="subsample the train set for the readout ('none': all)")
@@ -275,7 +279,7 @@ class DSSMConfig:
 # every other DSSMConfig field, including ones added later, must match the checkpoint
 RESUME_MAY_CHANGE = (
     "epochs", "eval_every", "eval_solver", "readout", "eval_batch_size", "eval_train_size", "eval_test_size", "device",
-    "threads", "on_divergence", "checkpoint_every", "out", "progress", "raw_baseline",
+    "threads", "on_divergence", "checkpoint_every", "out", "progress", "raw_baseline", "readout_tol",
 )
 
 

@@ -59,7 +59,8 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
 
     ev_xtr, ev_ytr, ev_xte, ev_yte = readout_sets(config, ds, x_train, x_test)
     t0 = time.perf_counter()  # raw-pixel baseline with the run's readout, timed apart
-    baseline = (readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device)
+    baseline = (readout_accuracy(config.readout, ev_xtr, ev_ytr, ev_xte, ev_yte, device=config.device,
+                                 tol=config.readout_tol)
                 if config.raw_baseline else {"accuracy": None, "test_predictions": None})
     baseline.pop("weights", None)
     baseline_seconds = time.perf_counter() - t0
@@ -82,6 +83,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         progress=config.progress,
         layer_slices=layer.layer_slices() if deep else None,
         readout_blocks=[sub.nps for sub in layer.layers] if deep else [getattr(layer, "nps", None)],
+        readout_tol=config.readout_tol,
     )
     callbacks = [net.rule, monitor, evaluator]
     if deep:  # before the rule: it reads the residuals at the weights the state settled with

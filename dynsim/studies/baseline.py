@@ -66,7 +66,7 @@ def raw_pixel_cell(cell: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     ds, x_train, x_test = prepare_data(config)
     xtr, ytr, xte, yte = readout_sets(config, ds, x_train, x_test)
-    out = readout_accuracy(config.readout, xtr, ytr, xte, yte, device=config.device)
+    out = readout_accuracy(config.readout, xtr, ytr, xte, yte, device=config.device, tol=config.readout_tol)
     return {
         "kind": RAW_PIXELS, "cell": cell, "seed": cell["seed"], "raw_pixel_accuracy": out["accuracy"],
         "readout_seconds": out["readout_seconds"], "readout_converged": out["readout_converged"],

@@ -112,3 +112,12 @@ def test_raw_pixel_cell_is_run_dssms_own_baseline():
     assert skipped["raw_pixel_accuracy"] is None and skipped["gain_over_raw"] is None
     (row,) = attach_baseline([{"seed": 1, "raw_pixel_accuracy": None}], [got])
     assert row["raw_pixel_accuracy"] == own
+
+
+def test_readout_tol_set_for_the_study_reaches_its_baseline_cell():
+    """``--set readout_tol=…`` applies to the raw-pixel cell as to the network cells (a cell key of
+    its own); without it the baseline cell keeps its old key (no ``readout_tol`` entry)."""
+    default = NpsStudyConfig(nps=[4], seeds=[0]).baseline_cells()
+    tight = NpsStudyConfig(nps=[4], seeds=[0], base={"readout_tol": 1e-6}).baseline_cells()
+    assert "readout_tol" not in default[0]
+    assert tight == [{**default[0], "readout_tol": 1e-6}]

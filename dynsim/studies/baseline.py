@@ -32,13 +32,15 @@ def baseline_cells(*, data: str, data_dir: str | None, readout: str, eval_train_
                    eval_test_size: int | None, seeds: Sequence[int], base: dict[str, Any] | None = None
                    ) -> list[dict[str, Any]]:
     """The baseline's cells: ``[{"kind": "raw_pixels", data, data_dir, readout, eval_train_size,
-    eval_test_size, [device,] seed}]`` — one with ``seed`` None when both readout sets are all
-    images, else one per seed. ``base`` (a study's ``--set KEY=VALUE`` overrides, applied to every
-    network cell) takes precedence for the readout-set sizes and gives the ``device``."""
+    eval_test_size, [device,] [readout_tol,] seed}]`` — one with ``seed`` None when both readout
+    sets are all images, else one per seed. ``base`` (a study's ``--set KEY=VALUE`` overrides,
+    applied to every network cell) takes precedence for the readout-set sizes and gives the
+    ``device`` and the readout's ``readout_tol`` (only when set: the cells of the default keep
+    their keys)."""
     base = base or {}
     given = {"eval_train_size": eval_train_size, "eval_test_size": eval_test_size}
     sets = {k: base.get(k, given[k]) for k in READOUT_SETS}
-    device = {"device": base["device"]} if "device" in base else {}
+    device = {k: base[k] for k in ("device", "readout_tol") if k in base}
     sampled = any(v is not None for v in sets.values())
     return [{"kind": RAW_PIXELS, "data": data, "data_dir": data_dir, "readout": readout, **sets, **device,
              "seed": seed} for seed in (seeds if sampled else [None])]

@@ -105,11 +105,14 @@ class _Design:
             torch.addmm(b, w, self.x[i:j].T, out=z[:, i:j])
         return z
 
-    def t_product(self, a: torch.Tensor) -> torch.Tensor:
-        """``A X̃`` (k, d + 1) from ``A`` (k, n)."""
+    def t_product(self, a: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``A X̃`` (k, d + 1) from ``A`` (k, n); with ``idx``, over those rows only
+        (``Σ_{i ∈ idx} a_{:, i} x̃_iᵀ`` from ``A`` (k, |idx|), each chunk gathered)."""
+        n = self.x.shape[0] if idx is None else idx.numel()
         out = a.new_zeros(a.shape[0], self.x.shape[1])
-        for i, j in self._spans():
-            out.addmm_(a[:, i:j], self.x[i:j])
+        for i in range(0, n, self.chunk):
+            rows = self.x[i : i + self.chunk] if idx is None else self.x[idx[i : i + self.chunk]]
+            out.addmm_(a[:, i : i + self.chunk], rows)
         return torch.cat([out, self.s * a.sum(dim=1, keepdim=True)], dim=1)
 
     def gauss_newton_product(self, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -124,14 +127,6 @@ class _Design:
             out.addmm_(cz, xc)
             bias += cz.sum(dim=1, keepdim=True)
         return torch.cat([out, self.s * bias], dim=1)
-
-    def t_product_rows(self, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``Σ_{i ∈ idx} a_{:, i} x̃_iᵀ`` (m, d + 1) from ``a`` (m, |idx|): ``A X̃`` over the rows
-        ``idx`` only, gathered chunk by chunk."""
-        out = a.new_zeros(a.shape[0], self.x.shape[1])
-        for i in range(0, idx.numel(), self.chunk):
-            out.addmm_(a[:, i : i + self.chunk], self.x[idx[i : i + self.chunk]])
-        return torch.cat([out, self.s * a.sum(dim=1, keepdim=True)], dim=1)
 
     def rows(self, idx: torch.Tensor | None = None):
         """``X̃`` in row chunks (of the rows ``idx``, all when None), each (m, d + 1)."""
@@ -536,9 +531,10 @@ class _CoarseSpace:
         e = torch.eye(rank, dtype=torch.float64, device=self.u.device).repeat(k, 1, 1)
         for c in classes.tolist():
             idx = torch.nonzero(active_cost[c] > 0).squeeze(1)
-            zc = self.z[idx] * active_cost[c, idx, None]  # D_c Z on the active rows
-            e[c] += 2.0 * (self.z[idx].T @ zc).double()
-            hu[c] = self.u + 2.0 * self.x.t_product_rows(idx, zc.T).T
+            z = self.z[idx]  # Z on the active rows
+            zc = z * active_cost[c, idx, None]  # D_c Z
+            e[c] += 2.0 * (z.T @ zc).double()
+            hu[c] = self.u + 2.0 * self.x.t_product(zc.T, idx).T
         return _TwoLevel(self.u, hu, torch.linalg.cholesky(e), classes)
 
 

@@ -189,7 +189,7 @@ class HebbianLayer(System):
 
         Then every site Jacobian ``J_k = −I + s·A_k D`` (``0 ≤ D ≤ I``) is similar to a negative
         definite matrix, the site has exactly one fixed point and the Newton line search of
-        :func:`dynsim.solvers.newton.backtrack` converges to it. For the inhibitory sign this is
+        :func:`dynsim.solvers.newton.line_search` converges to it. For the inhibitory sign this is
         ``L_k ≻ 0``. Cached until ``L`` changes."""
         a, _ = self._lateral_blocks()
         if getattr(self, "_monotone_key", None) != self._blocks_key:

@@ -288,12 +288,14 @@ def fit_svc(
     Returns
     -------
     :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
-    ``cg_per_newton`` (CG iterations of each Newton iteration), ``cg_rows`` (rows its CG products
+    ``cg_per_newton`` (CG iterations of each Newton iteration: its slowest class's),
+    ``cg_per_class`` (each Newton iteration's CG iterations per class, k ints; a class that has
+    reached its forcing costs no more products: :class:`_LiveProducts`), ``cg_rows`` (rows its CG products
     ran over: only the rows active for some running class, :data:`COMPACT_FRACTION`), ``preconditioner_seconds``
     (building and factorising the block-Jacobi blocks and the coarse space's ``E_c``, ``H_c U``),
     ``coarse_seconds`` (computing ``U`` and ``Z``, once, part of ``preconditioner_seconds``;
     absent when never used), ``products``
-    (products with the data of width k), ``gram_rows`` (rows that went into Hessian blocks),
+    (products with the data, of width k or, in CG, the live classes), ``gram_rows`` (rows that went into Hessian blocks),
     ``objective`` (per class, float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``,
     ``direction``, ``block``, ``coarse`` (ℓ or None).
     """
@@ -323,7 +325,7 @@ def fit_svc(
         coarse = min(COARSE_RANK, d + 1) if d + 1 > EXACT_HESSIAN_MAX_DIM else None
     if coarse is not None and (isinstance(coarse, str) or not 1 <= int(coarse) <= d + 1):
         raise ConfigError(f"coarse must be an integer in 1 … d + 1 = {d + 1} (the coarse space's dimension), got {coarse!r}")
-    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "cg_rows": [],
+    stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "cg_per_class": [], "cg_rows": [],
              "preconditioner_seconds": 0.0}
 
     def gradient(w_t: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
@@ -593,13 +595,16 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
     p = zr.clone()
     rz = (r * zr).sum(dim=1, dtype=torch.float64)
     live = running & (torch.linalg.vector_norm(r.double(), dim=1) > cg_tol)
+    products = _LiveProducts(x, active_cost)
+    per_class = torch.zeros(g.shape[0], dtype=torch.long)
     iterations = 0
     for _ in range(max_cg):
         if not bool(live.any()):
             break
-        hp = p + 2.0 * x.gauss_newton_product(p, active_cost)
+        hp = products.hessian(p, live)
         stats["products"] += 2
         iterations += 1
+        per_class += live.cpu()
         php = (p * hp).sum(dim=1, dtype=torch.float64)
         alpha = torch.where(live, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
         s += alpha * p
@@ -612,8 +617,44 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
         rz = rz_new
     stats["cg_iterations"] += iterations
     stats["cg_per_newton"].append(iterations)
+    stats["cg_per_class"].append(per_class.tolist())
     s[~running] = 0.0
     return s
+
+
+class _LiveProducts:
+    """``H_c p_c = p_c + 2 X̃ᵀ D_c X̃ p_c`` (k, D) for the classes still live in CG (0 for the
+    others, whose step CG no longer changes), over the rows active for some live class.
+
+    Classes stop one by one, and late Newton systems often run hundreds of CG iterations for
+    one or two hard classes; computing all k columns over the rows of all of them would cost
+    about k / (live classes) times more. When the live set shrinks, the rows active for a live
+    class are copied (as in :func:`fit_svc`, when at most :data:`COMPACT_FRACTION` of the
+    design's rows): rows outside every live class's active set add 0 to the products.
+    """
+
+    def __init__(self, x: _Design, active_cost: torch.Tensor):
+        self.x, self.active_cost = x, active_cost
+        self.key = None
+
+    def _restrict(self, live: torch.Tensor) -> None:
+        classes = torch.nonzero(live).squeeze(1)
+        cost = self.active_cost[classes]
+        rows = (cost > 0).any(dim=0)
+        design = self.x
+        if int(rows.sum()) <= COMPACT_FRACTION * self.x.x.shape[0]:
+            idx = torch.nonzero(rows).squeeze(1)
+            design, cost = _Design(self.x.x.index_select(0, idx), self.x.s), cost[:, idx]
+        self.classes, self.design, self.cost = classes, design, cost
+        self.key = live.clone()
+
+    def hessian(self, p: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        if self.key is None or not torch.equal(self.key, live):
+            self._restrict(live)
+        hp = torch.zeros_like(p)
+        pc = p[self.classes]
+        hp[self.classes] = pc + 2.0 * self.design.gauss_newton_product(pc, self.cost)
+        return hp
 
 
 def _line_search(w_t, s, z, xs, t, costs, iterations: int = 20) -> torch.Tensor:

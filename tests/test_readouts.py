@@ -175,6 +175,27 @@ def test_svc_cg_products_over_the_active_rows_only(monkeypatch):
     torch.testing.assert_close(compact.weights, full.weights, atol=1e-7, rtol=0)
 
 
+def test_svc_cg_products_for_the_live_classes_only():
+    """``_LiveProducts``: ``H_c p_c`` for the live classes over the rows active for one of them
+    equals the product over all rows and classes; the stopped classes get 0. In a fit, each
+    Newton iteration's ``cg_per_newton`` is its slowest class's count (``cg_per_class``)."""
+    from dynsim.readouts import _Design, _LiveProducts
+
+    x, y = separated_blobs()
+    gen = torch.Generator().manual_seed(3)
+    cost = (torch.rand(4, 2000, generator=gen, dtype=x.dtype) < 0.1) * 1.5  # D_c: ~10 % active rows
+    p = torch.randn(4, 31, generator=gen, dtype=x.dtype)
+    design = _Design(x, 1.0)
+    full = p + 2.0 * design.gauss_newton_product(p, cost)
+    live = torch.tensor([False, True, False, True])
+    hp = _LiveProducts(design, cost).hessian(p, live)
+    torch.testing.assert_close(hp[live], full[live], rtol=1e-5, atol=1e-4)
+    assert torch.equal(hp[~live], torch.zeros(2, 31, dtype=x.dtype))
+    m = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
+    assert [max(c) for c in m.info["cg_per_class"]] == m.info["cg_per_newton"]
+    assert any(min(c) < max(c) for c in m.info["cg_per_class"])
+
+
 def separated_blobs(n=2000, d=30, k=4):
     """Blobs far enough apart that most rows leave every active set (so CG runs on a compacted
     copy of the rows after the first Newton iterations), plus a shared direction of large variance."""

@@ -365,9 +365,9 @@ def fit_svc(
                 chol = jacobi.factor(active, classes, stats)
                 stats["preconditioner_seconds"] += time.perf_counter() - t_pre
 
-                def precond(r, chol=chol, classes=classes):
-                    out = r.clone()  # identity for the classes that have stopped (their step is 0)
-                    out[classes] = jacobi.solve(chol, r[classes]).to(r.dtype)
+                def precond(r, live, chol=chol, running=running):
+                    out = r.clone()  # identity for the classes whose CG has stopped
+                    out[live] = jacobi.solve(chol[live[running]], r[live]).to(r.dtype)
                     return out
 
             design, weights = x, costs * active
@@ -495,7 +495,7 @@ class _HessianBlocks:
             return torch.cholesky_solve(r[:, :, None], chol)[:, :, 0]
         m = r.shape[0]
         rb = torch.nn.functional.pad(r, (0, self.pad)).view(m, self.nb, self.block, 1)
-        return torch.cholesky_solve(rb, chol).view(m, -1)[:, : self.d1]
+        return torch.cholesky_solve(rb, chol).view(m, self.nb * self.block)[:, : self.d1]
 
     def newton_direction(self, active: torch.Tensor, g: torch.Tensor, running: torch.Tensor,
                          stats: dict) -> torch.Tensor:
@@ -537,32 +537,32 @@ class _CoarseSpace:
             zc = z * active_cost[c, idx, None]  # D_c Z
             e[c] += 2.0 * (z.T @ zc).double()
             hu[c] = self.u + 2.0 * self.x.t_product(zc.T, idx).T
-        return _TwoLevel(self.u, hu, torch.linalg.cholesky(e), classes)
+        return _TwoLevel(self.u, hu, torch.linalg.cholesky(e))
 
 
 @dataclass
 class _TwoLevel:
     """The balancing preconditioner ``P_c r = (I − Q_c H_c) B_c⁻¹ (I − H_c Q_c) r + Q_c r``,
-    ``Q_c = U E_c⁻¹ Uᵀ``, for ``classes`` (the others: ``B_c⁻¹ r``)."""
+    ``Q_c = U E_c⁻¹ Uᵀ``, for the classes :meth:`_CoarseSpace.factor` factored."""
 
     u: torch.Tensor  # (D, ℓ)
     hu: torch.Tensor  # (k, D, ℓ) H_c U
     chol: torch.Tensor  # (k, ℓ, ℓ) Cholesky factors of E_c
-    classes: torch.Tensor
 
-    def _e_solve(self, v: torch.Tensor) -> torch.Tensor:  # (m, ℓ) → E_c⁻¹ v_c
-        return torch.cholesky_solve(v.double()[:, :, None], self.chol[self.classes])[:, :, 0]
+    def _e_solve(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (m, ℓ) → E_c⁻¹ v_c
+        return torch.cholesky_solve(v.double()[:, :, None], self.chol[c])[:, :, 0]
 
-    def apply(self, r: torch.Tensor, base) -> torch.Tensor:
-        c = self.classes
+    def apply(self, r: torch.Tensor, base, live: torch.Tensor) -> torch.Tensor:
+        """``P_c r_c`` for the ``live`` classes (a subset of ``classes``), ``base(r, live)`` = ``B⁻¹``."""
+        c = torch.nonzero(live).squeeze(1)
         u, hu = self.u, self.hu[c]
         rc = r[c]
-        a = self._e_solve(rc @ u).to(r.dtype)  # E⁻¹ Uᵀ r
+        a = self._e_solve(rc @ u, c).to(r.dtype)  # E⁻¹ Uᵀ r
         q = r.clone()
         q[c] = rc - torch.bmm(hu, a[:, :, None])[:, :, 0]  # (I − H Q) r
-        q = base(q).to(r.dtype)  # B⁻¹ (…)
+        q = base(q, live).to(r.dtype)  # B⁻¹ (…)
         qc = q[c]
-        b = self._e_solve(torch.bmm(qc[:, None, :], hu)[:, 0, :]).to(r.dtype)  # E⁻¹ (HU)ᵀ q
+        b = self._e_solve(torch.bmm(qc[:, None, :], hu)[:, 0, :], c).to(r.dtype)  # E⁻¹ (HU)ᵀ q
         q[c] = qc - b @ u.T + a @ u.T
         return q
 
@@ -571,30 +571,32 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
                   two_level=None) -> torch.Tensor:
     """Preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once (k, D).
 
-    ``precond(r)`` (k, D) → ``M_c⁻¹ r_c``; the diagonal ``M_c = diag(H_c)`` when None. With
+    ``precond(r, live)`` (k, D) → ``M_c⁻¹ r_c`` for the ``live`` classes (k,) bool, ``r_c`` for the
+    others; the diagonal ``M_c = diag(H_c)`` when None. With
     ``two_level`` (a :meth:`_CoarseSpace.factor`) that preconditioner is the ``B_c`` of the
     balancing one. Each class stops at ``‖r_c‖ ≤ cg_tol_c``; classes not ``running`` take no
-    step (0).
+    step (0). The products and the preconditioner run for the live classes only
+    (:class:`_LiveProducts`).
     """
     if precond is None:
         diag = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
         stats["products"] += 1
 
-        def precond(r):
-            return r / diag
+        def precond(r, live):
+            return torch.where(live[:, None], r / diag, r)
 
     if two_level is not None:
         base = precond
 
-        def precond(r):
-            return two_level.apply(r, base)
+        def precond(r, live):
+            return two_level.apply(r, base, live)
 
     s = torch.zeros_like(g)
     r = -g
-    zr = precond(r).to(g.dtype)
+    live = running & (torch.linalg.vector_norm(r.double(), dim=1) > cg_tol)
+    zr = precond(r, live).to(g.dtype)
     p = zr.clone()
     rz = (r * zr).sum(dim=1, dtype=torch.float64)
-    live = running & (torch.linalg.vector_norm(r.double(), dim=1) > cg_tol)
     products = _LiveProducts(x, active_cost)
     per_class = torch.zeros(g.shape[0], dtype=torch.long)
     iterations = 0
@@ -610,7 +612,9 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
         s += alpha * p
         r -= alpha * hp
         live &= torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
-        zr = precond(r).to(g.dtype)
+        if not bool(live.any()):
+            break
+        zr = precond(r, live).to(g.dtype)
         rz_new = (r * zr).sum(dim=1, dtype=torch.float64)
         beta = torch.where(live, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
         p = zr + beta * p

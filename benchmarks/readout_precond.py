@@ -12,15 +12,23 @@ Newton–CG, and the fit, not settling, is what a large-NpS study cell spends mo
     fits ``svc`` on those features with each ``--preconditioners`` entry in turn (each in its
     own spawned process: its own peak RSS; 1 thread): ``diagonal``, ``block`` (block-Jacobi,
     blocks of NpS) or ``block:SIZE``, each optionally ``+coarseL`` (the balancing two-level
-    preconditioner with a coarse space of dimension L, ``fit_svc(coarse=L)``). It reports
+    preconditioner with a coarse space of dimension L, ``fit_svc(coarse=L)``) and ``+allclasses``
+    (the baseline before CG's products ran for the live classes only: every CG product over all k
+    classes, as up to commit 3117308; the preconditioner stays per live class, so this
+    understates the old cost). It reports
     seconds, Newton and CG iterations, CG iterations per Newton iteration, the rows CG ran over,
     the time spent building the preconditioner, the objective, the largest gradient ratio,
     convergence, test accuracy, and every fit's test predictions (to count the ones that differ:
     liblinear's stopping test leaves each path a little short of the minimum).
     ``--max-iter`` caps every fit's Newton iterations (a capped fit reports how far it got).
+    ``--save-weights DIR`` keeps each fit's weights (``weights_NPS_<preconditioner>.npy``);
+    ``--warm-start FILE`` starts every fit there (e.g. with a tighter ``--tol`` and ``--max-iter``
+    from a converged fit: the late, hard Newton systems alone, an A/B that costs minutes).
 
     PYTHONPATH=. python benchmarks/readout_precond.py --make-features 64
     PYTHONPATH=. python benchmarks/readout_precond.py --fit 64 --out benchmarks/results/readout_precond_64.json
+    PYTHONPATH=. python benchmarks/readout_precond.py --fit 64 --warm-start W.npy --tol 1e-5 --max-iter 2 \
+        --preconditioners block+coarse128,block+coarse128+allclasses
 """
 
 from __future__ import annotations
@@ -89,24 +97,38 @@ def fit_one(args: dict) -> dict:
     ytr = torch.from_numpy(np.load(d / f"train_y_{nps}.npy")).long()
     fte = torch.from_numpy(np.load(d / f"test_r_{nps}.npy"))
     yte = torch.from_numpy(np.load(d / f"test_y_{nps}.npy")).long()
-    spec, _, coarse = args["preconditioner"].partition("+coarse")
+    spec, all_classes = args["preconditioner"], args["preconditioner"].endswith("+allclasses")
+    if all_classes:
+        import dynsim.readouts as ro
+
+        def every_class(self, p, live):  # the product before _LiveProducts: all k classes, all rows
+            return p + 2.0 * self.x.gauss_newton_product(p, self.active_cost)
+
+        ro._LiveProducts.hessian = every_class
+        spec = spec.removesuffix("+allclasses")
+    spec, _, coarse = spec.partition("+coarse")
     name, _, size = spec.partition(":")
     block = None if name == "diagonal" else int(size or nps)
     coarse = int(coarse) if coarse else None
     load = os.getloadavg()
     t0 = time.perf_counter()
     max_iter = args["max_iter"] or 1000
+    w0 = torch.from_numpy(np.load(args["warm_start"])) if args["warm_start"] else None
     model = fit_svc(ftr, ytr, n_classes=10, direction="cg", block=block, coarse=coarse, max_iter=max_iter,
-                    tol=args["tol"])
+                    tol=args["tol"], w0=w0)
     seconds = time.perf_counter() - t0
     info = model.info
+    if args["save_weights"]:
+        Path(args["save_weights"]).mkdir(parents=True, exist_ok=True)
+        np.save(Path(args["save_weights"]) / f"weights_{nps}_{args['preconditioner']}.npy", model.weights.numpy())
     return {
         "preconditioner": args["preconditioner"], "block": block, "coarse": coarse, "max_iter": max_iter,
         "tol": args["tol"], "cg_rows": info["cg_rows"], "coarse_seconds": info.get("coarse_seconds"),
         "test_predictions": "".join(map(str, model.predict(fte).tolist())),
         "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
         "seconds": seconds, "newton_iterations": info["newton_iterations"], "cg_iterations": info["cg_iterations"],
-        "cg_per_newton": info["cg_per_newton"], "preconditioner_seconds": info["preconditioner_seconds"],
+        "cg_per_newton": info["cg_per_newton"], "cg_per_class": json.dumps(info["cg_per_class"]),
+        "warm_start": args["warm_start"], "preconditioner_seconds": info["preconditioner_seconds"],
         "products": info["products"], "converged": info["converged"],
         "objective_sum": float(np.sum(info["objective"])), "objective": [float(v) for v in info["objective"]],
         "max_gradient_ratio": float(np.max(info["gradient_ratio"])),
@@ -136,6 +158,8 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-4, help="liblinear's tol (its stopping test)")
     p.add_argument("--max-iter", type=int, default=0,
                    help="cap every fit's Newton iterations (0: none; a capped fit is reported unconverged)")
+    p.add_argument("--save-weights", default=None, metavar="DIR", help="keep each fit's weights (.npy) there")
+    p.add_argument("--warm-start", default=None, metavar="FILE", help="start every fit at these (d + 1, k) weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {"settings": vars(args)}
@@ -150,7 +174,8 @@ def main(argv=None):
               f"{'objective':>12} {'grad ratio':>10} {'conv':>5} {'test acc':>8}", flush=True)
         for name in args.preconditioners.split(","):
             row = run(fit_one, {"nps": args.fit, "preconditioner": name, "threads": args.threads,
-                                "dir": args.features_dir, "max_iter": args.max_iter, "tol": args.tol})
+                                "dir": args.features_dir, "max_iter": args.max_iter, "tol": args.tol,
+                                "save_weights": args.save_weights, "warm_start": args.warm_start})
             rows.append(row)
             if args.out:  # after every fit: a stopped run keeps the fits it finished
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

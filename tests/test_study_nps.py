@@ -44,6 +44,9 @@ def test_summary_is_mean_and_standard_error_over_seeds():
     assert "| 4 | 1 | newton | 70.00 (one seed) | 84.00 |" in text
     assert "| 8 | 3 | newton | 84.00 ± 2.31 |" in text and text.rstrip().endswith("| 2.41 |")
     assert "fashion-mnist test acc. %" in text and "published MNIST error %" in text
+    assert "| eval s | readout s | cell s |" in text and "| 3.0 | 5 | 4 | – | 80 |" in text  # none kept: –
+    rows = summarise([{**_cell(8, 0, 0.8), "readout_seconds": 3.0}, {**_cell(8, 1, 0.8), "readout_seconds": 2.0}])
+    assert rows[0]["readout_seconds"] == pytest.approx(2.5)
 
 
 def test_published_numbers_are_obeid_et_al():
@@ -79,6 +82,7 @@ def test_study_runs_end_to_end_and_resumes_per_cell(tmp_path):
         assert cell["neurons"] == 16 * cell["nps"] and cell["solver"] == "newton"  # 4×4 sites on 8×8 digits
         assert 0.5 < cell["test_accuracy"] <= 1 and 0.5 < cell["raw_pixel_accuracy"] <= 1
         assert cell["wall_seconds"] >= cell["train_seconds"] > 0 and cell["peak_rss_gib"] > 0
+        assert cell["eval_seconds"] > cell["readout_seconds"] > 0  # settling + the readout's fit
     assert study["published"]["data"] == "mnist" and study["published"]["test_error_percent"]["100"] == 1.40
     # finished: refused without --resume; with it, the cells are read back and give the same rows
     assert main(argv) == 2

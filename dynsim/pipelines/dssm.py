@@ -140,6 +140,8 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
             "gain_over_raw": paired,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
+            "last_eval_settle_seconds": evaluated[-1].get("eval_settle_seconds") if evaluated else None,
+            "last_readout_seconds": evaluated[-1].get("readout_seconds") if evaluated else None,
             "total_seconds": time.perf_counter() - t_start,
             "images_seen": engine.images_seen,
             "mean_iterations": float(its.mean()) if its.size else None,

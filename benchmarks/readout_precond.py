@@ -21,7 +21,7 @@ Newton–CG, and the fit, not settling, is what a large-NpS study cell spends mo
     convergence, test accuracy, and every fit's test predictions (to count the ones that differ:
     liblinear's stopping test leaves each path a little short of the minimum).
     ``--max-iter`` caps every fit's Newton iterations (a capped fit reports how far it got).
-    ``--save-weights DIR`` keeps each fit's weights (``weights_NPS_<preconditioner>.npy``);
+    ``--save-weights DIR`` keeps each fit's weights (``weights_NPS_<preconditioner>_<cg stop>.npy``);
     ``--warm-start FILE`` starts every fit there (e.g. with a tighter ``--tol`` and ``--max-iter``
     from a converged fit: the late, hard Newton systems alone, an A/B that costs minutes).
 
@@ -115,14 +115,15 @@ def fit_one(args: dict) -> dict:
     max_iter = args["max_iter"] or 1000
     w0 = torch.from_numpy(np.load(args["warm_start"])) if args["warm_start"] else None
     model = fit_svc(ftr, ytr, n_classes=10, direction="cg", block=block, coarse=coarse, max_iter=max_iter,
-                    tol=args["tol"], w0=w0)
+                    tol=args["tol"], w0=w0, cg_stop=args["cg_stop"])
     seconds = time.perf_counter() - t0
     info = model.info
     if args["save_weights"]:
         Path(args["save_weights"]).mkdir(parents=True, exist_ok=True)
-        np.save(Path(args["save_weights"]) / f"weights_{nps}_{args['preconditioner']}.npy", model.weights.numpy())
+        name = f"weights_{nps}_{args['preconditioner']}_{args['cg_stop']}.npy"
+        np.save(Path(args["save_weights"]) / name, model.weights.numpy())
     return {
-        "preconditioner": args["preconditioner"], "block": block, "coarse": coarse, "max_iter": max_iter,
+        "preconditioner": args["preconditioner"], "cg_stop": args["cg_stop"], "block": block, "coarse": coarse, "max_iter": max_iter,
         "tol": args["tol"], "cg_rows": info["cg_rows"], "coarse_seconds": info.get("coarse_seconds"),
         "test_predictions": "".join(map(str, model.predict(fte).tolist())),
         "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
@@ -155,6 +156,9 @@ def main(argv=None):
     p.add_argument("--preconditioners", default="block,block+coarse128",
                    help="comma list of diagonal, block (block = NpS) or block:SIZE, each optionally +coarseL "
                         "(the coarse space of dimension L)")
+    p.add_argument("--cg-stops", default="residual",
+                   help="comma list of CG stopping rules (fit_svc's cg_stop: residual, quadratic); each "
+                        "preconditioner is fitted with each")
     p.add_argument("--tol", type=float, default=1e-4, help="liblinear's tol (its stopping test)")
     p.add_argument("--max-iter", type=int, default=0,
                    help="cap every fit's Newton iterations (0: none; a capped fit is reported unconverged)")
@@ -172,15 +176,15 @@ def main(argv=None):
         rows = []
         print(f"{'preconditioner':>14} {'seconds':>8} {'newton':>6} {'cg':>6} {'cg/newton':>24} {'prec s':>7} "
               f"{'objective':>12} {'grad ratio':>10} {'conv':>5} {'test acc':>8}", flush=True)
-        for name in args.preconditioners.split(","):
-            row = run(fit_one, {"nps": args.fit, "preconditioner": name, "threads": args.threads,
+        for name, cg_stop in [(n, c) for n in args.preconditioners.split(",") for c in args.cg_stops.split(",")]:
+            row = run(fit_one, {"nps": args.fit, "preconditioner": name, "cg_stop": cg_stop, "threads": args.threads,
                                 "dir": args.features_dir, "max_iter": args.max_iter, "tol": args.tol,
                                 "save_weights": args.save_weights, "warm_start": args.warm_start})
             rows.append(row)
             if args.out:  # after every fit: a stopped run keeps the fits it finished
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps({**result, "fits": rows}, indent=1))
-            print(f"{name:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} {row['cg_iterations']:6d} "
+            print(f"{name + ' ' + cg_stop:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} {row['cg_iterations']:6d} "
                   f"{str(row['cg_per_newton']):>24} {row['preconditioner_seconds']:7.1f} {row['objective_sum']:12.4f} "
                   f"{row['max_gradient_ratio']:10.2e} {str(row['converged']):>5} {row['test_accuracy']:8.4f}",
                   flush=True)
@@ -188,8 +192,8 @@ def main(argv=None):
         first = rows[0]["test_predictions"]
         for row in rows[1:]:  # paths that stop at liblinear's test end a little apart
             row["test_predictions_differing_from_first"] = sum(a != b for a, b in zip(first, row["test_predictions"]))
-            print(f"{row['preconditioner']}: {row['test_predictions_differing_from_first']} test predictions differ "
-                  f"from {rows[0]['preconditioner']}'s", flush=True)
+            print(f"{row['preconditioner']} {row['cg_stop']}: {row['test_predictions_differing_from_first']} test "
+                  f"predictions differ from {rows[0]['preconditioner']} {rows[0]['cg_stop']}'s", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

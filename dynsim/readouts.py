@@ -205,6 +205,9 @@ def svc_sample_costs(labels: torch.Tensor, k: int, *, C: float, class_weight: st
 # copy would cost more than it saves
 COMPACT_FRACTION = 0.7
 
+# CG's default forcing per stopping rule of fit_svc: liblinear's TRON (residual) and NEWTON (quadratic)
+CG_FORCING = {"residual": 0.1, "quadratic": 0.5}
+
 # the coarse space's dimension ℓ of fit_svc(coarse="auto") (benchmarks/readout_precond.py)
 COARSE_RANK = 128
 
@@ -226,7 +229,8 @@ def fit_svc(
     w0: torch.Tensor | None = None,
     max_iter: int = 1000,
     direction: str = "auto",
-    cg_forcing: float = 0.1,
+    cg_stop: str = "residual",
+    cg_forcing: float | None = None,
     max_cg: int = 500,
     block: int | None = None,
     coarse: int | str | None = "auto",
@@ -244,7 +248,10 @@ def fit_svc(
     ``"cg"``: conjugate gradients on ``H_c`` through products with the data (liblinear's
     TRON does this) — with only the rows active for some running class, since the others add
     nothing to ``H_c p`` (near the optimum a few per cent of the (row, class) pairs are active) —
-    stopped at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``, preconditioned by ``M_c`` =
+    stopped by ``cg_stop`` (:func:`_cg_direction`): ``"residual"`` at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``
+    (forcing 0.1 by default, liblinear's TRON), ``"quadratic"`` when an iteration no longer lowers
+    the quadratic model by ``cg_forcing / i`` of its value (forcing 0.5 by default, liblinear's
+    NEWTON), and preconditioned by ``M_c`` =
     the diagonal of ``H_c`` (``block`` None, liblinear's choice) or, with ``block`` = b, the
     block-Jacobi matrix: ``H_c``'s diagonal b×b blocks of consecutive coordinates of
     ``x̃`` (:func:`block_layout`), i.e. for site-major DSSM rates with b = NpS the
@@ -280,6 +287,8 @@ def fit_svc(
         liblinear's ``eps``; its stopping test is in the module docstring).
     w0 : (d + 1, k) start (warm start); zeros when None. The stopping test does not depend on it.
     max_iter : Newton iterations at most (LinearSVC's ``max_iter``).
+    cg_stop, cg_forcing : CG's stopping rule, ``"residual"`` or ``"quadratic"``, and its forcing
+        (None: 0.1 or 0.5, liblinear's for each); CG directions only.
     block : the CG preconditioner's block size in ``1 … d + 1`` (``"cg"`` only; None: diagonal).
     coarse : the coarse space's dimension ℓ in ``1 … d + 1`` (``"cg"`` only; None: none;
         ``"auto"``: :data:`COARSE_RANK` above :data:`EXACT_HESSIAN_MAX_DIM` features, where
@@ -319,6 +328,11 @@ def fit_svc(
     k = t.shape[0]
     pos = (t > 0).sum(dim=1).to(torch.float64)
     eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
+    if cg_stop not in CG_FORCING:
+        raise ConfigError(f"cg_stop must be 'residual' or 'quadratic', got {cg_stop!r}")
+    forcing = CG_FORCING[cg_stop] if cg_forcing is None else float(cg_forcing)
+    if not 0.0 < forcing < 1.0:
+        raise ConfigError(f"cg_forcing must be in (0, 1), got {cg_forcing!r}")
     if block is not None and not 1 <= int(block) <= d + 1:
         raise ConfigError(f"block must be an integer in 1 … d + 1 = {d + 1} (e.g. the neurons per site), got {block!r}")
     if coarse == "auto":
@@ -383,7 +397,7 @@ def fit_svc(
                 space = space or _CoarseSpace(x, int(coarse), stats)
                 two_level = space.factor(costs * active, torch.nonzero(running).squeeze(1))
                 stats["preconditioner_seconds"] += time.perf_counter() - t_pre
-            s = _cg_direction(design, weights, g, g_norm * cg_forcing, max_cg, stats, running, precond, two_level)
+            s = _cg_direction(design, weights, g, cg_stop, forcing, max_cg, stats, running, precond, two_level)
             del design
         xs = x.scores(s)
         stats["products"] += 1
@@ -567,16 +581,25 @@ class _TwoLevel:
         return q
 
 
-def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, precond=None,
+def _cg_direction(x: _Design, active_cost, g, stop: str, forcing: float, max_cg, stats, running, precond=None,
                   two_level=None) -> torch.Tensor:
     """Preconditioned CG on ``(I + 2 X̃ᵀ D_c X̃) s_c = −∇f_c``, all classes at once (k, D).
 
     ``precond(r, live)`` (k, D) → ``M_c⁻¹ r_c`` for the ``live`` classes (k,) bool, ``r_c`` for the
     others; the diagonal ``M_c = diag(H_c)`` when None. With
     ``two_level`` (a :meth:`_CoarseSpace.factor`) that preconditioner is the ``B_c`` of the
-    balancing one. Each class stops at ``‖r_c‖ ≤ cg_tol_c``; classes not ``running`` take no
-    step (0). The products and the preconditioner run for the live classes only
-    (:class:`_LiveProducts`).
+    balancing one. Classes not ``running`` take no step (0). Each class stops by ``stop``:
+
+    ``"residual"``: at ``‖r_c‖ ≤ forcing ‖∇f_c‖``.
+    ``"quadratic"``: when CG's i-th iteration lowers the quadratic model
+    ``Q_c(s) = ∇f_cᵀ s + ½ sᵀ H_c s`` by at most ``tol_c / i`` of its value,
+    ``i (Q_c(s_i) − Q_c(s_{i−1})) ≥ tol_c Q_c(s_i)``, ``tol_c = min(forcing, ‖∇f_c‖_{M⁻¹}^{1/2})``
+    (or when ``Q_c`` rises: rounding). This is liblinear's ``NEWTON::pcg`` (its Newton solver
+    since 2.40, forcing 0.5; Nash & Sofer, Oper. Res. Lett. 1990; Hsia, Chiang & Lin, ACML 2018):
+    the directions along which the residual lingers but the model no longer falls cost no more
+    iterations. Either way the Newton systems, the line search and the stopping test are the same.
+
+    The products and the preconditioner run for the live classes only (:class:`_LiveProducts`).
     """
     if precond is None:
         diag = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
@@ -593,10 +616,14 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
 
     s = torch.zeros_like(g)
     r = -g
-    live = running & (torch.linalg.vector_norm(r.double(), dim=1) > cg_tol)
+    g64 = g.double()
+    residual_tol = forcing * torch.linalg.vector_norm(g64, dim=1)
+    live = running & (torch.linalg.vector_norm(g64, dim=1) > (residual_tol if stop == "residual" else 0.0))
     zr = precond(r, live).to(g.dtype)
     p = zr.clone()
     rz = (r * zr).sum(dim=1, dtype=torch.float64)
+    model_tol = torch.clamp(rz.clamp_min(0.0).sqrt().sqrt(), max=forcing)  # min(forcing, ‖g‖_{M⁻¹}^{1/2})
+    model = torch.zeros_like(rz)  # Q_c(s_{i−1})
     products = _LiveProducts(x, active_cost)
     per_class = torch.zeros(g.shape[0], dtype=torch.long)
     iterations = 0
@@ -611,7 +638,14 @@ def _cg_direction(x: _Design, active_cost, g, cg_tol, max_cg, stats, running, pr
         alpha = torch.where(live, rz / php.clamp_min(1e-300), torch.zeros_like(rz)).to(g.dtype)[:, None]
         s += alpha * p
         r -= alpha * hp
-        live &= torch.linalg.vector_norm(r.double(), dim=1) > cg_tol
+        if stop == "residual":
+            live &= torch.linalg.vector_norm(r.double(), dim=1) > residual_tol
+        else:
+            new_model = -0.5 * ((s * r).sum(dim=1, dtype=torch.float64) - (s.double() * g64).sum(dim=1))
+            fall = new_model - model
+            settled = (new_model > 0) | (fall > 0) | (iterations * fall >= model_tol * new_model)
+            live &= ~settled
+            model = new_model
         if not bool(live.any()):
             break
         zr = precond(r, live).to(g.dtype)

@@ -166,6 +166,10 @@ def main(argv=None):
     p.add_argument("--warm-start", default=None, metavar="FILE", help="start every fit at these (d + 1, k) weights")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for name in args.preconditioners.split(","):  # before any fit: +allclasses is recognised last only
+        base, _, coarse = name.removesuffix("+allclasses").partition("+coarse")
+        if "+" in base or not coarse.isdigit() and coarse or base.split(":")[0] not in ("diagonal", "block"):
+            p.error(f"--preconditioners entry {name!r}: expected diagonal|block[:SIZE][+coarseL][+allclasses]")
     result = {"settings": vars(args)}
     if args.make_features:
         row = run(make_features, {"data": args.data, "nps": args.make_features, "epochs": args.epochs,

@@ -249,9 +249,9 @@ def fit_svc(
     TRON does this) — with only the rows active for some running class, since the others add
     nothing to ``H_c p`` (near the optimum a few per cent of the (row, class) pairs are active) —
     stopped by ``cg_stop`` (:func:`_cg_direction`): ``"residual"`` at ``‖r_c‖ ≤ cg_forcing ‖∇f_c‖``
-    (forcing 0.1 by default, liblinear's TRON), ``"quadratic"`` when an iteration no longer lowers
-    the quadratic model by ``cg_forcing / i`` of its value (forcing 0.5 by default, liblinear's
-    NEWTON), and preconditioned by ``M_c`` =
+    (forcing 0.1 by default, liblinear's TRON), ``"quadratic"`` when the i-th iteration lowers the
+    quadratic model by at most ``tol_c / i`` of its value, ``tol_c = min(cg_forcing,
+    ‖∇f_c‖_{M⁻¹}^{1/2})`` (forcing 0.5 by default, liblinear's NEWTON), and preconditioned by ``M_c`` =
     the diagonal of ``H_c`` (``block`` None, liblinear's choice) or, with ``block`` = b, the
     block-Jacobi matrix: ``H_c``'s diagonal b×b blocks of consecutive coordinates of
     ``x̃`` (:func:`block_layout`), i.e. for site-major DSSM rates with b = NpS the
@@ -299,7 +299,7 @@ def fit_svc(
     :class:`LinearReadout`; ``info`` has ``newton_iterations``, ``cg_iterations``,
     ``cg_per_newton`` (CG iterations of each Newton iteration: its slowest class's),
     ``cg_per_class`` (each Newton iteration's CG iterations per class, k ints; a class that has
-    reached its forcing costs no more products: :class:`_LiveProducts`), ``cg_rows`` (rows its CG products
+    met its stopping rule costs no more products: :class:`_LiveProducts`), ``cg_rows`` (at most the rows its CG products
     ran over: only the rows active for some running class, :data:`COMPACT_FRACTION`), ``preconditioner_seconds``
     (building and factorising the block-Jacobi blocks and the coarse space's ``E_c``, ``H_c U``),
     ``coarse_seconds`` (computing ``U`` and ``Z``, once, part of ``preconditioner_seconds``;
@@ -328,9 +328,12 @@ def fit_svc(
     k = t.shape[0]
     pos = (t > 0).sum(dim=1).to(torch.float64)
     eps = tol * torch.clamp(torch.minimum(pos, n - pos), min=1.0) / n  # (k,)
-    if cg_stop not in CG_FORCING:
+    if not isinstance(cg_stop, str) or cg_stop not in CG_FORCING:
         raise ConfigError(f"cg_stop must be 'residual' or 'quadratic', got {cg_stop!r}")
-    forcing = CG_FORCING[cg_stop] if cg_forcing is None else float(cg_forcing)
+    try:
+        forcing = CG_FORCING[cg_stop] if cg_forcing is None else float(cg_forcing)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cg_forcing must be a number in (0, 1), got {cg_forcing!r}") from None
     if not 0.0 < forcing < 1.0:
         raise ConfigError(f"cg_forcing must be in (0, 1), got {cg_forcing!r}")
     if block is not None and not 1 <= int(block) <= d + 1:
@@ -676,6 +679,7 @@ class _LiveProducts:
         self.key = None
 
     def _restrict(self, live: torch.Tensor) -> None:
+        self.design = None  # the previous copy goes before the next is made
         classes = torch.nonzero(live).squeeze(1)
         cost = self.active_cost[classes]
         rows = (cost > 0).any(dim=0)

@@ -44,13 +44,16 @@ def svc_objective(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int) -> 
 
 
 @pytest.mark.parametrize("imbalance", [False, True])
-@pytest.mark.parametrize("direction,block", [("hessian", None), ("cg", None), ("cg", 4), ("cg", 5)])
-def test_svc_reaches_liblinear_minimum(imbalance, direction, block):
+@pytest.mark.parametrize("direction,block,cg_stop", [("hessian", None, "residual"), ("cg", None, "residual"),
+                                                     ("cg", 4, "residual"), ("cg", 5, "residual"),
+                                                     ("cg", None, "quadratic"), ("cg", 5, "quadratic")])
+def test_svc_reaches_liblinear_minimum(imbalance, direction, block, cg_stop):
     """Every direction (exact Hessian; CG with the diagonal or a block-Jacobi preconditioner,
-    d + 1 = 13 cut into blocks of 4 or of 5 with padding) reaches liblinear's minimum."""
+    d + 1 = 13 cut into blocks of 4 or of 5 with padding; CG stopped by the residual or the
+    quadratic-model rule) reaches liblinear's minimum."""
     x, y = blobs(imbalance=imbalance)
     k = int(y.max()) + 1
-    ours = fit_svc(x, y, tol=1e-8, direction=direction, block=block)
+    ours = fit_svc(x, y, tol=1e-8, direction=direction, block=block, cg_stop=cg_stop)
     ref = fit_liblinear(x, y, tol=1e-8, max_iter=100000)
     assert ours.info["converged"]
     ours_obj, ref_obj = svc_objective(ours.weights, x, y, k), svc_objective(ref.weights, x, y, k)
@@ -188,9 +191,18 @@ def test_svc_cg_products_for_the_live_classes_only():
     design = _Design(x, 1.0)
     full = p + 2.0 * design.gauss_newton_product(p, cost)
     live = torch.tensor([False, True, False, True])
-    hp = _LiveProducts(design, cost).hessian(p, live)
+    products = _LiveProducts(design, cost)
+    hp = products.hessian(p, live)
     torch.testing.assert_close(hp[live], full[live], rtol=1e-5, atol=1e-4)
     assert torch.equal(hp[~live], torch.zeros(2, 31, dtype=x.dtype))
+    assert products.design.x.shape[0] < 0.7 * 2000  # a copy of the live classes' rows
+    live &= torch.tensor([True, False, True, True])  # class 1 stops (in place, as in CG)
+    hp = products.hessian(p, live)
+    torch.testing.assert_close(hp[3], full[3], rtol=1e-5, atol=1e-4)
+    assert torch.equal(hp[:3], torch.zeros(3, 31, dtype=x.dtype))
+    dense = (torch.rand(4, 2000, generator=gen, dtype=x.dtype) < 0.9) * 1.5  # most rows active: no copy
+    hp = _LiveProducts(design, dense).hessian(p, torch.tensor([True, True, False, False]))
+    torch.testing.assert_close(hp[:2], (p + 2.0 * design.gauss_newton_product(p, dense))[:2], rtol=1e-5, atol=1e-4)
     m = fit_svc(x, y, tol=1e-9, direction="cg", block=5)
     assert [max(c) for c in m.info["cg_per_class"]] == m.info["cg_per_newton"]
     assert any(min(c) < max(c) for c in m.info["cg_per_class"])
@@ -296,6 +308,16 @@ def test_svc_block_jacobi_on_digits_is_liblinear():
     ours_obj, ref_obj = svc_objective(ours.weights, x, y, 10), svc_objective(ref.weights, x, y, 10)
     assert torch.all(ours_obj <= ref_obj * (1 + 1e-9))
     torch.testing.assert_close(ours.weights, ref.weights, atol=1e-3, rtol=0)
+
+
+def test_svc_bad_cg_stop_or_forcing_is_one_line_error():
+    x, y = blobs()
+    for bad, message in ((dict(cg_stop="Quadratic"), "cg_stop must be 'residual' or 'quadratic', got 'Quadratic'"),
+                         (dict(cg_stop=["residual"]), "cg_stop must be 'residual' or 'quadratic'"),
+                         (dict(cg_forcing=1.0), "cg_forcing must be in \\(0, 1\\), got 1.0"),
+                         (dict(cg_forcing="x"), "cg_forcing must be a number in \\(0, 1\\), got 'x'")):
+        with pytest.raises(ConfigError, match=message):
+            fit_svc(x, y, direction="cg", **bad)
 
 
 @pytest.mark.parametrize("block", [0, 14, -3])

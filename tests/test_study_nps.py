@@ -46,7 +46,7 @@ def test_summary_is_mean_and_standard_error_over_seeds():
     assert "fashion-mnist test acc. %" in text and "published MNIST error %" in text
     assert "| eval s | readout s | cell s |" in text and "| 3.0 | 5 | 4 | – | 80 |" in text  # none kept: –
     rows = summarise([{**_cell(8, 0, 0.8), "readout_seconds": 3.0}, {**_cell(8, 1, 0.8), "readout_seconds": 2.0}])
-    assert rows[0]["readout_seconds"] == pytest.approx(2.5)
+    assert rows[0]["readout_seconds"] == pytest.approx(2.5) and rows[0]["readout_seconds_cells"] == 2
 
 
 def test_published_numbers_are_obeid_et_al():

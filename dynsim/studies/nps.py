@@ -152,7 +152,9 @@ def summarise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_seconds": mean_sem([c["wall_seconds"] for c in cs])[0],
             "train_seconds": mean_sem([c["train_seconds"] for c in cs])[0],
             "eval_seconds": mean_sem([c["eval_seconds"] for c in cs])[0],
-            "readout_seconds": mean_sem([c.get("readout_seconds") for c in cs])[0],  # None for cells made before it was kept
+            # over the cells that kept it (cells made before it was kept have None)
+            "readout_seconds": mean_sem([c.get("readout_seconds") for c in cs])[0],
+            "readout_seconds_cells": sum(c.get("readout_seconds") is not None for c in cs),
             "peak_rss_gib": max(c["peak_rss_gib"] for c in cs),
             "published_mnist_error": PUBLISHED_MNIST_ERROR.get(n),
         })

@@ -8,7 +8,9 @@ kernels switched off, as ``--solver auto`` ran from NpS 32 before the compiled b
 with the compiled batch-1 Hebbian update: what ``--solver auto`` runs now) — one spawned process
 (so that its peak resident memory, ``ru_maxrss``, is its own) builds the layer with the same seed,
 trains it for ``--warm-images`` online images (batch 1, η = 5e-3, with newton-cg: the same weights
-for every row), then times:
+for every row) — or, with ``--warm-epochs E``, as a ``study nps`` cell trains (E × 1000 images,
+``DSSMConfig``'s η schedule; a trained layer settles in about 3× more Newton steps, so only this
+projects a real run) — then times:
 
 * online training: ``--train-images`` images, batch 1, settle + Hebbian update, per image;
 * evaluation settling: ``--eval-images`` train and test images each, batch ``--eval-batch``;
@@ -64,9 +66,16 @@ def measure(args: dict) -> dict:
     stop = stop_rule(1e-4, 3000)
     x = torch.as_tensor(xtr)
     warm_solver = make_solver("newton-cg")
-    for batch in epoch_batches(x, images=args["warm_images"], batch_size=1, seed=1)(0):
-        res = settle(layer, batch.x, solver=warm_solver, stop=stop)
-        hebbian_update(layer, batch.x, res.r, 5e-3)
+    if args.get("warm_epochs"):  # as a `study nps` cell trains: epochs × 1000 images, DSSMConfig's η schedule
+        batches = epoch_batches(x, images=cfg.images_per_epoch, batch_size=1, seed=0)
+        for epoch in range(args["warm_epochs"]):
+            eta = max(cfg.eta0 / (1 + cfg.eta_decay * epoch), cfg.eta_min)
+            for batch in batches(epoch):
+                hebbian_update(layer, batch.x, settle(layer, batch.x, solver=warm_solver, stop=stop).r, eta)
+    else:
+        for batch in epoch_batches(x, images=args["warm_images"], batch_size=1, seed=1)(0):
+            res = settle(layer, batch.x, solver=warm_solver, stop=stop)
+            hebbian_update(layer, batch.x, res.r, 5e-3)
     name, _, variant = args["solver"].partition(":")
     solver = make_solver(name)
     path = compiled.disabled() if variant == "torch" else contextlib.nullcontext()
@@ -147,6 +156,9 @@ def main(argv=None):
     p.add_argument("--solvers", default="newton,newton-cg:torch,newton-cg",
                    help="rows per NpS; NAME:torch runs NAME with the compiled kernels switched off")
     p.add_argument("--warm-images", type=int, default=200)
+    p.add_argument("--warm-epochs", type=int, default=0,
+                   help="instead of --warm-images: train the layer as a study cell does (EPOCHS x 1000 online "
+                        "images, DSSMConfig's eta schedule) before timing: a trained layer settles in more steps")
     p.add_argument("--train-images", type=int, default=50)
     p.add_argument("--eval-images", type=int, default=200, help="train and test images each")
     p.add_argument("--eval-batch", type=int, default=100)
@@ -173,7 +185,7 @@ def main(argv=None):
     for nps in [int(v) for v in args.nps.split(",")]:
         for k, name in enumerate(args.solvers.split(",")):
             job = {"data": args.data, "nps": nps, "solver": name, "warm_images": args.warm_images,
-                   "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
+                   "warm_epochs": args.warm_epochs, "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
                    "train_images": args.train_images, "eval_images": args.eval_images,
                    "eval_batch": args.eval_batch, "threads": args.threads,
                    "states": str(tmp) + f"_states_{nps}_{name.replace(':', '-')}.npy"}

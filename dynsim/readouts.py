@@ -387,21 +387,17 @@ def fit_svc(
                     out[live] = jacobi.solve(chol[live[running]], r[live]).to(r.dtype)
                     return out
 
-            design, weights = x, costs * active
-            rows = active[running].any(dim=0)  # the rows of some running class's Hessian
-            n_rows = int(rows.sum())
-            if n_rows <= COMPACT_FRACTION * n:  # a copy of just those rows for this system's CG
-                idx = torch.nonzero(rows).squeeze(1)
-                design, weights = _Design(features.index_select(0, idx), intercept_scaling), weights[:, idx]
-            stats["cg_rows"].append(n_rows if design is not x else n)
+            # the rows of some running class's Hessian; CG copies them (_LiveProducts) when they are few
+            n_rows = int(active[running].any(dim=0).sum())
+            compacted = n_rows <= COMPACT_FRACTION * n
+            stats["cg_rows"].append(n_rows if compacted else n)
             two_level = None
-            if coarse and design is not x:
+            if coarse and compacted:
                 t_pre = time.perf_counter()
                 space = space or _CoarseSpace(x, int(coarse), stats)
                 two_level = space.factor(costs * active, torch.nonzero(running).squeeze(1))
                 stats["preconditioner_seconds"] += time.perf_counter() - t_pre
-            s = _cg_direction(design, weights, g, cg_stop, forcing, max_cg, stats, running, precond, two_level)
-            del design
+            s = _cg_direction(x, costs * active, g, cg_stop, forcing, max_cg, stats, running, precond, two_level)
         xs = x.scores(s)
         stats["products"] += 1
         step = _line_search(w_t, s, z, xs, t, costs)
@@ -604,8 +600,16 @@ def _cg_direction(x: _Design, active_cost, g, stop: str, forcing: float, max_cg,
 
     The products and the preconditioner run for the live classes only (:class:`_LiveProducts`).
     """
-    if precond is None:
-        diag = 1.0 + 2.0 * x.squared_t_product(active_cost)  # diag(H) (k, d+1)
+    s = torch.zeros_like(g)
+    r = -g
+    g64 = g.double()
+    residual_tol = forcing * torch.linalg.vector_norm(g64, dim=1)
+    live = running & (torch.linalg.vector_norm(g64, dim=1) > (residual_tol if stop == "residual" else 0.0))
+    products = _LiveProducts(x, active_cost)
+    if precond is None:  # diag(H_c) (k, d+1) of the live classes, over their rows
+        products.restrict(live)
+        diag = torch.ones_like(g)
+        diag[products.classes] += 2.0 * products.design.squared_t_product(products.cost)
         stats["products"] += 1
 
         def precond(r, live):
@@ -617,17 +621,11 @@ def _cg_direction(x: _Design, active_cost, g, stop: str, forcing: float, max_cg,
         def precond(r, live):
             return two_level.apply(r, base, live)
 
-    s = torch.zeros_like(g)
-    r = -g
-    g64 = g.double()
-    residual_tol = forcing * torch.linalg.vector_norm(g64, dim=1)
-    live = running & (torch.linalg.vector_norm(g64, dim=1) > (residual_tol if stop == "residual" else 0.0))
     zr = precond(r, live).to(g.dtype)
     p = zr.clone()
     rz = (r * zr).sum(dim=1, dtype=torch.float64)
     model_tol = torch.clamp(rz.clamp_min(0.0).sqrt().sqrt(), max=forcing)  # min(forcing, ‖g‖_{M⁻¹}^{1/2})
     model = torch.zeros_like(rz)  # Q_c(s_{i−1})
-    products = _LiveProducts(x, active_cost)
     per_class = torch.zeros(g.shape[0], dtype=torch.long)
     iterations = 0
     for _ in range(max_cg):
@@ -669,30 +667,32 @@ class _LiveProducts:
 
     Classes stop one by one, and late Newton systems often run hundreds of CG iterations for
     one or two hard classes; computing all k columns over the rows of all of them would cost
-    about k / (live classes) times more. When the live set shrinks, the rows active for a live
-    class are copied (as in :func:`fit_svc`, when at most :data:`COMPACT_FRACTION` of the
-    design's rows): rows outside every live class's active set add 0 to the products.
+    about k / (live classes) times more. Rows outside every live class's active set add 0 to the
+    products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of those the
+    products run over now (all of ``x`` at first), they are copied out of ``x`` — one copy at a
+    time, the previous one freed first (from ``w = 0`` every row is active and nothing is copied).
     """
 
     def __init__(self, x: _Design, active_cost: torch.Tensor):
         self.x, self.active_cost = x, active_cost
-        self.key = None
+        self.key, self.idx, self.design = None, None, x  # idx: the copied rows of x (None: all)
 
-    def _restrict(self, live: torch.Tensor) -> None:
-        self.design = None  # the previous copy goes before the next is made
+    def restrict(self, live: torch.Tensor) -> None:
+        """Products for the ``live`` classes (k,) bool from now on (``classes``, ``design``, ``cost``)."""
         classes = torch.nonzero(live).squeeze(1)
+        rows = (self.active_cost[classes] > 0).any(dim=0)
+        current = self.x.x.shape[0] if self.idx is None else self.idx.numel()
+        if int(rows.sum()) <= COMPACT_FRACTION * current:
+            self.design = None  # the previous copy goes before the next is made
+            self.idx = torch.nonzero(rows).squeeze(1)
+            self.design = _Design(self.x.x.index_select(0, self.idx), self.x.s)
         cost = self.active_cost[classes]
-        rows = (cost > 0).any(dim=0)
-        design = self.x
-        if int(rows.sum()) <= COMPACT_FRACTION * self.x.x.shape[0]:
-            idx = torch.nonzero(rows).squeeze(1)
-            design, cost = _Design(self.x.x.index_select(0, idx), self.x.s), cost[:, idx]
-        self.classes, self.design, self.cost = classes, design, cost
+        self.classes, self.cost = classes, cost if self.idx is None else cost[:, self.idx]
         self.key = live.clone()
 
     def hessian(self, p: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         if self.key is None or not torch.equal(self.key, live):
-            self._restrict(live)
+            self.restrict(live)
         hp = torch.zeros_like(p)
         pc = p[self.classes]
         hp[self.classes] = pc + 2.0 * self.design.gauss_newton_product(pc, self.cost)

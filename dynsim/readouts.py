@@ -668,24 +668,27 @@ class _LiveProducts:
     Classes stop one by one, and late Newton systems often run hundreds of CG iterations for
     one or two hard classes; computing all k columns over the rows of all of them would cost
     about k / (live classes) times more. Rows outside every live class's active set add 0 to the
-    products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of those the
-    products run over now (all of ``x`` at first), they are copied out of ``x`` — one copy at a
-    time, the previous one freed first (from ``w = 0`` every row is active and nothing is copied).
+    products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of the rows of
+    the first restriction (all of ``x``, or the copy of the running classes' rows that the first
+    restriction made), they are copied out of ``x`` — one copy at a time, the previous one freed
+    first (from ``w = 0`` every row is active and nothing is copied).
     """
 
     def __init__(self, x: _Design, active_cost: torch.Tensor):
         self.x, self.active_cost = x, active_cost
         self.key, self.idx, self.design = None, None, x  # idx: the copied rows of x (None: all)
+        self.base = x.x.shape[0]  # rows after the first restriction
 
     def restrict(self, live: torch.Tensor) -> None:
         """Products for the ``live`` classes (k,) bool from now on (``classes``, ``design``, ``cost``)."""
         classes = torch.nonzero(live).squeeze(1)
         rows = (self.active_cost[classes] > 0).any(dim=0)
-        current = self.x.x.shape[0] if self.idx is None else self.idx.numel()
-        if int(rows.sum()) <= COMPACT_FRACTION * current:
+        if int(rows.sum()) <= COMPACT_FRACTION * self.base:
             self.design = None  # the previous copy goes before the next is made
             self.idx = torch.nonzero(rows).squeeze(1)
             self.design = _Design(self.x.x.index_select(0, self.idx), self.x.s)
+        if self.key is None:
+            self.base = self.design.x.shape[0]
         cost = self.active_cost[classes]
         self.classes, self.cost = classes, cost if self.idx is None else cost[:, self.idx]
         self.key = live.clone()

@@ -593,8 +593,8 @@ def _cg_direction(x: _Design, active_cost, g, stop: str, forcing: float, max_cg,
     ``"quadratic"``: when CG's i-th iteration lowers the quadratic model
     ``Q_c(s) = ∇f_cᵀ s + ½ sᵀ H_c s`` by at most ``tol_c / i`` of its value,
     ``i (Q_c(s_i) − Q_c(s_{i−1})) ≥ tol_c Q_c(s_i)``, ``tol_c = min(forcing, ‖∇f_c‖_{M⁻¹}^{1/2})``
-    (or when ``Q_c`` rises: rounding). This is liblinear's ``NEWTON::pcg`` (its Newton solver
-    since 2.40, forcing 0.5; Nash & Sofer, Oper. Res. Lett. 1990; Hsia, Chiang & Lin, ACML 2018):
+    (or when ``Q_c`` rises: rounding). This is liblinear's ``NEWTON::pcg`` (newton.cpp, forcing
+    0.5; Nash & Sofer, Oper. Res. Lett. 1990; Hsia, Chiang & Lin, ACML 2018):
     the directions along which the residual lingers but the model no longer falls cost no more
     iterations. Either way the Newton systems, the line search and the stopping test are the same.
 
@@ -666,8 +666,9 @@ class _LiveProducts:
     others, whose step CG no longer changes), over the rows active for some live class.
 
     Classes stop one by one, and late Newton systems often run hundreds of CG iterations for
-    one or two hard classes; computing all k columns over the rows of all of them would cost
-    about k / (live classes) times more. Rows outside every live class's active set add 0 to the
+    one or two hard classes. The products are bound by reading the rows, not by how many
+    classes share them, so what saves is dropping the rows of the classes that have stopped
+    (benchmarks/readout_precond.py's ``+allclasses`` baseline). Rows outside every live class's active set add 0 to the
     products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of the rows of
     the first restriction (all of ``x``, or the copy of the running classes' rows that the first
     restriction made), they are copied out of ``x`` — one copy at a time, the previous one freed

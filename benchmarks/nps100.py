@@ -185,7 +185,8 @@ def main(argv=None):
     for nps in [int(v) for v in args.nps.split(",")]:
         for k, name in enumerate(args.solvers.split(",")):
             job = {"data": args.data, "nps": nps, "solver": name, "warm_images": args.warm_images,
-                   "warm_epochs": args.warm_epochs, "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
+                   "warm_epochs": args.warm_epochs,
+                   "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
                    "train_images": args.train_images, "eval_images": args.eval_images,
                    "eval_batch": args.eval_batch, "threads": args.threads,
                    "states": str(tmp) + f"_states_{nps}_{name.replace(':', '-')}.npy"}

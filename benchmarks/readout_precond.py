@@ -1,4 +1,4 @@
-"""The `svc` readout's CG preconditioner at full size: one-level (diagonal, block-Jacobi over sites) vs two-level (+ a coarse space), real features.
+"""The `svc` readout's CG on real settled features: one-level vs two-level preconditioners, live-class products.
 
 Issue 15: at NpS 64/100 the exact ``svc`` readout (n = 60,000, d = 196·NpS) is fitted by
 Newton–CG, and the fit, not settling, is what a large-NpS study cell spends most on. This script:
@@ -123,7 +123,8 @@ def fit_one(args: dict) -> dict:
         name = f"weights_{nps}_{args['preconditioner']}_{args['cg_stop']}.npy"
         np.save(Path(args["save_weights"]) / name, model.weights.numpy())
     return {
-        "preconditioner": args["preconditioner"], "cg_stop": args["cg_stop"], "block": block, "coarse": coarse, "max_iter": max_iter,
+        "preconditioner": args["preconditioner"], "cg_stop": args["cg_stop"], "block": block, "coarse": coarse,
+        "max_iter": max_iter,
         "tol": args["tol"], "cg_rows": info["cg_rows"], "coarse_seconds": info.get("coarse_seconds"),
         "test_predictions": "".join(map(str, model.predict(fte).tolist())),
         "n": int(ftr.shape[0]), "d": int(ftr.shape[1]),
@@ -188,14 +189,16 @@ def main(argv=None):
             if args.out:  # after every fit: a stopped run keeps the fits it finished
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps({**result, "fits": rows}, indent=1))
-            print(f"{name + ' ' + cg_stop:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} {row['cg_iterations']:6d} "
+            print(f"{name + ' ' + cg_stop:>14} {row['seconds']:8.1f} {row['newton_iterations']:6d} "
+                  f"{row['cg_iterations']:6d} "
                   f"{str(row['cg_per_newton']):>24} {row['preconditioner_seconds']:7.1f} {row['objective_sum']:12.4f} "
                   f"{row['max_gradient_ratio']:10.2e} {str(row['converged']):>5} {row['test_accuracy']:8.4f}",
                   flush=True)
         result["fits"] = rows
         first = rows[0]["test_predictions"]
         for row in rows[1:]:  # paths that stop at liblinear's test end a little apart
-            row["test_predictions_differing_from_first"] = sum(a != b for a, b in zip(first, row["test_predictions"]))
+            differ = sum(a != b for a, b in zip(first, row["test_predictions"], strict=True))
+            row["test_predictions_differing_from_first"] = differ
             print(f"{row['preconditioner']} {row['cg_stop']}: {row['test_predictions_differing_from_first']} test "
                   f"predictions differ from {rows[0]['preconditioner']} {rows[0]['cg_stop']}'s", flush=True)
     if args.out:

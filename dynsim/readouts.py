@@ -304,7 +304,8 @@ def fit_svc(
     (building and factorising the block-Jacobi blocks and the coarse space's ``E_c``, ``H_c U``),
     ``coarse_seconds`` (computing ``U`` and ``Z``, once, part of ``preconditioner_seconds``;
     absent when never used), ``products``
-    (products with the data, of width k or, in CG, the live classes), ``gram_rows`` (rows that went into Hessian blocks),
+    (products with the data, of width k or, in CG, the live classes), ``gram_rows`` (rows that went into
+    Hessian blocks),
     ``objective`` (per class, float64), ``gradient_ratio`` (‖∇f_c‖ / ‖∇f_c(0)‖), ``converged``,
     ``direction``, ``block``, ``coarse`` (ℓ or None).
     """
@@ -341,7 +342,8 @@ def fit_svc(
     if coarse == "auto":
         coarse = min(COARSE_RANK, d + 1) if d + 1 > EXACT_HESSIAN_MAX_DIM else None
     if coarse is not None and (isinstance(coarse, str) or not 1 <= int(coarse) <= d + 1):
-        raise ConfigError(f"coarse must be an integer in 1 … d + 1 = {d + 1} (the coarse space's dimension), got {coarse!r}")
+        raise ConfigError(
+            f"coarse must be an integer in 1 … d + 1 = {d + 1} (the coarse space's dimension), got {coarse!r}")
     stats = {"products": 0, "cg_iterations": 0, "gram_rows": 0, "cg_per_newton": [], "cg_per_class": [], "cg_rows": [],
              "preconditioner_seconds": 0.0}
 
@@ -537,7 +539,7 @@ class _CoarseSpace:
         self.z = x.scores(u.T).T.contiguous()  # X̃ U (n, ℓ)
         stats["coarse_seconds"] = time.perf_counter() - t0
 
-    def factor(self, active_cost: torch.Tensor, classes: torch.Tensor) -> "_TwoLevel":
+    def factor(self, active_cost: torch.Tensor, classes: torch.Tensor) -> _TwoLevel:
         """``E_c⁻¹`` (Cholesky, float64) and ``H_c U = U + 2 X̃ᵀ D_c Z`` of ``classes``
         (over each class's active rows only); ``active_cost`` (k, n) is ``D_c``'s diagonal."""
         k = active_cost.shape[0]
@@ -668,8 +670,8 @@ class _LiveProducts:
     Classes stop one by one, and late Newton systems often run hundreds of CG iterations for
     one or two hard classes. The products are bound by reading the rows, not by how many
     classes share them, so what saves is dropping the rows of the classes that have stopped
-    (benchmarks/readout_precond.py's ``+allclasses`` baseline). Rows outside every live class's active set add 0 to the
-    products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of the rows of
+    (benchmarks/readout_precond.py's ``+allclasses`` baseline). Rows outside every live class's
+    active set add 0 to the products, so when the live classes' rows are at most :data:`COMPACT_FRACTION` of the rows of
     the first restriction (all of ``x``, or the copy of the running classes' rows that the first
     restriction made), they are copied out of ``x`` — one copy at a time, the previous one freed
     first (from ``w = 0`` every row is active and nothing is copied).

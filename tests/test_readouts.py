@@ -235,7 +235,7 @@ def test_svc_coarse_space_of_every_direction_is_the_exact_newton_step():
     iteration that uses it (those whose rows were compacted)."""
     x, y = separated_blobs()
     m = fit_svc(x, y, tol=1e-9, direction="cg", coarse=x.shape[1] + 1)
-    used = [cg for cg, rows in zip(m.info["cg_per_newton"], m.info["cg_rows"]) if rows < len(y)]
+    used = [cg for cg, rows in zip(m.info["cg_per_newton"], m.info["cg_rows"], strict=True) if rows < len(y)]
     assert m.info["converged"] and len(used) >= 3
     assert used == [1] * len(used)
 

@@ -112,9 +112,9 @@ class DSSMConfig:
                            "number); liblinear: sklearn's LinearSVC itself (slow, for cross-checks); ridge: exact "
                            "one-vs-rest least squares (cheap, for relative comparisons)")
     readout_tol: float = setting(1e-4, group="evaluation",
-                                 help="svc/liblinear: liblinear's stopping tolerance, ‖∇f_c‖ ≤ tol·min(n⁺,n⁻)/n·‖∇f_c(0)‖ "
-                                 "per class (LinearSVC's default; smaller stops nearer the minimum, see README "
-                                 "'Neurons per site')")
+                                 help="svc/liblinear: liblinear's stopping tolerance, "
+                                 "‖∇f_c‖ ≤ tol·min(n⁺,n⁻)/n·‖∇f_c(0)‖ per class (LinearSVC's default; smaller stops "
+                                 "nearer the minimum, see README 'Neurons per site')")
     eval_batch_size: int = setting(1000, group="evaluation", help="inputs settled together for the readout")
     eval_train_size: int | None = setting(None, group="evaluation",
                                           help="subsample the train set for the readout ('none': all)")

@@ -568,7 +568,7 @@ class _TwoLevel:
         return torch.cholesky_solve(v.double()[:, :, None], self.chol[c])[:, :, 0]
 
     def apply(self, r: torch.Tensor, base, live: torch.Tensor) -> torch.Tensor:
-        """``P_c r_c`` for the ``live`` classes (a subset of ``classes``), ``base(r, live)`` = ``B⁻¹``."""
+        """``P_c r_c`` for the ``live`` classes (among those factored), ``base(r, live)`` = ``B⁻¹``."""
         c = torch.nonzero(live).squeeze(1)
         u, hu = self.u, self.hu[c]
         rc = r[c]

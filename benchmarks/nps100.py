@@ -45,6 +45,10 @@ from pathlib import Path
 
 def measure(args: dict) -> dict:
     """One (NpS, solver) measurement in this (spawned) process."""
+    import sys
+
+    if args.get("src"):  # a row of an older tree (--baseline-src): its dynsim, imported first
+        sys.path.insert(0, args["src"])
     import numpy as np
     import torch
 
@@ -58,6 +62,7 @@ def measure(args: dict) -> dict:
     from dynsim.readouts import readout_accuracy
     from dynsim.settle import settle
     from dynsim.solvers import make_solver
+    from dynsim.solvers.spec import solver_from_spec
     from dynsim.stopping import stop_rule
 
     cfg = DSSMConfig(data=args["data"], nps=args["nps"])
@@ -66,7 +71,10 @@ def measure(args: dict) -> dict:
     stop = stop_rule(1e-4, 3000)
     x = torch.as_tensor(xtr)
     warm_solver = make_solver("newton-cg")
-    if args.get("warm_epochs"):  # as a `study nps` cell trains: epochs × 1000 images, DSSMConfig's η schedule
+    layer_file = (args.get("load_layer") or "").format(nps=args["nps"])
+    if layer_file and Path(layer_file).exists():  # the same trained layer for every row (and tree)
+        layer.load_state_dict(torch.load(layer_file))
+    elif args.get("warm_epochs"):  # as a `study nps` cell trains: epochs × 1000 images, DSSMConfig's η schedule
         batches = epoch_batches(x, images=cfg.images_per_epoch, batch_size=1, seed=0)
         for epoch in range(args["warm_epochs"]):
             eta = max(cfg.eta0 / (1 + cfg.eta_decay * epoch), cfg.eta_min)
@@ -76,9 +84,12 @@ def measure(args: dict) -> dict:
         for batch in epoch_batches(x, images=args["warm_images"], batch_size=1, seed=1)(0):
             res = settle(layer, batch.x, solver=warm_solver, stop=stop)
             hebbian_update(layer, batch.x, res.r, 5e-3)
+    if layer_file and not Path(layer_file).exists():
+        Path(layer_file).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(layer.state_dict(), layer_file)
     name, _, variant = args["solver"].partition(":")
-    solver = make_solver(name)
-    path = compiled.disabled() if variant == "torch" else contextlib.nullcontext()
+    solver = solver_from_spec(name.replace("/", ","))
+    path = compiled.disabled() if variant == "torch" else contextlib.nullcontext()  # ("base": the default path)
     with path:
         settle(layer, x[:1], solver=solver, stop=stop)  # compiles the kernels, if not cached
         t0, steps = time.perf_counter(), []
@@ -149,12 +160,24 @@ def full_readout(args: dict) -> dict:
             "load_average": os.getloadavg()}
 
 
+def _tag(name: str) -> str:
+    """A row's name as a file-name part."""
+    return name.replace(":", "-").replace("/", "-").replace("=", "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--nps", default="16,32,64,100")
     p.add_argument("--solvers", default="newton,newton-cg:torch,newton-cg",
-                   help="rows per NpS; NAME:torch runs NAME with the compiled kernels switched off")
+                   help="rows per NpS; NAME:torch runs NAME with the compiled kernels switched off, NAME:base "
+                        "with the dynsim of --baseline-src; options as NAME/opt=value (e.g. newton-cg/merit=residual)")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="an older tree (e.g. `git worktree add DIR REV`) for the NAME:base rows")
+    p.add_argument("--reference", default="newton", help="the row the speed-ups and state distances are against")
+    p.add_argument("--load-layer", default=None, metavar="PATH",
+                   help="trained weights to time on, '{nps}' replaced by the NpS (saved there by the first row "
+                        "that warms, if missing): every row and tree times the same layer")
     p.add_argument("--warm-images", type=int, default=200)
     p.add_argument("--warm-epochs", type=int, default=0,
                    help="instead of --warm-images: train the layer as a study cell does (EPOCHS x 1000 online "
@@ -188,8 +211,9 @@ def main(argv=None):
                    "warm_epochs": args.warm_epochs,
                    "readout": (k == 0 or args.readout_every_row) and not args.no_readout,
                    "train_images": args.train_images, "eval_images": args.eval_images,
-                   "eval_batch": args.eval_batch, "threads": args.threads,
-                   "states": str(tmp) + f"_states_{nps}_{name.replace(':', '-')}.npy"}
+                   "eval_batch": args.eval_batch, "threads": args.threads, "load_layer": args.load_layer,
+                   "src": args.baseline_src if name.endswith(":base") else None,
+                   "states": str(tmp) + f"_states_{nps}_{_tag(name)}.npy"}
             with ctx.Pool(1, maxtasksperchild=1) as pool:
                 row = pool.apply(measure, (job,))
             row["load_average"] = os.getloadavg()
@@ -197,21 +221,23 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     import numpy as np
 
-    for row in rows:  # each row's settled evaluation states and speed-up against newton's, per NpS
-        base = next((r for r in rows if r["nps"] == row["nps"] and r["solver"] == "newton"), None)
-        if base is None:  # no newton row for this NpS (e.g. --solvers newton-cg)
-            row["max_rel_state_distance_to_newton"] = row["train_speedup_vs_newton"] = float("nan")
-            row["eval_speedup_vs_newton"] = float("nan")
+    ref = args.reference
+    for row in rows:  # each row's settled evaluation states and speed-up against the reference row's, per NpS
+        base = next((r for r in rows if r["nps"] == row["nps"] and r["solver"] == ref), None)
+        row["reference"] = ref
+        if base is None:  # no reference row for this NpS (e.g. --solvers newton-cg)
+            row["max_rel_state_distance_to_reference"] = row["train_speedup_vs_reference"] = float("nan")
+            row["eval_speedup_vs_reference"] = float("nan")
             continue
-        a = np.load(str(tmp) + f"_states_{row['nps']}_newton.npy")
-        b = np.load(str(tmp) + f"_states_{row['nps']}_{row['solver'].replace(':', '-')}.npy")
-        row["max_rel_state_distance_to_newton"] = float(
+        a = np.load(str(tmp) + f"_states_{row['nps']}_{_tag(ref)}.npy")
+        b = np.load(str(tmp) + f"_states_{row['nps']}_{_tag(row['solver'])}.npy")
+        row["max_rel_state_distance_to_reference"] = float(
             (np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).max())
-        row["train_speedup_vs_newton"] = base["train_seconds_per_image"] / row["train_seconds_per_image"]
-        row["eval_speedup_vs_newton"] = base["eval_settle_seconds_per_image"] / row["eval_settle_seconds_per_image"]
+        row["train_speedup_vs_reference"] = base["train_seconds_per_image"] / row["train_seconds_per_image"]
+        row["eval_speedup_vs_reference"] = base["eval_settle_seconds_per_image"] / row["eval_settle_seconds_per_image"]
     for f in tmp.parent.glob(tmp.name + "_states_*.npy"):
         f.unlink()
-    head = ("| NpS | solver | train s/img | steps | eval s/img | steps | ×train | ×eval | readout s (subset) "
+    head = (f"| NpS | solver | train s/img | steps | eval s/img | steps | ×train vs {ref} | ×eval | readout s (subset) "
             "| peak GiB | 15 ep + 1 eval (proj., target 15 min) | 120 ep + 8 evals (proj., target 1 h) "
             "| max state dist |")
     lines = [head, "|" + "---:|" * (head.count("|") - 1)]
@@ -219,11 +245,11 @@ def main(argv=None):
         lines.append(
             f"| {r['nps']} | {r['solver']} | {r['train_seconds_per_image']:.4f} | {r['train_mean_newton_steps']:.1f} "
             f"| {r['eval_settle_seconds_per_image']:.4f} | {r['eval_mean_newton_steps']:.1f} "
-            f"| {r['train_speedup_vs_newton']:.2f} | {r['eval_speedup_vs_newton']:.2f} "
+            f"| {r['train_speedup_vs_reference']:.2f} | {r['eval_speedup_vs_reference']:.2f} "
             f"| {r['readout_seconds_subset']:.1f} | {r['peak_rss_gib']:.2f} "
             f"| {r['projected_15_epochs_one_eval_seconds'] / 60:.0f} min "
             f"| {r['projected_120_epochs_8_evals_seconds'] / 3600:.1f} h "
-            f"| {r['max_rel_state_distance_to_newton']:.1e} |")
+            f"| {r['max_rel_state_distance_to_reference']:.1e} |")
     table = "\n".join(lines).replace("| nan |", "| – |").replace("| nan |", "| – |")
     print(table)
     result = {"settings": vars(args), "rows": rows, "table": table}

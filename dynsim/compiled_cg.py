@@ -105,15 +105,21 @@ def _matvec(lat_s, x, out):
 
 
 @_jit
-def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code):
-    """One site: ``r = f(u)``, ``τF = d − u + s·(L_k r − r)``; returns ``(‖τF_k‖², ‖u_k‖², ‖h τF_k‖²)``."""
+def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code, energy, eps16, phi_s):
+    """One site: ``r = f(u)``, ``τF = d − u + s·(L_k r − r)``; returns ``(‖τF_k‖², ‖u_k‖², ‖h τF_k‖²)``
+    and, with ``energy``, writes ``(Φ_k, its rounding scale)`` into ``phi_s`` (2,), as
+    :func:`dynsim.solvers.newton.site_energy`."""
     m = d_s.shape[0]
+    one = d_s.dtype.type(1)
+    tiny = d_s.dtype.type(np.finfo(d_s.dtype).tiny)
     for j in range(m):
         r_s[j] = _rate(u_s[j], code)
     _matvec(lat_s, r_s, f_s)
     f2 = 0.0
     u2 = 0.0
     b2 = 0.0
+    phi = 0.0
+    scale = 0.0
     for i in range(m):
         v = d_s[i] - u_s[i] + sign * (f_s[i] - r_s[i])
         f_s[i] = v
@@ -121,6 +127,17 @@ def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code):
         f2 += float(v) * float(v)
         u2 += float(u_s[i]) * float(u_s[i])
         b2 += fp * float(v) * float(v)
+        if energy:  # the entropy in the working precision (its rounding is far below the scale), branch-free
+            up = one + r_s[i]
+            dn = one - r_s[i]
+            ent = up * np.log(max(up, tiny)) + dn * np.log(max(dn, tiny))  # 0·ln 0 = 0 where tanh saturates
+            ri = float(r_s[i])
+            gi = float(v)
+            phi += 0.5 * float(ent) - 0.5 * ri * (gi + float(u_s[i]) + float(d_s[i]))
+            scale += abs(ri) * (abs(float(u_s[i])) + abs(float(d_s[i])) + abs(gi))
+    if energy:
+        phi_s[0] = phi
+        phi_s[1] = eps16 * scale
     return f2, u2, b2
 
 
@@ -209,13 +226,17 @@ def _exact_site_step(lat_s, sign, fp, g, jac, z):
 
 @_jit
 def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
-                   big, forcing, floor, max_cg, scratch, jac, u0, p0, ls, definite, chol):
+                   big, forcing, floor, max_cg, scratch, jac, u0, p0, ls, definite, chol, energy, search_after, eps16,
+                   phic, phin):
     """Settle one input (site-first arrays (S, M): drive ``d``, box ``box``, state ``us``) with
     Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
     residual)``; ``us`` holds the returned state and ``rs`` its rates. With the late Armijo test of
     :func:`dynsim.solvers.newton.line_search` per site: ``u0``, ``p0`` (S, M) the checked step's
-    start and direction, ``ls`` (2, S) its merit ``‖τF_k(u0)‖²`` and α, ``definite`` (S,) whether
-    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` (M, M) float64 scratch)."""
+    start and direction, ``ls`` (3, S) its merit (``‖τF_k(u0)‖²``, or with ``energy`` ``Φ_k(u0)``),
+    α and ``∇Φ_kᵀp`` (:func:`dynsim.solvers.newton.energy_line_search`), ``definite`` (S,) whether
+    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` (M, M) float64 scratch); the test runs
+    from step ``search_after`` on; ``phic``/``phin`` (S, 2) ``Φ_k`` and its rounding scale at the
+    current/next state. CG stops at :func:`dynsim.solvers.newton_cg.newton_cg_step`'s ``η``."""
     n_sites, m = d.shape
     dt = d.dtype.type
     zero = dt(0)
@@ -225,7 +246,7 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
     u2 = 0.0
     b2 = 0.0
     for s in range(n_sites):
-        a1, a2, a3 = _site_field(lat[s], sign, d[s], us[s], rs[s], fs[s], code)
+        a1, a2, a3 = _site_field(lat[s], sign, d[s], us[s], rs[s], fs[s], code, energy, eps16, phic[s])
         f2 += a1
         u2 += a2
         b2 += a3
@@ -239,7 +260,10 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         capped = cap >= 0 and n >= cap
         if settled or capped:
             return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res_n
-        eta = min(max(np.sqrt(f2) / u_norm, floor), forcing)
+        eta = max(np.sqrt(f2) / u_norm, floor)
+        if tol > 0 and res_n > 0:  # no more accuracy than reaching tol needs (oversolving)
+            eta = max(eta, 0.5 * tol / res_n)
+        eta = min(eta, forcing)
         share = eta * eta * b2 / n_sites
         newton = not (n == 0 and picard)
         f2n = 0.0
@@ -248,7 +272,10 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         for s in range(n_sites):
             lat_s = lat[s]
             back = False
-            if newton and checked:  # the late Armijo test of the step that led to us
+            if newton and checked and energy:  # the late Armijo test on the energy
+                back = (phic[s, 0] > ls[0, s] + _ARMIJO_C * ls[1, s] * ls[2, s] + phic[s, 1] and ls[2, s] < 0
+                        and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+            elif newton and checked:  # the late Armijo test of the step that led to us
                 g2 = 0.0
                 q2 = 1.0
                 for i in range(m):
@@ -256,6 +283,7 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                     q2 += float(us[s, i]) * float(us[s, i])
                 back = (g2 > (1.0 - 2.0 * _ARMIJO_C * ls[1, s]) * ls[0, s] and g2 > floor_ls * q2
                         and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+            if newton and checked:
                 if back and definite[s] < 0:  # only I − s·(L_k − I) ≻ 0 guarantees the search
                     for i in range(m):
                         for j in range(m):
@@ -290,16 +318,24 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                         w = min(max(w, -box[s, i]), box[s, i])
                     un[s, i] = w
                 g2 = 0.0
+                slope = 0.0
                 for i in range(m):  # the step to check next time
                     u0[s, i] = us[s, i]
                     p0[s, i] = un[s, i] - us[s, i]
                     g2 += float(fs[s, i]) * float(fs[s, i])
-                ls[0, s] = g2
-                ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
+                    ri = float(rs[s, i])
+                    slope -= (1.0 - ri * ri) * float(fs[s, i]) * float(p0[s, i])
+                if energy:  # every step is a descent direction of Φ_k: all are checked
+                    ls[0, s] = phic[s, 0]
+                    ls[1, s] = 1.0
+                    ls[2, s] = slope
+                else:
+                    ls[0, s] = g2
+                    ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
             else:  # Picard start: u1 = u0 + τF(u0)
                 for i in range(m):
                     un[s, i] = us[s, i] + fs[s, i]
-            a1, a2, a3 = _site_field(lat_s, sign, d[s], un[s], rn[s], fn[s], code)
+            a1, a2, a3 = _site_field(lat_s, sign, d[s], un[s], rn[s], fn[s], code, energy, eps16, phin[s])
             f2n += a1
             u2n += a2
             b2n += a3
@@ -309,14 +345,15 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
         us[:, :] = un
         rs[:, :] = rn
         fs[:, :] = fn
+        phic[:, :] = phin
         f2, u2, b2 = f2n, u2n, b2n
-        checked = newton and n >= _SEARCH_AFTER  # the line search starts late (SEARCH_AFTER)
+        checked = newton and n >= search_after  # the residual's line search starts late (SEARCH_AFTER)
         n += 1
 
 
 @_jit
 def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, atol, cap, cap_first,
-                      bound, big, forcing, floor, max_cg, u, r, steps, status, residual):
+                      bound, big, forcing, floor, max_cg, energy, search_after, u, r, steps, status, residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,);
     returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
     written) if a lateral block is not symmetric."""
@@ -342,7 +379,10 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
     jac = np.empty((m, m), dtype=dtype)
     u0 = np.empty((n_sites, m), dtype=dtype)  # the line search's state (_settle_row_cg)
     p0 = np.empty((n_sites, m), dtype=dtype)
-    ls = np.empty((2, n_sites), dtype=np.float64)
+    ls = np.empty((3, n_sites), dtype=np.float64)
+    phic = np.zeros((n_sites, 2), dtype=np.float64)
+    phin = np.zeros((n_sites, 2), dtype=np.float64)
+    eps16 = 16.0 * float(np.finfo(dtype).eps)
     definite = np.full(n_sites, -1, dtype=np.int8)
     chol = np.empty((m, m), dtype=np.float64)
     xg = np.empty(kc, dtype=dtype)
@@ -357,7 +397,7 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
         rs = r[bi].reshape(n_sites, m)
         nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                                          tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, scratch, jac,
-                                         u0, p0, ls, definite, chol)
+                                         u0, p0, ls, definite, chol, energy, search_after, eps16, phic, phin)
         steps[bi] = nb
         status[bi] = code_b
         residual[bi] = res
@@ -374,12 +414,12 @@ def kernel_settings(solver, limits, max_state_norm: float) -> dict | None:
         return None
     return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,
             "max_state_norm": max_state_norm, "picard_start": solver.picard_start, "forcing": solver.forcing,
-            "max_cg": solver.max_cg}
+            "max_cg": solver.max_cg, "merit": solver.merit}
 
 
 def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None, atol: float,
                  cap: int | None, cap_first: bool, max_state_norm: float, picard_start: bool, forcing: float,
-                 max_cg: int):
+                 max_cg: int, merit: str = "energy"):
     """Settle ``x`` (B, D_in) with the compiled Newton–CG loop; returns ``(u, r, steps, status,
     residual, n_evals)`` as :func:`dynsim.compiled.settle_layer`, or ``None`` if a lateral block
     is not symmetric."""
@@ -391,6 +431,8 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
             0.0 if tol is None else float(atol), -1 if cap is None else int(cap), bool(cap_first),
             float(max_state_norm * np.sqrt(layer.state_size)), float(torch.finfo(dtype).max), float(forcing),
             float(50 * torch.finfo(dtype).eps), int(max_cg or layer.nps))
+    energy = merit == "energy" and layer.activation == "tanh"  # as SiteNewtonCG.step
+    loop = (*loop, energy, 0 if energy else _SEARCH_AFTER)
     b = x.shape[0]
     u = torch.zeros(b, layer.state_size, dtype=dtype) if u0 is None else u0.clone()
     r = torch.empty_like(u)

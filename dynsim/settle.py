@@ -68,14 +68,17 @@ class BoundField:
     """The vector field ``(u, t) -> system.field(u, drive)`` of the running samples (autonomous).
 
     Solvers call it like a function; fixed-point solvers that need more than the field
-    (e.g. :class:`~dynsim.solvers.SiteNewton`) read ``.system`` and ``.drive``.
+    (e.g. :class:`~dynsim.solvers.SiteNewton`) read ``.system`` and ``.drive``; ``.target`` is the
+    relative field residual the loop stops at (the stop rule's ``rtol + atol/‖u‖`` is judged per
+    sample; here its ``rtol``, or ``None``), for solvers that size inner solves to it
+    (:class:`~dynsim.solvers.SiteNewtonCG`: no CG accuracy beyond what the last step needs).
     """
 
-    __slots__ = ("system", "drive")
+    __slots__ = ("system", "drive", "target")
     time_dependent = False
 
-    def __init__(self, system: System, drive: torch.Tensor):
-        self.system, self.drive = system, drive
+    def __init__(self, system: System, drive: torch.Tensor, target: float | None = None):
+        self.system, self.drive, self.target = system, drive, target
 
     def __call__(self, u: torch.Tensor, t=None) -> torch.Tensor:
         return self.system.field(u, self.drive)
@@ -296,7 +299,8 @@ def _settle_torch(system: System | None, x, solver: Solver, stop: StopRule, u0, 
 
     active = torch.arange(b, device=device)
     u, drive = start, drive_all
-    field = BoundField(system, drive) if system is not None else field_all
+    target = limits.rtol if limits is not None and on == "field" else None
+    field = BoundField(system, drive, target) if system is not None else field_all
 
     state = solver.init(field, u)
     n = 0

@@ -40,7 +40,7 @@ import torch
 
 from dynsim.errors import ConfigError
 from dynsim.solvers.base import Solver, StepResult
-from dynsim.solvers.newton import SEARCH_AFTER, _parse_bool, line_search, newton_step
+from dynsim.solvers.newton import SEARCH_AFTER, _parse_bool, energy_line_search, line_search, newton_step
 
 
 class SiteNewtonCG(Solver):
@@ -51,13 +51,22 @@ class SiteNewtonCG(Solver):
     picard_start : take one Picard step ``u_1 = d + s·A f(u_0)`` first (tanh layers), as SiteNewton.
     max_cg : CG iterations per Newton step (0: the block size M, where CG is exact in exact arithmetic).
     forcing : the largest relative CG residual accepted (0 < forcing < 1); near the fixed point the
-        tolerance is the relative field residual itself.
+        tolerance is the relative field residual itself, but never below what the last step
+        needs (:func:`newton_cg_step`'s ``target``).
+    merit : ``"energy"`` (default for tanh layers): every Newton step is checked by
+        :func:`~dynsim.solvers.newton.energy_line_search` on the network's energy ``Φ_k``;
+        ``"residual"``: :func:`~dynsim.solvers.newton.line_search` on ``½‖F_k‖²`` from step
+        ``SEARCH_AFTER`` on, as :class:`~dynsim.solvers.SiteNewton` (and every non-tanh layer).
     """
 
     name = "newton-cg"
 
-    def __init__(self, picard_start: bool | str = True, max_cg: int | str = 0, forcing: float | str = 0.1):
+    def __init__(self, picard_start: bool | str = True, max_cg: int | str = 0, forcing: float | str = 0.1,
+                 merit: str = "energy"):
         self.picard_start = _parse_bool(picard_start, "picard_start")
+        if merit not in ("energy", "residual"):
+            raise ConfigError(f"newton-cg: merit must be 'energy' or 'residual', got {merit!r}")
+        self.merit = merit
         try:
             self.max_cg = int(max_cg)
             self.forcing = float(forcing)
@@ -70,7 +79,8 @@ class SiteNewtonCG(Solver):
             raise ConfigError(f"newton-cg: forcing must be in (0, 1), got {self.forcing}")
 
     def __repr__(self) -> str:
-        return f"SiteNewtonCG(picard_start={self.picard_start}, max_cg={self.max_cg}, forcing={self.forcing})"
+        return (f"SiteNewtonCG(picard_start={self.picard_start}, max_cg={self.max_cg}, forcing={self.forcing}, "
+                f"merit={self.merit!r})")
 
     def step(self, field, u, state, n):
         system = getattr(field, "system", None)
@@ -83,9 +93,14 @@ class SiteNewtonCG(Solver):
         if n == 0 and self.picard_start and getattr(system, "activation", None) == "tanh":
             f = field(u)
             return StepResult(u + tau * f, f, state, 1)
-        late = n >= SEARCH_AFTER
-        u_next, f, *within = newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing, with_sites=late)
-        if late:
+        energy = (self.merit == "energy" and getattr(system, "activation", None) == "tanh"
+                  and getattr(system, "symmetric_blocks", False))
+        late = not energy and n >= SEARCH_AFTER
+        u_next, f, *within = newton_cg_step(system, u, field.drive, tau, self.max_cg, self.forcing, with_sites=late,
+                                            target=getattr(field, "target", None))
+        if energy:
+            u_next, state = energy_line_search(system, u, f, u_next, field.drive, state)
+        elif late:
             u_next, state = line_search(system, u, f, u_next, state, unchecked=within[0])  # as SiteNewton's
         return StepResult(u_next, f, state, 1)
 
@@ -130,8 +145,14 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
 
 
 def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0, max_cg: int = 0,
-                   forcing: float = 0.1, with_sites: bool = False):
+                   forcing: float = 0.1, with_sites: bool = False, target: float | None = None):
     """``(u − J⁻¹G, F(u))`` with the Newton system solved per site by CG (module docstring).
+
+    CG stops at the relative residual ``η = min(forcing, max(ρ, 50 eps, ½·target/ρ))`` per sample,
+    ``ρ = ‖F(u)‖/‖u‖`` (``τ = 1``) and ``target`` the relative residual the settling loop stops at
+    (``None``: no such term): ``η ≤ ρ`` keeps Newton's fast local convergence (Eisenstat & Walker
+    1996), and ``η ≥ ½·target/ρ`` keeps the last steps from solving more accurately than reaching
+    ``target`` needs (Kelley 2003, §3.2.3: the safeguard against oversolving).
 
     Shapes: u, drive (B, D) -> (B, D), (B, D). ``with_sites``: also the (B, S) bool of the sites
     whose right-hand side was already within their CG share (no CG iteration: ``z = −G_k``, a
@@ -146,7 +167,10 @@ def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.
     h = fp.clamp_min(0).sqrt().transpose(0, 1)
     rel = torch.linalg.vector_norm(g.reshape(bsz, -1), dim=1) / torch.linalg.vector_norm(u, dim=1).clamp_min(1e-12)
     floor = 50 * torch.finfo(g.dtype).eps
-    tol = rel.clamp(min=floor, max=forcing)
+    tol = rel.clamp(min=floor)
+    if target is not None:
+        tol = torch.maximum(tol, 0.5 * target * tau / rel.clamp_min(torch.finfo(rel.dtype).tiny))  # ρ = rel/τ
+    tol = tol.clamp(max=forcing)
     rhs = -h * gs
     v, _, failed = site_cg(a, h, rhs, tol, max_cg or m)
     z = (torch.bmm(h * v, a) - gs).transpose(0, 1)  # (B, S, M); a symmetric: (h v) a = (a h v)ᵀ

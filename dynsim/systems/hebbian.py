@@ -171,6 +171,14 @@ class HebbianLayer(System):
         """
         return self.lateral.is_identity_gather and self.activation in _DERIVATIVES
 
+    @property
+    def symmetric_blocks(self) -> bool:
+        """Every lateral block ``s·(L_k − I)`` is symmetric (the Hebbian rule keeps it so from ``L = I``):
+        Newton–CG's block systems are then symmetric and the site energy ``Φ_k``
+        (:func:`dynsim.solvers.newton.site_energy`) exists."""
+        self._lateral_blocks()
+        return self._symmetric
+
     def _lateral_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``s·(L_k − I)`` (S, M, M) and its transpose (contiguous), cached until ``L`` changes in place."""
         w = self.lateral.weight

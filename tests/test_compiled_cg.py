@@ -51,16 +51,17 @@ def test_compiled_cg_reaches_site_newtons_fixed_point(nps):
     torch.testing.assert_close(fast.r, torch.tanh(fast.u))
 
 
+@pytest.mark.parametrize("merit", ["energy", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_cg_equals_the_torch_step(dtype):
+def test_compiled_cg_equals_the_torch_step(dtype, merit):
     """Same steps, statuses, evaluation counts and states as the torch newton-cg (which runs the
-    same CG with the same per-site share), at the tolerance the DSSM uses."""
+    same CG with the same per-site share and the same line search), at the tolerance the DSSM uses."""
     layer = _trained_like_layer(12, image=28, dtype=dtype)
     x = _inputs(4, 784, 2, dtype)
     stop = ResidualBelow(1e-4) | MaxSteps(50)
-    fast = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+    fast = settle(layer, x, solver=SiteNewtonCG(merit=merit), stop=stop)
     with compiled.disabled():
-        ref = settle(layer, x, solver=SiteNewtonCG(), stop=stop)
+        ref = settle(layer, x, solver=SiteNewtonCG(merit=merit), stop=stop)
     assert fast.steps.tolist() == ref.steps.tolist()
     assert fast.status.tolist() == ref.status.tolist() == [Status.SETTLED] * 4
     assert fast.n_evals == ref.n_evals

@@ -143,7 +143,7 @@ def test_options_are_checked():
 
 def test_auto_picks_newton_cg_from_nps_32():
     assert DSSMConfig(nps=31).resolved_solver() == "newton"
-    assert DSSMConfig(nps=32).resolved_solver() == "newton-cg"
-    assert DSSMConfig(nps=100).resolved_solver() == "newton-cg"
+    assert DSSMConfig(nps=32).resolved_solver() == "newton-cg,picard_start=false"
+    assert DSSMConfig(nps=100).resolved_solver() == "newton-cg,picard_start=false"
     assert DSSMConfig(nps=100, lateral_sign=1).resolved_solver() == "newton"
     assert DSSMConfig(nps=100, solver="newton").resolved_solver() == "newton"

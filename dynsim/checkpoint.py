@@ -165,6 +165,9 @@ class Checkpoint(Callback):
     modules : ``{name: nn.Module}`` whose ``state_dict()`` is saved (the system's weights).
     meta : settings that must match on resume (e.g. the training config); a checkpoint
         written with different values is refused with a :class:`ConfigError` naming them.
+    recorded : values saved for the record only (e.g. the solver that ``auto`` resolved to, which
+        may differ between versions); after :meth:`restore` the checkpoint's are in
+        ``restored_record`` (``{}`` for a checkpoint written without them), for the caller to compare.
 
     Put it **last** in the engine's callback list, so that every other callback has
     finished its ``on_epoch_end`` when the state is saved.
@@ -181,6 +184,7 @@ class Checkpoint(Callback):
         every: int = 1,
         modules: dict[str, torch.nn.Module] | None = None,
         meta: dict[str, Any] | None = None,
+        recorded: dict[str, Any] | None = None,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ConfigError(f"checkpoint every must be an integer >= 0 epochs, got {every!r}")
@@ -188,6 +192,8 @@ class Checkpoint(Callback):
         self.every = every
         self.modules = dict(modules or {})
         self.meta = dict(meta or {})
+        self.recorded = dict(recorded or {})
+        self.restored_record: dict[str, Any] = {}
         self.last_saved_epoch: int | None = None
 
     # --- saving ---------------------------------------------------------------------
@@ -197,6 +203,7 @@ class Checkpoint(Callback):
             "format": FORMAT,
             "completed_epochs": completed_epochs,
             "meta": self.meta,
+            "recorded": self.recorded,
             "engine": _plain(engine.state_dict()),
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "rng": get_rng_state(),
@@ -251,5 +258,6 @@ class Checkpoint(Callback):
             module.load_state_dict(ckpt["modules"][name])
         engine.load_state_dict(ckpt["engine"])
         set_rng_state(ckpt["rng"])
+        self.restored_record = dict(ckpt.get("recorded", {}))
         self.last_saved_epoch = ckpt["completed_epochs"]
         return int(ckpt["completed_epochs"])

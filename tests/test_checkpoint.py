@@ -266,3 +266,21 @@ def test_settling_monitor_checkpoints_per_input_arrays_as_tensors_and_reads_old_
         other = SettlingMonitor()
         other.load_state_dict(saved)
         assert other.iterations.tolist() == [3, 5, 7] and other.status.tolist() == [0, 0, 1]
+
+
+def test_resume_records_a_changed_auto_solver(tmp_path, monkeypatch):
+    """A checkpoint written while `auto` resolved to another solver resumes with a warning, and the
+    result records the change (``solver_changed_on_resume``); an unchanged one records None."""
+    from dynsim.configs.dssm import DSSMConfig
+
+    out = tmp_path / "r.json"
+    real = DSSMConfig.resolved_solver
+    monkeypatch.setattr(DSSMConfig, "resolved_solver", lambda self: "newton,picard_start=false")
+    assert main(["run", "dssm", *FAST, "--epochs", "1", "--out", str(out)]) == 0
+    monkeypatch.setattr(DSSMConfig, "resolved_solver", real)
+    with pytest.warns(UserWarning, match="ran as 'newton,picard_start=false' before the checkpoint and runs as 'newton'"):
+        assert main(["run", "dssm", *FAST, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert res["solver_changed_on_resume"] == {"checkpoint": "newton,picard_start=false", "now": "newton"}
+    assert main(["run", "dssm", *FAST, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    assert json.loads(out.read_text())["solver_changed_on_resume"] is None

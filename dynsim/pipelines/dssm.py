@@ -94,16 +94,23 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
     if config.out and (config.checkpoint_every or resume):
         meta = training_settings(config)
         ckpt = Checkpoint(checkpoint_path(config.out), every=config.checkpoint_every, modules={"system": layer},
-                          meta=meta)
+                          meta=meta, recorded={"resolved_solver": config.resolved_solver()})
         callbacks.append(ckpt)
     engine = Engine(settler, callbacks, progress=config.progress, desc=f"dssm {config.data}")
     x_train_t = torch.as_tensor(x_train, device=device)
     batches = epoch_batches(x_train_t, images=config.images_per_epoch, batch_size=config.batch_size, seed=config.seed)
     resumed_from = None
+    solver_change = None
     if resume:
         resumed_from = ckpt.restore(engine) if ckpt.path.exists() else None
         if resumed_from is None:
             warnings.warn(f"no checkpoint at {ckpt.path}; starting from epoch 0", stacklevel=2)
+        solver_then = ckpt.restored_record.get("resolved_solver")
+        if resumed_from is not None and solver_then not in (None, config.resolved_solver()):
+            solver_change = {"checkpoint": solver_then, "now": config.resolved_solver()}
+            warnings.warn(f"--solver {config.solver} ran as {solver_then!r} before the checkpoint and runs as "
+                          f"{config.resolved_solver()!r} now (this version picks differently); both settle to the "
+                          f"same threshold, the result records the change", stacklevel=2)
     try:
         with torch.no_grad():
             engine.fit(batches, config.epochs, start_epoch=resumed_from or 0,
@@ -149,6 +156,7 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
             "diverged_skipped": int(np.sum(np.asarray(monitor.status) == int(Status.DIVERGED))),
         },
         "resumed_from_epoch": resumed_from,
+        "solver_changed_on_resume": solver_change,
     }
     if ckpt is not None:
         result["checkpoint"] = str(ckpt.path)

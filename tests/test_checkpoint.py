@@ -278,7 +278,8 @@ def test_resume_records_a_changed_auto_solver(tmp_path, monkeypatch):
     monkeypatch.setattr(DSSMConfig, "resolved_solver", lambda self: "newton,picard_start=false")
     assert main(["run", "dssm", *FAST, "--epochs", "1", "--out", str(out)]) == 0
     monkeypatch.setattr(DSSMConfig, "resolved_solver", real)
-    with pytest.warns(UserWarning, match="ran as 'newton,picard_start=false' before the checkpoint and runs as 'newton'"):
+    changed = "ran as 'newton,picard_start=false' before the checkpoint and runs as 'newton'"
+    with pytest.warns(UserWarning, match=changed):
         assert main(["run", "dssm", *FAST, "--epochs", "2", "--out", str(out), "--resume"]) == 0
     res = json.loads(out.read_text())
     assert res["solver_changed_on_resume"] == {"checkpoint": "newton,picard_start=false", "now": "newton"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynsim import HebbianLayer, Status, compiled, settle, stop_rule
+from dynsim import HebbianLayer, MaxSteps, ResidualBelow, Status, compiled, settle, stop_rule
 from dynsim.errors import ConfigError
 from dynsim.solvers import SiteNewtonCG, make_solver
 from dynsim.solvers import newton_cg as newton_cg_module
@@ -124,15 +124,14 @@ def test_merit_option_is_checked():
     assert "merit='residual'" in repr(SiteNewtonCG(merit="residual"))
 
 
-@pytest.mark.parametrize("tau,atol,picard", [(1.0, 0.0, False), (2.5, 0.0, True), (1.0, 1e-3, True), (2.5, 1e-3, False)])
+@pytest.mark.parametrize("tau,atol,picard",
+                         [(1.0, 0.0, False), (2.5, 0.0, True), (1.0, 1e-3, True), (2.5, 1e-3, False)])
 def test_compiled_kernel_equals_the_torch_step_with_many_halvings(tau, atol, picard):
     """On sites where the energy search backs up often, the kernel takes the torch step's steps and
     reaches its states (float64, 1e-11), for τ ≠ 1, an absolute tolerance and both starts."""
     layer = _layer(nps=8)
     layer.tau = tau
     x = _x(12)
-    from dynsim import ResidualBelow, MaxSteps
-
     stop = ResidualBelow(1e-8, atol=atol) | MaxSteps(300)
     solver = SiteNewtonCG(picard_start=picard)
     fast = settle(layer, x, solver=solver, stop=stop)

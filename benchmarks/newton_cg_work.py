@@ -15,8 +15,8 @@ Reported per variant: Newton steps (mean / max), converged fraction, **CG iterat
 over sites** (``site_cg``'s per-site counts: the compiled kernel's per-site matrix–vector products
 beyond one field evaluation per step; an upper bound of the kernel's, since the torch step also
 runs CG for the sites its line search then sends back, which the kernel skips), seconds of the
-torch path (not the kernel's; the kernel's seconds are ``nps100.py``'s), and the largest relative distance of the settled states to the
-first variant's.
+torch path (not the kernel's; the kernel's seconds are ``nps100.py``'s), and the largest relative
+distance of the settled states to the first variant's.
 
 Example::
 

@@ -177,7 +177,8 @@ def energy_line_search(system, u: torch.Tensor, f: torch.Tensor, u_full: torch.T
     there (6.5 and 6.4), and on the near-singular sites of the tests 4–29 against 4–20
     (``benchmarks/newton_cg_work.py``, ``tests/test_newton_line_search.py``). Only sites with
     ``I − s·A_k ≻ 0`` go back (elsewhere ``Φ_k`` need not be convex). ``state``: ``None`` or
-    ``(u_n, Φ_k(u_n), p, α, ∇Φ_kᵀp)``; shapes as :func:`line_search`; ``f`` is ``F(u)`` and ``drive`` the running samples' ``W x``."""
+    ``(u_n, Φ_k(u_n), p, α, ∇Φ_kᵀp)``; shapes as :func:`line_search`; ``f`` is ``F(u)`` and
+    ``drive`` the running samples' ``W x``."""
     tau = float(getattr(system, "tau", 1.0))
     us = system.sites(u)
     g = system.sites(f) if tau == 1.0 else system.sites(f) * tau

@@ -170,16 +170,20 @@ _TRAINED_DRIVE = [1.007932, 2.094941, 2.522142, 2.286522, 2.094796, 2.045509, 2.
                   2.524494, 2.267598, 2.291099, 2.120243, 2.513023, 2.200554, -2.265727, 2.127298]
 
 
+def _trained_site(dtype) -> tuple[HebbianLayer, torch.Tensor]:
+    """The trained NpS 16 site (one site, all four pixels in its field) and its input."""
+    layer = HebbianLayer((1, 2, 2), nps=16, stride=2, radius=3.0).to(dtype)
+    with torch.no_grad():
+        layer.lateral.weight.copy_(torch.tensor(_TRAINED_L, dtype=dtype)[None])
+        layer.ff.weight[0] = torch.tensor(_TRAINED_DRIVE, dtype=dtype)[:, None].repeat(1, 4)
+    return layer, torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_trained_site_where_plain_newton_cycles(monkeypatch, dtype):
     """On the trained site (L's eigenvalues 0.0068 … 5.6) plain Newton hits the cap; newton and newton-cg,
     torch and compiled, settle in ≤ 25 steps to Euler's fixed point (within Euler's tolerance)."""
-    lat = torch.tensor(_TRAINED_L, dtype=dtype)
-    layer = HebbianLayer((1, 2, 2), nps=16, stride=2, radius=3.0).to(dtype)
-    with torch.no_grad():
-        layer.lateral.weight.copy_(lat[None])
-        layer.ff.weight[0] = torch.tensor(_TRAINED_DRIVE, dtype=dtype)[:, None].repeat(1, 4)
-    x = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=dtype)
+    layer, x = _trained_site(dtype)
     assert layer.monotone_sites().tolist() == [True]
     stop = stop_rule(1e-4, 3000)
     with compiled.disabled():
@@ -207,12 +211,7 @@ def test_the_energy_search_settles_the_cycling_sites_faster(monkeypatch, dtype):
     """newton-cg without a line search cycles on the trained site (cap 300); with the energy merit
     (the default) it settles in 6 steps, torch and compiled alike, where the residual's late search
     needs 20; on the NpS 4 site 8 against 20."""
-    lat = torch.tensor(_TRAINED_L, dtype=dtype)
-    layer = HebbianLayer((1, 2, 2), nps=16, stride=2, radius=3.0).to(dtype)
-    with torch.no_grad():
-        layer.lateral.weight.copy_(lat[None])
-        layer.ff.weight[0] = torch.tensor(_TRAINED_DRIVE, dtype=dtype)[:, None].repeat(1, 4)
-    x = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=dtype)
+    layer, x = _trained_site(dtype)
     stop = stop_rule(1e-4, 3000)
     for merit, want in (("energy", 6), ("residual", 20)):
         for fast in (True, False):

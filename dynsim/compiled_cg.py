@@ -325,8 +325,9 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                     u0[s, i] = us[s, i]
                     p0[s, i] = un[s, i] - us[s, i]
                     g2 += float(fs[s, i]) * float(fs[s, i])
-                    ri = float(rs[s, i])
-                    slope -= (1.0 - ri * ri) * float(fs[s, i]) * float(p0[s, i])
+                    if energy:
+                        ri = float(rs[s, i])
+                        slope -= (1.0 - ri * ri) * float(fs[s, i]) * float(p0[s, i])
                 if energy:  # every step is a descent direction of Φ_k: all are checked
                     ls[0, s] = phic[s, 0]
                     ls[1, s] = 1.0

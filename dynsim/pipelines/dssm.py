@@ -105,11 +105,11 @@ def run_dssm(config: DSSMConfig, *, resume: bool = False) -> dict[str, Any]:
         resumed_from = ckpt.restore(engine) if ckpt.path.exists() else None
         if resumed_from is None:
             warnings.warn(f"no checkpoint at {ckpt.path}; starting from epoch 0", stacklevel=2)
-        solver_then = ckpt.restored_record.get("resolved_solver")
-        if resumed_from is not None and solver_then not in (None, config.resolved_solver()):
-            solver_change = {"checkpoint": solver_then, "now": config.resolved_solver()}
+        solver_then, solver_now = ckpt.restored_record.get("resolved_solver"), config.resolved_solver()
+        if resumed_from is not None and solver_then not in (None, solver_now):
+            solver_change = {"checkpoint": solver_then, "now": solver_now}
             warnings.warn(f"--solver {config.solver} ran as {solver_then!r} before the checkpoint and runs as "
-                          f"{config.resolved_solver()!r} now (this version picks differently); both settle to the "
+                          f"{solver_now!r} now (this version picks differently); both settle to the "
                           f"same threshold, the result records the change", stacklevel=2)
     try:
         with torch.no_grad():

@@ -109,23 +109,30 @@ def line_search(system, u: torch.Tensor, f: torch.Tensor, u_full: torch.Tensor, 
     one = torch.ones_like(m) if unchecked is None else (~unchecked).to(m.dtype)  # α of the new steps
     if state is None:
         return u_full, (us, m, full - us, one)
-    u0, m0, p0, a0 = state
+    _, m0, _, a0 = state
     floor = (16 * torch.finfo(u.dtype).eps) ** 2 * (us.square().sum(-1) + 1.0)
     tau = float(getattr(system, "tau", 1.0))
     fail = (m > (1 - 2 * ARMIJO_C * a0) * m0) & (m * (tau * tau) > floor) & (a0 > 2.0 ** -MAX_HALVINGS)
+    return _go_back(system, fail, state, (us, m, full - us, one), u_full)
+
+
+def _go_back(system, fail: torch.Tensor, old: tuple, new: tuple, u_full: torch.Tensor):
+    """The step of both line searches once their test is made: the monotone sites that ``fail``
+    (B, S) go back to ``u0 + (α/2) p0`` and keep their checked step's state with α halved; every
+    other site takes ``u_full`` and the ``new`` state. States are ``(u0, merit, p0, α, …)``, the
+    first and third (B, S, M), the others (B, S). Returns the next state (B, D) and the solver state."""
     if bool(fail.any()):
         monotone = getattr(system, "monotone_sites", None)
         if monotone is not None:
-            fail &= monotone()
+            fail = fail & monotone()
     if not bool(fail.any()):
-        return u_full, (us, m, full - us, one)
-    half = 0.5 * a0
-    back = u0 + half.unsqueeze(-1) * p0
+        return u_full, new
+    u0, p0, half = old[0], old[2], 0.5 * old[3]
     keep = fail.unsqueeze(-1)
-    out = torch.where(keep, back, full)
-    state = (torch.where(keep, u0, us), torch.where(fail, m0, m), torch.where(keep, p0, full - us),
-             torch.where(fail, half, one))
-    return out.reshape(u.shape), state
+    out = torch.where(keep, u0 + half.unsqueeze(-1).to(u0.dtype) * p0, system.sites(u_full))
+    state = tuple(torch.where(keep if o.dim() == keep.dim() else fail, o, n) for o, n in zip(old, new, strict=True))
+    state = state[:3] + (torch.where(fail, half, new[3]),) + state[4:]
+    return out.reshape(u_full.shape), state
 
 
 def site_energy(r: torch.Tensor, us: torch.Tensor, g: torch.Tensor, d: torch.Tensor):
@@ -190,20 +197,9 @@ def energy_line_search(system, u: torch.Tensor, f: torch.Tensor, u_full: torch.T
     one = torch.ones_like(phi)
     if state is None:
         return u_full, (us, phi, p_new, one, slope_new)
-    u0, phi0, p0, a0, s0 = state
+    _, phi0, _, a0, s0 = state
     fail = (phi > phi0 + ARMIJO_C * a0 * s0 + scale) & (s0 < 0) & (a0 > 2.0 ** -MAX_HALVINGS)
-    if bool(fail.any()):
-        monotone = getattr(system, "monotone_sites", None)
-        if monotone is not None:
-            fail &= monotone()
-    if not bool(fail.any()):
-        return u_full, (us, phi, p_new, one, slope_new)
-    half = 0.5 * a0
-    keep = fail.unsqueeze(-1)
-    out = torch.where(keep, u0 + half.unsqueeze(-1).to(u0.dtype) * p0, full)
-    state = (torch.where(keep, u0, us), torch.where(fail, phi0, phi), torch.where(keep, p0, p_new),
-             torch.where(fail, half, one), torch.where(fail, s0, slope_new))
-    return out.reshape(u.shape), state
+    return _go_back(system, fail, state, (us, phi, p_new, one, slope_new), u_full)
 
 
 def _parse_bool(value: bool | str | int, name: str) -> bool:

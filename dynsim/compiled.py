@@ -22,7 +22,9 @@ one compiled loop (timings: benchmarks/README.md, ``compiled_kernels.py``):
   ≥ 128 rows are split over ``torch.get_num_threads()`` threads (the ``--threads`` setting):
   Python threads, each running the kernel (it releases the GIL) on its slice, so that no
   OpenMP pool of numba's competes with torch's (numba's ``parallel=True`` chunks did, with
-  both pools spinning: benchmarks/README.md, issue 14 item 3).
+  both pools spinning: benchmarks/README.md, issue 14 item 3). The one ``parallel=True`` loop
+  is :mod:`dynsim.compiled_cg`'s, over the sites of a single image, where there are no rows
+  to split (:func:`_jit_parallel`).
   Forward Euler with a step schedule (``u ← u + dt_n F(u)``, the seed's method) runs in the
   same loop (:class:`~dynsim.solvers.Euler` with a step cap; :func:`settle_backend`).
   The loop's per-site pieces (the drive, the lateral blocks, the rates, the field, the Newton
@@ -117,6 +119,18 @@ def _jit(fn):
     if numba is None:
         return fn
     return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})(fn)
+
+
+def _jit_parallel(fn):
+    """:func:`_jit` with ``parallel=True``: ``numba.prange`` loops run on numba's threads (its
+    threading layer; the number set by ``numba.set_num_threads``)."""
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy",
+                      fastmath={"reassoc", "contract"})(fn)
+
+
+prange = range if numba is None else numba.prange
 
 
 # tanh(x) ≈ x·P(x²)/Q(x²) on |x| ≤ 9 (±1 beyond, where float32 rounds tanh to ±1): a (4, 4)

@@ -33,8 +33,14 @@ It applies to a site-separable :class:`~dynsim.systems.HebbianLayer` on CPU in f
 with symmetric lateral blocks (checked in the kernel's first pass over ``L``; the Hebbian rule
 keeps ``L`` exactly symmetric), lateral distance 0, a stop rule with limits on the field
 residual; for any NpS (the torch step remains the definition, the GPU path and the fallback).
-Batches of ≥ 2·``PARALLEL_MIN_ROWS`` rows run on ``torch.get_num_threads()`` threads, as
-:func:`dynsim.compiled.settle_layer`. Timings: ``benchmarks/nps100.py``, benchmarks/README.md.
+
+Threads (``torch.get_num_threads()``, the ``--threads`` setting). Batches of ≥
+2·``PARALLEL_MIN_ROWS`` rows (evaluation) are split into slices of rows on Python threads, as
+:func:`dynsim.compiled.settle_layer`. Smaller batches (online training settles one image at a
+time) split each pass over the sites instead: the sites are dealt to the threads in runs of
+:data:`_RUN` (``numba.prange``, numba's threading layer), each thread with its own CG scratch, and
+the per-site norms are summed in site order afterwards, so any thread count gives the same bits
+(tests). Timings: ``benchmarks/nps100.py``, benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -55,7 +61,11 @@ from dynsim.compiled import (
     _jit,
     _rate,
     _slope,
+    prange,
 )
+
+_BLOCKS, _FIELD, _STEP = 0, 1, 2  # the passes of _sites_pass
+_RUN = 8  # sites per run in a chunk of sites (_sites_pass): 8 float64 per-site numbers fill a cache line
 
 
 def applies(layer, *tensors: torch.Tensor) -> bool:
@@ -227,52 +237,56 @@ def _exact_site_step(lat_s, sign, fp, g, jac, z):
 
 
 @_jit
-def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
-                   big, forcing, floor, max_cg, scratch, jac, u0, p0, ls, definite, chol, energy, search_after, eps16,
-                   phic, phin):
-    """Settle one input (site-first arrays (S, M): drive ``d``, box ``box``, state ``us``) with
-    Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
-    residual)``; ``us`` holds the returned state and ``rs`` its rates. With the late Armijo test of
-    :func:`dynsim.solvers.newton.line_search` per site: ``u0``, ``p0`` (S, M) the checked step's
-    start and direction, ``ls`` (3, S) its merit (``‖τF_k(u0)‖²``, or with ``energy`` ``Φ_k(u0)``),
-    α and ``∇Φ_kᵀp`` (:func:`dynsim.solvers.newton.energy_line_search`), ``definite`` (S,) whether
-    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` (M, M) float64 scratch); the test runs
-    from step ``search_after`` on; ``phic``/``phin`` (S, 2) ``Φ_k`` and its rounding scale at the
-    current/next state. CG stops at :func:`dynsim.solvers.newton_cg.newton_cg_step`'s ``η``."""
-    n_sites, m = d.shape
+def _block_sums(lat_s, sign, row_s):
+    """``row_s[i] = Σ_j |s·(L_kij − δ_ij)|`` for one site's block (rows read contiguously, so
+    the sums vectorise); returns whether the block is symmetric (each pair compared once)."""
+    m = row_s.shape[0]
+    for i in range(m):
+        acc = row_s.dtype.type(0)
+        for j in range(m):
+            acc += abs(lat_s[i, j])
+        row_s[i] = abs(sign) * (acc - abs(lat_s[i, i]) + abs(lat_s[i, i] - 1))
+    symmetric = True
+    for i in range(m):
+        for j in range(i + 1, m):
+            symmetric &= lat_s[i, j] == lat_s[j, i]
+    return symmetric
+
+
+@_jit
+def _sites_pass(start, stride, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
+                max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """Sites in runs ``start, start + stride, …`` of :data:`_RUN` sites (run ``j``: sites
+    ``_RUN·j … _RUN·j + _RUN − 1``) of one pass of :func:`_settle_row_cg`. ``mode``
+    :data:`_BLOCKS`: each block's row sums ``row[k, i] = Σ_j |s·(L_kij − δ_ij)|`` and
+    ``sums[0, k] = 0`` where ``L_k`` is symmetric (1 where not); :data:`_FIELD`: the box
+    ``|d_k| + row_k`` and the field at ``us`` (into ``rs``, ``fs``, ``phic``); :data:`_STEP`: one
+    step from ``us`` to ``un`` (a Picard step, a Newton step or the line search's step back) and
+    the field there (``rn``, ``fn``, ``phin``). The field passes write each site's ``(‖τF_k‖²,
+    ‖u_k‖², ‖h τF_k‖²)`` into ``sums[:, k]``; ``scratch``, ``jac`` and ``chol`` are this call's own."""
+    m = d.shape[1]
     dt = d.dtype.type
     zero = dt(0)
     h, b, v, res, p, hp, q, z, fpv = (scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5],
                                       scratch[6], scratch[7], scratch[8])
-    f2 = 0.0
-    u2 = 0.0
-    b2 = 0.0
-    for s in range(n_sites):
-        a1, a2, a3 = _site_field(lat[s], sign, d[s], us[s], rs[s], fs[s], code, energy, eps16, phic[s])
-        f2 += a1
-        u2 += a2
-        b2 += a3
     floor_ls = (16.0 * float(np.finfo(d.dtype).eps)) ** 2  # the line search's rounding level
-    checked = False  # a Newton step led here (the line search)
-    n = 0
-    while True:
-        u_norm = max(np.sqrt(u2), 1e-12)
-        res_n = np.sqrt(f2) / tau / u_norm
-        settled = res_n < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
-        capped = cap >= 0 and n >= cap
-        if settled or capped:
-            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res_n
-        eta = max(np.sqrt(f2) / u_norm, floor)
-        if tol > 0 and res_n > 0:  # no more accuracy than reaching tol needs (oversolving)
-            eta = max(eta, 0.5 * tol / res_n)
-        eta = min(eta, forcing)
-        share = eta * eta * b2 / n_sites
-        newton = not (n == 0 and picard)
-        f2n = 0.0
-        u2n = 0.0
-        b2n = 0.0
-        for s in range(n_sites):
+    n_sites = d.shape[0]
+    for run in range(start * _RUN, n_sites, stride * _RUN):  # runs of _RUN sites: few cache lines shared
+        for s in range(run, min(run + _RUN, n_sites)):
             lat_s = lat[s]
+            if mode == _BLOCKS:
+                sums[0, s] = 0.0 if _block_sums(lat_s, sign, row[s]) else 1.0
+                sums[1, s] = 0.0
+                sums[2, s] = 0.0
+                continue
+            if mode == _FIELD:
+                for i in range(m):
+                    box[s, i] = abs(d[s, i]) + row[s, i]
+                a1, a2, a3 = _site_field(lat_s, sign, d[s], us[s], rs[s], fs[s], code, energy, eps16, phic[s])
+                sums[0, s] = a1
+                sums[1, s] = a2
+                sums[2, s] = a3
+                continue
             back = False
             if newton and checked and energy:  # the late Armijo test on the energy
                 back = (phic[s, 0] > ls[0, s] + _ARMIJO_C * ls[1, s] * ls[2, s] + phic[s, 1] and ls[2, s] < 0
@@ -339,9 +353,93 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
                 for i in range(m):
                     un[s, i] = us[s, i] + fs[s, i]
             a1, a2, a3 = _site_field(lat_s, sign, d[s], un[s], rn[s], fn[s], code, energy, eps16, phin[s])
-            f2n += a1
-            u2n += a2
-            b2n += a3
+            sums[0, s] = a1
+            sums[1, s] = a2
+            sums[2, s] = a3
+
+
+@_jit
+def _sites_serial(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
+                  max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """One pass of :func:`_sites_pass` over all sites in ``chunks`` interleaved sets (chunk ``c``:
+    sites ``c, c + chunks, …``, with ``scratch[c]``, ``jac[c]``, ``chol[c]``), in this thread."""
+    for c in range(chunks):
+        _sites_pass(c, chunks, mode, newton, checked, lat, sign, d, box, row,
+                    us, un, rs, rn, fs, fn, code, big, share, max_cg, energy, eps16, scratch[c], jac[c], chol[c],
+                    u0, p0, ls, definite, phic, phin, sums)
+
+
+@compiled._jit_parallel
+def _sites_parallel(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
+                    max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """:func:`_sites_serial` with the chunks on numba's threads (a separate function, not the same
+    one compiled twice: numba's cache would not tell the two apart). Every site's numbers depend on
+    that site only, so both give the same bits."""
+    for c in prange(chunks):
+        _sites_pass(c, chunks, mode, newton, checked, lat, sign, d, box, row,
+                    us, un, rs, rn, fs, fn, code, big, share, max_cg, energy, eps16, scratch[c], jac[c], chol[c],
+                    u0, p0, ls, definite, phic, phin, sums)
+
+
+@_jit
+def _sites(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share, max_cg,
+           energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """One pass over the sites (:func:`_sites_serial`), on ``chunks`` threads where ``chunks > 1``;
+    returns ``(‖τF‖², ‖u‖², ‖h τF‖²)`` summed in site order (the same bits for any ``chunks``)."""
+    if chunks > 1:
+        _sites_parallel(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
+                        max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+    else:
+        _sites_serial(1, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
+                      share, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+    f2 = 0.0
+    u2 = 0.0
+    b2 = 0.0
+    for s in range(d.shape[0]):
+        f2 += sums[0, s]
+        u2 += sums[1, s]
+        b2 += sums[2, s]
+    return f2, u2, b2
+
+
+@_jit
+def _settle_row_cg(lat, sign, d, box, row, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
+                   big, forcing, floor, max_cg, chunks, scratch, jac, u0, p0, ls, definite, chol, energy,
+                   search_after, eps16, phic, phin, sums):
+    """Settle one input (site-first arrays (S, M): drive ``d``, box ``box`` (written here from the
+    blocks' row sums ``row``), state ``us``) with
+    Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
+    residual)``; ``us`` holds the returned state and ``rs`` its rates. Each pass over the sites
+    (:func:`_sites`) runs in ``chunks`` ranges of sites (``scratch`` (C, 9, M), ``jac``, ``chol``
+    (C, M, M): each chunk's own), on as many threads where ``chunks > 1``. With the late Armijo test of
+    :func:`dynsim.solvers.newton.line_search` per site: ``u0``, ``p0`` (S, M) the checked step's
+    start and direction, ``ls`` (3, S) its merit (``‖τF_k(u0)‖²``, or with ``energy`` ``Φ_k(u0)``),
+    α and ``∇Φ_kᵀp`` (:func:`dynsim.solvers.newton.energy_line_search`), ``definite`` (S,) whether
+    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` float64); the test runs
+    from step ``search_after`` on; ``phic``/``phin`` (S, 2) ``Φ_k`` and its rounding scale at the
+    current/next state; ``sums`` (3, S) the sites' squared norms. CG stops at
+    :func:`dynsim.solvers.newton_cg.newton_cg_step`'s ``η``."""
+    n_sites = d.shape[0]
+    f2, u2, b2 = _sites(chunks, _FIELD, False, False, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
+                        0.0, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+    checked = False  # a Newton step led here (the line search)
+    n = 0
+    while True:
+        u_norm = max(np.sqrt(u2), 1e-12)
+        res_n = np.sqrt(f2) / tau / u_norm
+        settled = res_n < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
+        capped = cap >= 0 and n >= cap
+        if settled or capped:
+            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res_n
+        eta = max(np.sqrt(f2) / u_norm, floor)
+        if tol > 0 and res_n > 0:  # no more accuracy than reaching tol needs (oversolving)
+            eta = max(eta, 0.5 * tol / res_n)
+        eta = min(eta, forcing)
+        share = eta * eta * b2 / n_sites
+        newton = not (n == 0 and picard)
+        f2n, u2n, b2n = _sites(chunks, _STEP, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code,
+                               big, share, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin,
+                               sums)
         # divergence: a non-finite residual or state, or a state norm above the bound
         if not (np.isfinite(res_n) and np.isfinite(u2n)) or np.sqrt(u2n) > bound:
             return n, _DIVERGED, res_n
@@ -356,30 +454,22 @@ def _settle_row_cg(lat, sign, d, box, us, un, rs, rn, fs, fn, tau, code, picard,
 
 @_jit
 def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, atol, cap, cap_first,
-                      bound, big, forcing, floor, max_cg, energy, search_after, u, r, steps, status, residual):
-    """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,);
+                      bound, big, forcing, floor, max_cg, energy, search_after, chunks, u, r, steps, status, residual):
+    """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,),
+    each row's passes over the sites in ``chunks`` ranges (on as many threads where ``chunks > 1``);
     returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
     written) if a lateral block is not symmetric."""
     n_sites, m, kc = w.shape
     dtype = w.dtype
-    zero = dtype.type(0)
-    row = np.zeros((n_sites, m), dtype=dtype)  # Σ_j |s·A_kij|
-    for s in range(n_sites):
-        for i in range(m):
-            acc = zero
-            for j in range(m):
-                if lat[s, i, j] != lat[s, j, i]:
-                    return -1
-                acc += abs(dtype.type(sign) * (lat[s, i, j] - (1 if i == j else 0)))
-            row[s, i] = acc
+    row = np.empty((n_sites, m), dtype=dtype)  # Σ_j |s·A_kij|
     d = np.empty((n_sites, m), dtype=dtype)
     box = np.empty((n_sites, m), dtype=dtype)
     un = np.empty((n_sites, m), dtype=dtype)
     rn = np.empty((n_sites, m), dtype=dtype)
     fs = np.empty((n_sites, m), dtype=dtype)
     fn = np.empty((n_sites, m), dtype=dtype)
-    scratch = np.empty((9, m), dtype=dtype)
-    jac = np.empty((m, m), dtype=dtype)
+    scratch = np.empty((chunks, 9, m), dtype=dtype)
+    jac = np.empty((chunks, m, m), dtype=dtype)
     u0 = np.empty((n_sites, m), dtype=dtype)  # the line search's state (_settle_row_cg)
     p0 = np.empty((n_sites, m), dtype=dtype)
     ls = np.empty((3, n_sites), dtype=np.float64)
@@ -387,20 +477,24 @@ def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, 
     phin = np.zeros((n_sites, 2), dtype=np.float64)
     eps16 = 16.0 * float(np.finfo(dtype).eps)
     definite = np.full(n_sites, -1, dtype=np.int8)
-    chol = np.empty((m, m), dtype=np.float64)
+    chol = np.empty((chunks, m, m), dtype=np.float64)
+    sums = np.empty((3, n_sites), dtype=np.float64)
     xg = np.empty(kc, dtype=dtype)
+    asymmetric, _, _ = _sites(chunks, _BLOCKS, False, False, lat, dtype.type(sign), d, box, row, un, un, rn, rn, fs,
+                              fn, code, 0.0, 0.0, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite,
+                              phic, phin, sums)
+    if asymmetric > 0:
+        return -1
     n_evals = 0
     for bi in range(x.shape[0]):
         xb = x[bi]
         _drive_sites(xb, w, ff_index, n_pixels, channels, xg, d.T)  # d = W x, written site-major through d.T
-        for s in range(n_sites):
-            for i in range(m):
-                box[s, i] = abs(d[s, i]) + row[s, i]
         us = u[bi].reshape(n_sites, m)  # views: the state is site-major
         rs = r[bi].reshape(n_sites, m)
-        nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, us, un, rs, rn, fs, fn, tau, code, picard,
-                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, scratch, jac,
-                                         u0, p0, ls, definite, chol, energy, search_after, eps16, phic, phin)
+        nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, row, us, un, rs, rn, fs, fn, tau, code, picard,
+                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, chunks, scratch,
+                                         jac, u0, p0, ls, definite, chol, energy, search_after, eps16, phic, phin,
+                                         sums)
         steps[bi] = nb
         status[bi] = code_b
         residual[bi] = res
@@ -418,6 +512,15 @@ def kernel_settings(solver, limits, max_state_norm: float) -> dict | None:
     return {"tol": limits.rtol, "atol": limits.atol, "cap": limits.cap, "cap_first": limits.cap_first,
             "max_state_norm": max_state_norm, "picard_start": solver.picard_start, "forcing": solver.forcing,
             "max_cg": solver.max_cg, "merit": solver.merit}
+
+
+def site_threads() -> int:
+    """The threads a small batch's rows split their sites over: ``torch.get_num_threads()`` (the
+    ``--threads`` setting), at most numba's; sets numba's thread count (for this thread) to it."""
+    n = max(1, min(torch.get_num_threads(), compiled.numba.config.NUMBA_NUM_THREADS))
+    if n > 1:
+        compiled.numba.set_num_threads(n)
+    return n
 
 
 def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float | None, atol: float,
@@ -445,11 +548,13 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
     xs = x.detach().contiguous().numpy()
     outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
 
+    threads = min(torch.get_num_threads(), b // compiled.PARALLEL_MIN_ROWS)
+    chunks = 1 if threads > 1 else site_threads()  # rows on Python threads, or each row's sites on numba's
+
     def rows(lo: int, hi: int) -> int:
-        return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop,
+        return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop, chunks,
                                  *(o[lo:hi] for o in outs))
 
-    threads = min(torch.get_num_threads(), b // compiled.PARALLEL_MIN_ROWS)
     if threads > 1:
         cut = [c * b // threads for c in range(threads + 1)]
         counts = list(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))

@@ -89,6 +89,44 @@ def test_an_indefinite_site_takes_the_exact_step():
     torch.testing.assert_close(fast.u, ref.u, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sites_on_threads_give_the_same_bits(monkeypatch, dtype):
+    """Batch-1 settling splits each pass over the sites among threads (runs of ``_RUN`` sites per
+    chunk): every chunk count gives the same states, rates, steps, statuses and residuals, bit for
+    bit, as one thread (each site's numbers are its own; the norms are summed in site order).
+    28×28, NpS 8: 196 sites, so 3 chunks get unequal shares and the last run is short."""
+    layer = _trained_like_layer(8, image=28, dtype=dtype)
+    x = _inputs(3, 784, 8, dtype)
+    stop = ResidualBelow(1e-7) | MaxSteps(100)
+    settings = compiled_cg.kernel_settings(SiteNewtonCG(picard_start=False), stop.limits(), 1e6)
+    outs = {}
+    for chunks in (1, 2, 3):
+        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
+        outs[chunks] = [compiled_cg.settle_layer(layer, x[i:i + 1], None, **settings) for i in range(3)]
+    for chunks in (2, 3):
+        for got, want in zip(outs[chunks], outs[1], strict=True):
+            for a, b in zip(got[:5], want[:5], strict=True):
+                assert torch.equal(a, b)
+            assert got[5] == want[5]
+    assert [int(o[3]) for o in outs[1]] == [Status.SETTLED] * 3
+    assert min(int(o[2]) for o in outs[1]) >= 2  # real Newton iterations, not a trivial settle
+    with torch.no_grad():  # one asymmetric block among many, found by any chunk
+        layer.lateral.weight[101, 0, 1] += 0.2
+    for chunks in (1, 2, 3):
+        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
+        assert compiled_cg.settle_layer(layer, x[:1], None, **settings) is None
+
+
+def test_site_threads_follow_torchs_threads(monkeypatch):
+    monkeypatch.setattr(compiled.numba.config, "NUMBA_NUM_THREADS", 2)
+    torch.set_num_threads(1)
+    assert compiled_cg.site_threads() == 1
+    torch.set_num_threads(3)
+    assert compiled_cg.site_threads() == 2  # at most numba's
+    assert compiled.numba.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
 def test_a_non_symmetric_block_leaves_it_to_the_torch_path():
     layer = _trained_like_layer(3)
     with torch.no_grad():

@@ -555,11 +555,14 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
         return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop, chunks,
                                  *(o[lo:hi] for o in outs))
 
+    torch_threads = torch.get_num_threads()
     if threads > 1:
         cut = [c * b // threads for c in range(threads + 1)]
         counts = list(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))
     else:
         counts = [rows(0, b)]
+    if torch.get_num_threads() != torch_threads:  # numba's thread launch (at the first call) can set
+        torch.set_num_threads(torch_threads)  # OpenMP's count, which torch reads as its own: keep --threads
     if min(counts) < 0:  # a non-symmetric block: CG does not apply (the torch step takes exact steps)
         return None
     return u, r, steps, status, residual, int(sum(counts))

@@ -6,6 +6,10 @@ newton-cg also runs through the conformance table of tests/test_solvers.py, comp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +119,26 @@ def test_sites_on_threads_give_the_same_bits(monkeypatch, dtype):
     for chunks in (1, 2, 3):
         monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
         assert compiled_cg.settle_layer(layer, x[:1], None, **settings) is None
+
+
+def test_the_kernel_keeps_torchs_thread_count():
+    """numba's first parallel launch (here when the kernel is loaded) sets OpenMP's thread count,
+    which torch reads as its own: a fresh process at 1 thread stays at 1 after settling."""
+    code = (
+        "import torch, dynsim\n"
+        "from dynsim import compiled_cg\n"
+        "from dynsim.solvers import SiteNewtonCG\n"
+        "torch.set_num_threads(1)\n"
+        "layer = dynsim.HebbianLayer((1, 8, 8), nps=4, stride=2, radius=3.0)\n"
+        "stop = dynsim.ResidualBelow(1e-6) | dynsim.MaxSteps(50)\n"
+        "settings = compiled_cg.kernel_settings(SiteNewtonCG(), stop.limits(), 1e6)\n"
+        "assert compiled_cg.settle_layer(layer, torch.randn(1, 64), None, **settings) is not None\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1"]
 
 
 def test_site_threads_follow_torchs_threads(monkeypatch):

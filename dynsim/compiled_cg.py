@@ -87,33 +87,30 @@ def applies(layer, *tensors: torch.Tensor) -> bool:
 
 @_jit
 def _matvec(lat_s, x, out):
-    """``out = L_k x`` for one site's (M, M) block, four rows at a time (each ``x[j]`` loaded once
-    for four products; the rates of both loops: benchmarks/README.md, issue 15)."""
+    """``out = L_k x`` for one site's symmetric (M, M) block (the kernel checks the symmetry before
+    any product), as ``Σ_j x_j L_k[j, :]``: four rows of the block per pass over ``out``, so that
+    the loop over ``out`` vectorises without horizontal sums (the rate against the dot-product
+    form: ``benchmarks/matvec_forms.py``)."""
     m = x.shape[0]
-    zero = x.dtype.type(0)
-    i = 0
-    while i + 4 <= m:
-        a0 = zero
-        a1 = zero
-        a2 = zero
-        a3 = zero
-        for j in range(m):
-            xj = x[j]
-            a0 += lat_s[i, j] * xj
-            a1 += lat_s[i + 1, j] * xj
-            a2 += lat_s[i + 2, j] * xj
-            a3 += lat_s[i + 3, j] * xj
-        out[i] = a0
-        out[i + 1] = a1
-        out[i + 2] = a2
-        out[i + 3] = a3
-        i += 4
-    while i < m:
-        acc = zero
-        for j in range(m):
-            acc += lat_s[i, j] * x[j]
-        out[i] = acc
-        i += 1
+    j = 0
+    if m >= 4:
+        x0, x1, x2, x3 = x[0], x[1], x[2], x[3]
+        for i in range(m):
+            out[i] = x0 * lat_s[0, i] + x1 * lat_s[1, i] + x2 * lat_s[2, i] + x3 * lat_s[3, i]
+        j = 4
+    else:
+        for i in range(m):
+            out[i] = 0
+    while j + 4 <= m:
+        x0, x1, x2, x3 = x[j], x[j + 1], x[j + 2], x[j + 3]
+        for i in range(m):
+            out[i] += x0 * lat_s[j, i] + x1 * lat_s[j + 1, i] + x2 * lat_s[j + 2, i] + x3 * lat_s[j + 3, i]
+        j += 4
+    while j < m:
+        xj = x[j]
+        for i in range(m):
+            out[i] += xj * lat_s[j, i]
+        j += 1
 
 
 @_jit

@@ -34,6 +34,12 @@ with symmetric lateral blocks (checked in the kernel's first pass over ``L``; th
 keeps ``L`` exactly symmetric), lateral distance 0, a stop rule with limits on the field
 residual; for any NpS (the torch step remains the definition, the GPU path and the fallback).
 
+Pairs. A batch settles :data:`GROUP` (2) inputs at a time, each with its own Newton loop and stop
+test, in shared passes over the sites: where both take a Newton step on a site, their CG
+iterations run in lockstep and each product with ``L_k`` reads the block once for both
+(:func:`_site_cg2`, :func:`_matvec2`; ``benchmarks/matvec_forms.py`` measures the product), with
+the same bits as one input at a time (tests).
+
 Threads (``torch.get_num_threads()``, the ``--threads`` setting). Batches of ≥
 2·``PARALLEL_MIN_ROWS`` rows (evaluation) are split into slices of rows on Python threads, as
 :func:`dynsim.compiled.settle_layer`. Smaller batches (online training settles one image at a
@@ -64,6 +70,7 @@ from dynsim.compiled import (
     prange,
 )
 
+GROUP = 2  # inputs settled together, their CG in lockstep per site (_settle_group_cg; 2: _site_cg2)
 _BLOCKS, _FIELD, _STEP = 0, 1, 2  # the passes of _sites_pass
 _RUN = 8  # sites per run in a chunk of sites (_sites_pass): 8 float64 per-site numbers fill a cache line
 
@@ -110,6 +117,39 @@ def _matvec(lat_s, x, out):
         xj = x[j]
         for i in range(m):
             out[i] += xj * lat_s[j, i]
+        j += 1
+
+
+@_jit
+def _matvec2(lat_s, x, out, y, out2):
+    """``out = L_k x`` and ``out2 = L_k y`` in one pass over the block (each entry loaded once for
+    both products), each computed as :func:`_matvec` computes it."""
+    m = x.shape[0]
+    j = 0
+    if m >= 4:
+        x0, x1, x2, x3 = x[0], x[1], x[2], x[3]
+        y0, y1, y2, y3 = y[0], y[1], y[2], y[3]
+        for i in range(m):
+            l0, l1, l2, l3 = lat_s[0, i], lat_s[1, i], lat_s[2, i], lat_s[3, i]
+            out[i] = x0 * l0 + x1 * l1 + x2 * l2 + x3 * l3
+            out2[i] = y0 * l0 + y1 * l1 + y2 * l2 + y3 * l3
+        j = 4
+    else:
+        for i in range(m):
+            out[i] = 0
+            out2[i] = 0
+    while j + 4 <= m:
+        x0, x1, x2, x3 = x[j], x[j + 1], x[j + 2], x[j + 3]
+        y0, y1, y2, y3 = y[j], y[j + 1], y[j + 2], y[j + 3]
+        for i in range(m):
+            l0, l1, l2, l3 = lat_s[j, i], lat_s[j + 1, i], lat_s[j + 2, i], lat_s[j + 3, i]
+            out[i] += x0 * l0 + x1 * l1 + x2 * l2 + x3 * l3
+            out2[i] += y0 * l0 + y1 * l1 + y2 * l2 + y3 * l3
+        j += 4
+    while j < m:
+        for i in range(m):
+            out[i] += x[j] * lat_s[j, i]
+            out2[i] += y[j] * lat_s[j, i]
         j += 1
 
 
@@ -162,38 +202,102 @@ def _k_times(lat_s, sign, h, p, hp, q):
 
 
 @_jit
-def _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
-    """CG on ``K v = b`` (one site) from v = 0 until ``‖b − Kv‖² ≤ share``; returns False where it met
-    ``pᵀKp ≤ 0`` or ran ``max_cg`` iterations short of the share."""
-    m = b.shape[0]
-    rr = 0.0
+def _k_times2(lat_s, sign, h, p, hp, q, h2, p2, hp2, q2):
+    """:func:`_k_times` for two systems of the same site (two images), one pass over the block."""
+    m = p.shape[0]
+    for j in range(m):
+        hp[j] = h[j] * p[j]
+        hp2[j] = h2[j] * p2[j]
+    _matvec2(lat_s, hp, q, hp2, q2)
     for i in range(m):
+        q[i] = p[i] - h[i] * (sign * (q[i] - hp[i]))
+        q2[i] = p2[i] - h2[i] * (sign * (q2[i] - hp2[i]))
+
+
+@_jit
+def _cg_start(b, v, res, p):
+    """CG from ``v = 0``: ``res = p = b``; returns ``‖b‖²``."""
+    rr = 0.0
+    for i in range(b.shape[0]):
         v[i] = 0
         res[i] = b[i]
         p[i] = b[i]
         rr += float(b[i]) * float(b[i])
+    return rr
+
+
+@_jit
+def _cg_update(v, res, p, q, rr):
+    """One CG iteration after the product ``q = K p``: returns ``(False, rr)`` where ``pᵀKp ≤ 0``,
+    else ``(True, ‖res‖²)`` with ``v``, ``res`` and ``p`` updated."""
+    m = p.shape[0]
+    pq = 0.0
+    for i in range(m):
+        pq += float(p[i]) * float(q[i])
+    if not pq > 0:
+        return False, rr
+    alpha = rr / pq
+    rr_new = 0.0
+    for i in range(m):
+        v[i] += alpha * p[i]
+        res[i] -= alpha * q[i]
+        rr_new += float(res[i]) * float(res[i])
+    beta = rr_new / rr
+    for i in range(m):
+        p[i] = res[i] + beta * p[i]
+    return True, rr_new
+
+
+@_jit
+def _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
+    """CG on ``K v = b`` (one site) from v = 0 until ``‖b − Kv‖² ≤ share``; returns False where it met
+    ``pᵀKp ≤ 0`` or ran ``max_cg`` iterations short of the share."""
+    rr = _cg_start(b, v, res, p)
     it = 0
     while rr > share:
         if it >= max_cg:
             return False
         _k_times(lat_s, sign, h, p, hp, q)
-        pq = 0.0
-        for i in range(m):
-            pq += float(p[i]) * float(q[i])
-        if not pq > 0:
+        ok, rr = _cg_update(v, res, p, q, rr)
+        if not ok:
             return False
-        alpha = rr / pq
-        rr_new = 0.0
-        for i in range(m):
-            v[i] += alpha * p[i]
-            res[i] -= alpha * q[i]
-            rr_new += float(res[i]) * float(res[i])
-        beta = rr_new / rr
-        for i in range(m):
-            p[i] = res[i] + beta * p[i]
-        rr = rr_new
         it += 1
     return True
+
+
+@_jit
+def _site_cg2(lat_s, sign, max_cg, h, b, share, v, res, p, hp, q, h2, b2, share2, v2, res2, p2, hp2, q2):
+    """:func:`_site_cg` for two images' systems on the same site, in lockstep: while both iterate,
+    each product reads the block once for both (:func:`_k_times2`); each system stops on its own
+    test, as alone. Returns both outcomes."""
+    rr = _cg_start(b, v, res, p)
+    rr2 = _cg_start(b2, v2, res2, p2)
+    it = 0
+    it2 = 0
+    ok = True
+    ok2 = True
+    run = rr > share
+    run2 = rr2 > share2
+    while run or run2:
+        if run and it >= max_cg:
+            run = ok = False
+        if run2 and it2 >= max_cg:
+            run2 = ok2 = False
+        if run and run2:
+            _k_times2(lat_s, sign, h, p, hp, q, h2, p2, hp2, q2)
+        elif run:
+            _k_times(lat_s, sign, h, p, hp, q)
+        elif run2:
+            _k_times(lat_s, sign, h2, p2, hp2, q2)
+        if run:
+            ok, rr = _cg_update(v, res, p, q, rr)
+            it += 1
+            run = ok and rr > share
+        if run2:
+            ok2, rr2 = _cg_update(v2, res2, p2, q2, rr2)
+            it2 += 1
+            run2 = ok2 and rr2 > share2
+    return ok, ok2
 
 
 @_jit
@@ -251,251 +355,351 @@ def _block_sums(lat_s, sign, row_s):
 
 
 @_jit
-def _sites_pass(start, stride, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
-                max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
-    """Sites in runs ``start, start + stride, …`` of :data:`_RUN` sites (run ``j``: sites
-    ``_RUN·j … _RUN·j + _RUN − 1``) of one pass of :func:`_settle_row_cg`. ``mode``
-    :data:`_BLOCKS`: each block's row sums ``row[k, i] = Σ_j |s·(L_kij − δ_ij)|`` and
-    ``sums[0, k] = 0`` where ``L_k`` is symmetric (1 where not); :data:`_FIELD`: the box
-    ``|d_k| + row_k`` and the field at ``us`` (into ``rs``, ``fs``, ``phic``); :data:`_STEP`: one
-    step from ``us`` to ``un`` (a Picard step, a Newton step or the line search's step back) and
-    the field there (``rn``, ``fn``, ``phin``). The field passes write each site's ``(‖τF_k‖²,
-    ‖u_k‖², ‖h τF_k‖²)`` into ``sums[:, k]``; ``scratch``, ``jac`` and ``chol`` are this call's own."""
-    m = d.shape[1]
-    dt = d.dtype.type
+def _step_begin(s, newton, checked, energy, lat_s, sign, us, un, rs, fs, u0, p0, ls, phic, definite, chol, code,
+                h, b, fpv):
+    """One image's step on site ``s`` up to CG: the late Armijo test of the step that led here (on
+    ``Φ_k``, or on ``½‖F_k‖²``), then the line search's step back or the Picard step, written into
+    ``un[s]`` (returns ``(False, 0)``), or the Newton system's ``h = f'(u)^{1/2}``, ``b = −h τF``
+    (returns ``(True, ‖b‖²)``). The image's arrays, site-first: (S, M), ``ls`` (3, S), ``phic`` (S, 2)."""
+    m = us.shape[1]
+    dt = us.dtype.type
     zero = dt(0)
-    h, b, v, res, p, hp, q, z, fpv = (scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5],
-                                      scratch[6], scratch[7], scratch[8])
-    floor_ls = (16.0 * float(np.finfo(d.dtype).eps)) ** 2  # the line search's rounding level
-    n_sites = d.shape[0]
+    back = False
+    if newton and checked and energy:  # the late Armijo test on the energy
+        back = (phic[s, 0] > ls[0, s] + _ARMIJO_C * ls[1, s] * ls[2, s] + phic[s, 1] and ls[2, s] < 0
+                and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+    elif newton and checked:  # the late Armijo test of the step that led to us
+        floor_ls = (16.0 * float(np.finfo(us.dtype).eps)) ** 2  # the line search's rounding level
+        g2 = 0.0
+        q2 = 1.0
+        for i in range(m):
+            g2 += float(fs[s, i]) * float(fs[s, i])
+            q2 += float(us[s, i]) * float(us[s, i])
+        back = (g2 > (1.0 - 2.0 * _ARMIJO_C * ls[1, s]) * ls[0, s] and g2 > floor_ls * q2
+                and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
+    if newton and checked:
+        if back and definite[s] < 0:  # only I − s·(L_k − I) ≻ 0 guarantees the search
+            for i in range(m):
+                for j in range(m):
+                    eye = 1.0 if i == j else 0.0
+                    chol[i, j] = eye - float(sign) * (float(lat_s[i, j]) - eye)
+            definite[s] = 1 if _cholesky_ok(chol) else 0
+        back = back and definite[s] == 1
+    if back:  # go back to u0 + (α/2) p0
+        ls[1, s] *= 0.5
+        for i in range(m):
+            un[s, i] = u0[s, i] + dt(ls[1, s]) * p0[s, i]
+        return False, 0.0
+    if not newton:  # Picard start: u1 = u0 + τF(u0)
+        for i in range(m):
+            un[s, i] = us[s, i] + fs[s, i]
+        return False, 0.0
+    for i in range(m):  # z = J⁻¹ τF: CG on K v = −h τF, z = a h v − τF
+        fpv[i] = _slope(us[s, i], rs[s, i], code)
+        h[i] = np.sqrt(max(fpv[i], zero))
+        b[i] = -h[i] * fs[s, i]
+    rr0 = 0.0
+    for i in range(m):
+        rr0 += float(b[i]) * float(b[i])
+    return True, rr0
+
+
+@_jit
+def _step_finish(s, solved, rr0, share, energy, lat_s, sign, us, un, rs, fs, box, u0, p0, ls, phic, code, big,
+                 h, v, hp, z, fpv, jac):
+    """One image's Newton step on site ``s`` after CG (``solved``: CG's ``v`` solves ``K v = b`` to
+    the share; else the exact step): ``z``, the safeguarded ``un[s]`` (NaN → 0, the tanh box) and
+    the step the line search checks next time (``u0``, ``p0``, ``ls``)."""
+    m = us.shape[1]
+    zero = us.dtype.type(0)
+    if solved:
+        for j in range(m):
+            hp[j] = h[j] * v[j]
+        _matvec(lat_s, hp, z)
+        for i in range(m):
+            z[i] = sign * (z[i] - hp[i]) - fs[s, i]
+    else:
+        _exact_site_step(lat_s, sign, fpv, fs[s], jac, z)
+    for i in range(m):
+        w = us[s, i] - z[i]
+        w = zero if np.isnan(w) else min(max(w, -big), big)  # as torch.nan_to_num
+        if code == 0 or code == 3:  # tanh: the box that holds every fixed point
+            w = min(max(w, -box[s, i]), box[s, i])
+        un[s, i] = w
+    g2 = 0.0
+    slope = 0.0
+    for i in range(m):  # the step to check next time
+        u0[s, i] = us[s, i]
+        p0[s, i] = un[s, i] - us[s, i]
+        g2 += float(fs[s, i]) * float(fs[s, i])
+        if energy:
+            ri = float(rs[s, i])
+            slope -= (1.0 - ri * ri) * float(fs[s, i]) * float(p0[s, i])
+    if energy:  # every step is a descent direction of Φ_k: all are checked
+        ls[0, s] = phic[s, 0]
+        ls[1, s] = 1.0
+        ls[2, s] = slope
+    else:
+        ls[0, s] = g2
+        ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
+
+
+@_jit
+def _sites_pass(start, stride, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn,
+                code, big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """Sites in runs ``start, start + stride, …`` of :data:`_RUN` sites (run ``j``: sites
+    ``_RUN·j … _RUN·j + _RUN − 1``) of one pass of :func:`_settle_group_cg` over a group of G ≤ 2
+    images (the arrays' first axis; ``active`` (G,) which of them take part). ``mode``
+    :data:`_BLOCKS`: each block's row sums ``row[k, i] = Σ_j |s·(L_kij − δ_ij)|`` and
+    ``sums[0, 0, k] = 0`` where ``L_k`` is symmetric (1 where not); :data:`_FIELD`: the box
+    ``|d_k| + row_k`` and the field at ``us`` (into ``rs``, ``fs``, ``phic``); :data:`_STEP`: one
+    step from ``us`` to ``un`` (a Picard step, a Newton step or the line search's step back;
+    :func:`_step_begin`, CG, :func:`_step_finish`) and the field there (``rn``, ``fn``, ``phin``).
+    Where both images take a Newton step on a site, their CG runs in lockstep (:func:`_site_cg2`:
+    the block read once per product for both). The field passes write each site's ``(‖τF_k‖²,
+    ‖u_k‖², ‖h τF_k‖²)`` into ``sums[g, :, k]``; ``scratch`` (G, 9, M), ``jac`` and ``chol`` are
+    this call's own."""
+    n_sites = d.shape[1]
+    n_rows = active.shape[0]
     for run in range(start * _RUN, n_sites, stride * _RUN):  # runs of _RUN sites: few cache lines shared
         for s in range(run, min(run + _RUN, n_sites)):
             lat_s = lat[s]
             if mode == _BLOCKS:
-                sums[0, s] = 0.0 if _block_sums(lat_s, sign, row[s]) else 1.0
-                sums[1, s] = 0.0
-                sums[2, s] = 0.0
+                sums[0, 0, s] = 0.0 if _block_sums(lat_s, sign, row[s]) else 1.0
                 continue
-            if mode == _FIELD:
-                for i in range(m):
-                    box[s, i] = abs(d[s, i]) + row[s, i]
-                a1, a2, a3 = _site_field(lat_s, sign, d[s], us[s], rs[s], fs[s], code, energy, eps16, phic[s])
-                sums[0, s] = a1
-                sums[1, s] = a2
-                sums[2, s] = a3
-                continue
-            back = False
-            if newton and checked and energy:  # the late Armijo test on the energy
-                back = (phic[s, 0] > ls[0, s] + _ARMIJO_C * ls[1, s] * ls[2, s] + phic[s, 1] and ls[2, s] < 0
-                        and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
-            elif newton and checked:  # the late Armijo test of the step that led to us
-                g2 = 0.0
-                q2 = 1.0
-                for i in range(m):
-                    g2 += float(fs[s, i]) * float(fs[s, i])
-                    q2 += float(us[s, i]) * float(us[s, i])
-                back = (g2 > (1.0 - 2.0 * _ARMIJO_C * ls[1, s]) * ls[0, s] and g2 > floor_ls * q2
-                        and ls[1, s] > 2.0 ** -_MAX_HALVINGS)
-            if newton and checked:
-                if back and definite[s] < 0:  # only I − s·(L_k − I) ≻ 0 guarantees the search
-                    for i in range(m):
-                        for j in range(m):
-                            eye = 1.0 if i == j else 0.0
-                            chol[i, j] = eye - float(sign) * (float(lat_s[i, j]) - eye)
-                    definite[s] = 1 if _cholesky_ok(chol) else 0
-                back = back and definite[s] == 1
-            if back:  # go back to u0 + (α/2) p0
-                ls[1, s] *= 0.5
-                for i in range(m):
-                    un[s, i] = u0[s, i] + dt(ls[1, s]) * p0[s, i]
-            elif newton:  # z = J⁻¹ τF: CG on K v = −h τF, z = a h v − τF
-                for i in range(m):
-                    fpv[i] = _slope(us[s, i], rs[s, i], code)
-                    h[i] = np.sqrt(max(fpv[i], zero))
-                    b[i] = -h[i] * fs[s, i]
-                rr0 = 0.0
-                for i in range(m):
-                    rr0 += float(b[i]) * float(b[i])
-                if _site_cg(lat_s, sign, h, b, share, max_cg, v, res, p, hp, q):
-                    for j in range(m):
-                        hp[j] = h[j] * v[j]
-                    _matvec(lat_s, hp, z)
-                    for i in range(m):
-                        z[i] = sign * (z[i] - hp[i]) - fs[s, i]
+            cg0 = False
+            cg1 = False
+            rr0 = 0.0
+            rr1 = 0.0
+            ok0 = True
+            ok1 = True
+            if mode == _STEP:
+                for g in range(n_rows):
+                    if active[g]:
+                        sc = scratch[g]
+                        need, rr = _step_begin(s, newton[g], checked[g], energy, lat_s, sign, us[g], un[g], rs[g],
+                                               fs[g], u0[g], p0[g], ls[g], phic[g], definite, chol, code, sc[0],
+                                               sc[1], sc[8])
+                        if g == 0:
+                            cg0, rr0 = need, rr
+                        else:
+                            cg1, rr1 = need, rr
+                if cg0 and cg1:
+                    a, c = scratch[0], scratch[1]
+                    ok0, ok1 = _site_cg2(lat_s, sign, max_cg, a[0], a[1], share[0], a[2], a[3], a[4], a[5], a[6],
+                                         c[0], c[1], share[1], c[2], c[3], c[4], c[5], c[6])
+                elif cg0 or cg1:
+                    g = 0 if cg0 else 1
+                    a = scratch[g]
+                    ok = _site_cg(lat_s, sign, a[0], a[1], share[g], max_cg, a[2], a[3], a[4], a[5], a[6])
+                    ok0 = ok if cg0 else ok0
+                    ok1 = ok if cg1 else ok1
+            for g in range(n_rows):
+                if not active[g]:
+                    continue
+                if mode == _FIELD:
+                    for i in range(d.shape[2]):
+                        box[g, s, i] = abs(d[g, s, i]) + row[s, i]
+                    a1, a2, a3 = _site_field(lat_s, sign, d[g, s], us[g, s], rs[g, s], fs[g, s], code, energy,
+                                             eps16, phic[g, s])
                 else:
-                    _exact_site_step(lat_s, sign, fpv, fs[s], jac, z)
-                for i in range(m):
-                    w = us[s, i] - z[i]
-                    w = zero if np.isnan(w) else min(max(w, -big), big)  # as torch.nan_to_num
-                    if code == 0 or code == 3:  # tanh: the box that holds every fixed point
-                        w = min(max(w, -box[s, i]), box[s, i])
-                    un[s, i] = w
-                g2 = 0.0
-                slope = 0.0
-                for i in range(m):  # the step to check next time
-                    u0[s, i] = us[s, i]
-                    p0[s, i] = un[s, i] - us[s, i]
-                    g2 += float(fs[s, i]) * float(fs[s, i])
-                    if energy:
-                        ri = float(rs[s, i])
-                        slope -= (1.0 - ri * ri) * float(fs[s, i]) * float(p0[s, i])
-                if energy:  # every step is a descent direction of Φ_k: all are checked
-                    ls[0, s] = phic[s, 0]
-                    ls[1, s] = 1.0
-                    ls[2, s] = slope
-                else:
-                    ls[0, s] = g2
-                    ls[1, s] = 0.0 if rr0 <= share else 1.0  # within its share: z = −τF, not checked
-            else:  # Picard start: u1 = u0 + τF(u0)
-                for i in range(m):
-                    un[s, i] = us[s, i] + fs[s, i]
-            a1, a2, a3 = _site_field(lat_s, sign, d[s], un[s], rn[s], fn[s], code, energy, eps16, phin[s])
-            sums[0, s] = a1
-            sums[1, s] = a2
-            sums[2, s] = a3
+                    if (g == 0 and cg0) or (g == 1 and cg1):
+                        sc = scratch[g]
+                        _step_finish(s, ok0 if g == 0 else ok1, rr0 if g == 0 else rr1, share[g], energy, lat_s,
+                                     sign, us[g], un[g], rs[g], fs[g], box[g], u0[g], p0[g], ls[g], phic[g], code,
+                                     big, sc[0], sc[2], sc[5], sc[7], sc[8], jac)
+                    a1, a2, a3 = _site_field(lat_s, sign, d[g, s], un[g, s], rn[g, s], fn[g, s], code, energy,
+                                             eps16, phin[g, s])
+                sums[g, 0, s] = a1
+                sums[g, 1, s] = a2
+                sums[g, 2, s] = a3
 
 
 @_jit
-def _sites_serial(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
-                  max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+def _sites_serial(chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code,
+                  big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
     """One pass of :func:`_sites_pass` over all sites in ``chunks`` interleaved sets (chunk ``c``:
-    sites ``c, c + chunks, …``, with ``scratch[c]``, ``jac[c]``, ``chol[c]``), in this thread."""
+    runs ``c, c + chunks, …``, with ``scratch[c]``, ``jac[c]``, ``chol[c]``), in this thread."""
     for c in range(chunks):
-        _sites_pass(c, chunks, mode, newton, checked, lat, sign, d, box, row,
-                    us, un, rs, rn, fs, fn, code, big, share, max_cg, energy, eps16, scratch[c], jac[c], chol[c],
-                    u0, p0, ls, definite, phic, phin, sums)
+        _sites_pass(c, chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn,
+                    code, big, max_cg, energy, eps16, scratch[c], jac[c], chol[c], u0, p0, ls, definite, phic, phin,
+                    sums)
 
 
 @compiled._jit_parallel
-def _sites_parallel(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
-                    max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+def _sites_parallel(chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn,
+                    code, big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
     """:func:`_sites_serial` with the chunks on numba's threads (a separate function, not the same
     one compiled twice: numba's cache would not tell the two apart). Every site's numbers depend on
     that site only, so both give the same bits."""
     for c in prange(chunks):
-        _sites_pass(c, chunks, mode, newton, checked, lat, sign, d, box, row,
-                    us, un, rs, rn, fs, fn, code, big, share, max_cg, energy, eps16, scratch[c], jac[c], chol[c],
-                    u0, p0, ls, definite, phic, phin, sums)
+        _sites_pass(c, chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn,
+                    code, big, max_cg, energy, eps16, scratch[c], jac[c], chol[c], u0, p0, ls, definite, phic, phin,
+                    sums)
 
 
 @_jit
-def _sites(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share, max_cg,
-           energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
-    """One pass over the sites (:func:`_sites_serial`), on ``chunks`` threads where ``chunks > 1``;
-    returns ``(‖τF‖², ‖u‖², ‖h τF‖²)`` summed in site order (the same bits for any ``chunks``)."""
+def _sites(chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
+           max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums):
+    """One pass over the sites (:func:`_sites_serial`), on ``chunks`` threads where ``chunks > 1``."""
     if chunks > 1:
-        _sites_parallel(chunks, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big, share,
-                        max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+        _sites_parallel(chunks, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn,
+                        code, big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
     else:
-        _sites_serial(1, mode, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
-                      share, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+        _sites_serial(1, mode, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code,
+                      big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+
+
+@_jit
+def _site_sums(sums, g):
+    """Image ``g``'s ``(‖τF‖², ‖u‖², ‖h τF‖²)``, its sites' numbers summed in site order (the same
+    bits for any number of chunks)."""
     f2 = 0.0
     u2 = 0.0
     b2 = 0.0
-    for s in range(d.shape[0]):
-        f2 += sums[0, s]
-        u2 += sums[1, s]
-        b2 += sums[2, s]
+    for s in range(sums.shape[2]):
+        f2 += sums[g, 0, s]
+        u2 += sums[g, 1, s]
+        b2 += sums[g, 2, s]
     return f2, u2, b2
 
 
 @_jit
-def _settle_row_cg(lat, sign, d, box, row, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap, cap_first, bound,
-                   big, forcing, floor, max_cg, chunks, scratch, jac, u0, p0, ls, definite, chol, energy,
-                   search_after, eps16, phic, phin, sums):
-    """Settle one input (site-first arrays (S, M): drive ``d``, box ``box`` (written here from the
-    blocks' row sums ``row``), state ``us``) with
-    Newton–CG; the loop of :func:`dynsim.compiled._settle_row`. Returns ``(steps, status,
-    residual)``; ``us`` holds the returned state and ``rs`` its rates. Each pass over the sites
-    (:func:`_sites`) runs in ``chunks`` ranges of sites (``scratch`` (C, 9, M), ``jac``, ``chol``
-    (C, M, M): each chunk's own), on as many threads where ``chunks > 1``. With the late Armijo test of
-    :func:`dynsim.solvers.newton.line_search` per site: ``u0``, ``p0`` (S, M) the checked step's
-    start and direction, ``ls`` (3, S) its merit (``‖τF_k(u0)‖²``, or with ``energy`` ``Φ_k(u0)``),
-    α and ``∇Φ_kᵀp`` (:func:`dynsim.solvers.newton.energy_line_search`), ``definite`` (S,) whether
-    ``I − s·(L_k − I) ≻ 0`` (−1: not checked yet; ``chol`` float64); the test runs
-    from step ``search_after`` on; ``phic``/``phin`` (S, 2) ``Φ_k`` and its rounding scale at the
-    current/next state; ``sums`` (3, S) the sites' squared norms. CG stops at
+def _settle_group_cg(n_rows, lat, sign, d, box, row, us, un, rs, rn, fs, fn, tau, code, picard, tol, atol, cap,
+                     cap_first, bound, big, forcing, floor, max_cg, chunks, scratch, jac, u0, p0, ls, definite, chol,
+                     energy, search_after, eps16, phic, phin, sums, steps, status, residual):
+    """Settle a group of ``n_rows`` ≤ 2 inputs (site-first arrays (G, S, M): drive ``d``, box ``box``
+    (written here from the blocks' row sums ``row``), state ``us``) with Newton–CG, each on the
+    loop of :func:`dynsim.compiled._settle_row` and its own stop test: the residual ``‖F‖/‖u‖``
+    tested first, then a Picard start or a Newton step; an image leaves the group's passes when it
+    stops. Writes each image's ``(steps, status, residual)``; ``us`` holds the returned states and
+    ``rs`` their rates. Each pass over the sites (:func:`_sites`) runs in ``chunks`` sets of sites
+    (``scratch`` (C, G, 9, M), ``jac``, ``chol`` (C, M, M): each chunk's own), on as many threads
+    where ``chunks > 1``. With the late Armijo test of :func:`dynsim.solvers.newton.line_search`
+    per site: ``u0``, ``p0`` (G, S, M) the checked step's start and direction, ``ls`` (G, 3, S) its
+    merit (``‖τF_k(u0)‖²``, or with ``energy`` ``Φ_k(u0)``), α and ``∇Φ_kᵀp``
+    (:func:`dynsim.solvers.newton.energy_line_search`), ``definite`` (S,) whether ``I − s·(L_k − I)
+    ≻ 0`` (−1: not checked yet; ``chol`` float64); the test runs from step ``search_after`` on;
+    ``phic``/``phin`` (G, S, 2) ``Φ_k`` and its rounding scale at the current/next state; ``sums``
+    (G, 3, S) the sites' squared norms. CG stops at
     :func:`dynsim.solvers.newton_cg.newton_cg_step`'s ``η``."""
-    n_sites = d.shape[0]
-    f2, u2, b2 = _sites(chunks, _FIELD, False, False, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
-                        0.0, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
-    checked = False  # a Newton step led here (the line search)
-    n = 0
+    n_sites = d.shape[1]
+    g_max = d.shape[0]
+    active = np.zeros(g_max, dtype=np.bool_)
+    newton = np.zeros(g_max, dtype=np.bool_)
+    checked = np.zeros(g_max, dtype=np.bool_)  # a Newton step led here (the line search)
+    share = np.zeros(g_max, dtype=np.float64)
+    f2 = np.zeros(g_max, dtype=np.float64)
+    u2 = np.zeros(g_max, dtype=np.float64)
+    b2 = np.zeros(g_max, dtype=np.float64)
+    res = np.zeros(g_max, dtype=np.float64)
+    n = np.zeros(g_max, dtype=np.int64)
+    active[:n_rows] = True
+    _sites(chunks, _FIELD, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code, big,
+           max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+    for g in range(n_rows):
+        f2[g], u2[g], b2[g] = _site_sums(sums, g)
     while True:
-        u_norm = max(np.sqrt(u2), 1e-12)
-        res_n = np.sqrt(f2) / tau / u_norm
-        settled = res_n < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
-        capped = cap >= 0 and n >= cap
-        if settled or capped:
-            return n, (_MAX_STEPS if capped and (cap_first or not settled) else _SETTLED), res_n
-        eta = max(np.sqrt(f2) / u_norm, floor)
-        if tol > 0 and res_n > 0:  # no more accuracy than reaching tol needs (oversolving)
-            eta = max(eta, 0.5 * tol / res_n)
-        eta = min(eta, forcing)
-        share = eta * eta * b2 / n_sites
-        newton = not (n == 0 and picard)
-        f2n, u2n, b2n = _sites(chunks, _STEP, newton, checked, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code,
-                               big, share, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin,
-                               sums)
-        # divergence: a non-finite residual or state, or a state norm above the bound
-        if not (np.isfinite(res_n) and np.isfinite(u2n)) or np.sqrt(u2n) > bound:
-            return n, _DIVERGED, res_n
-        us[:, :] = un
-        rs[:, :] = rn
-        fs[:, :] = fn
-        phic[:, :] = phin
-        f2, u2, b2 = f2n, u2n, b2n
-        checked = newton and n >= search_after  # the residual's line search starts late (SEARCH_AFTER)
-        n += 1
+        left = 0
+        for g in range(n_rows):
+            if not active[g]:
+                continue
+            u_norm = max(np.sqrt(u2[g]), 1e-12)
+            res[g] = np.sqrt(f2[g]) / tau / u_norm
+            settled = res[g] < tol + atol / u_norm  # ‖F‖ < atol + tol‖u‖ (stopping.StopLimits)
+            capped = cap >= 0 and n[g] >= cap
+            if settled or capped:
+                steps[g] = n[g]
+                status[g] = _MAX_STEPS if capped and (cap_first or not settled) else _SETTLED
+                residual[g] = res[g]
+                active[g] = False
+                continue
+            eta = max(np.sqrt(f2[g]) / u_norm, floor)
+            if tol > 0 and res[g] > 0:  # no more accuracy than reaching tol needs (oversolving)
+                eta = max(eta, 0.5 * tol / res[g])
+            eta = min(eta, forcing)
+            share[g] = eta * eta * b2[g] / n_sites
+            newton[g] = not (n[g] == 0 and picard)
+            left += 1
+        if left == 0:
+            return
+        _sites(chunks, _STEP, active, newton, checked, share, lat, sign, d, box, row, us, un, rs, rn, fs, fn, code,
+               big, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+        for g in range(n_rows):
+            if not active[g]:
+                continue
+            f2n, u2n, b2n = _site_sums(sums, g)
+            # divergence: a non-finite residual or state, or a state norm above the bound
+            if not (np.isfinite(res[g]) and np.isfinite(u2n)) or np.sqrt(u2n) > bound:
+                steps[g] = n[g]
+                status[g] = _DIVERGED
+                residual[g] = res[g]
+                active[g] = False
+                continue
+            us[g] = un[g]
+            rs[g] = rn[g]
+            fs[g] = fn[g]
+            phic[g] = phin[g]
+            f2[g], u2[g], b2[g] = f2n, u2n, b2n
+            checked[g] = newton[g] and n[g] >= search_after  # the residual's line search starts late
+            n[g] += 1
 
 
 @_jit
 def _settle_kernel_cg(x, w, ff_index, n_pixels, channels, lat, sign, tau, code, picard, tol, atol, cap, cap_first,
-                      bound, big, forcing, floor, max_cg, energy, search_after, chunks, u, r, steps, status, residual):
+                      bound, big, forcing, floor, max_cg, energy, search_after, chunks, group, u, r, steps, status,
+                      residual):
     """Settle every row of ``x`` (B, D_in) in place into u, r (B, N), steps, status, residual (B,),
-    each row's passes over the sites in ``chunks`` ranges (on as many threads where ``chunks > 1``);
-    returns the field evaluations (one per step and sample, plus the first), or −1 (nothing
-    written) if a lateral block is not symmetric."""
+    ``group`` (1 or 2) rows at a time (:func:`_settle_group_cg`), each pass over the sites in
+    ``chunks`` sets (on as many threads where ``chunks > 1``); returns the field evaluations (one
+    per step and sample, plus the first), or −1 (nothing written) if a lateral block is not
+    symmetric."""
     n_sites, m, kc = w.shape
     dtype = w.dtype
     row = np.empty((n_sites, m), dtype=dtype)  # Σ_j |s·A_kij|
-    d = np.empty((n_sites, m), dtype=dtype)
-    box = np.empty((n_sites, m), dtype=dtype)
-    un = np.empty((n_sites, m), dtype=dtype)
-    rn = np.empty((n_sites, m), dtype=dtype)
-    fs = np.empty((n_sites, m), dtype=dtype)
-    fn = np.empty((n_sites, m), dtype=dtype)
-    scratch = np.empty((chunks, 9, m), dtype=dtype)
+    shape = (group, n_sites, m)
+    d = np.empty(shape, dtype=dtype)
+    box = np.empty(shape, dtype=dtype)
+    us = np.empty(shape, dtype=dtype)
+    un = np.empty(shape, dtype=dtype)
+    rs = np.empty(shape, dtype=dtype)
+    rn = np.empty(shape, dtype=dtype)
+    fs = np.empty(shape, dtype=dtype)
+    fn = np.empty(shape, dtype=dtype)
+    u0 = np.empty(shape, dtype=dtype)  # the line search's state (_settle_group_cg)
+    p0 = np.empty(shape, dtype=dtype)
+    scratch = np.empty((chunks, group, 9, m), dtype=dtype)
     jac = np.empty((chunks, m, m), dtype=dtype)
-    u0 = np.empty((n_sites, m), dtype=dtype)  # the line search's state (_settle_row_cg)
-    p0 = np.empty((n_sites, m), dtype=dtype)
-    ls = np.empty((3, n_sites), dtype=np.float64)
-    phic = np.zeros((n_sites, 2), dtype=np.float64)
-    phin = np.zeros((n_sites, 2), dtype=np.float64)
+    ls = np.empty((group, 3, n_sites), dtype=np.float64)
+    phic = np.zeros((group, n_sites, 2), dtype=np.float64)
+    phin = np.zeros((group, n_sites, 2), dtype=np.float64)
     eps16 = 16.0 * float(np.finfo(dtype).eps)
     definite = np.full(n_sites, -1, dtype=np.int8)
     chol = np.empty((chunks, m, m), dtype=np.float64)
-    sums = np.empty((3, n_sites), dtype=np.float64)
+    sums = np.empty((group, 3, n_sites), dtype=np.float64)
     xg = np.empty(kc, dtype=dtype)
-    asymmetric, _, _ = _sites(chunks, _BLOCKS, False, False, lat, dtype.type(sign), d, box, row, un, un, rn, rn, fs,
-                              fn, code, 0.0, 0.0, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite,
-                              phic, phin, sums)
-    if asymmetric > 0:
-        return -1
+    flags = np.zeros(group, dtype=np.bool_)
+    flags[0] = True
+    zeros = np.zeros(group, dtype=np.float64)
+    _sites(chunks, _BLOCKS, flags, flags, flags, zeros, lat, dtype.type(sign), d, box, row, us, un, rs, rn, fs, fn,
+           code, 0.0, max_cg, energy, eps16, scratch, jac, chol, u0, p0, ls, definite, phic, phin, sums)
+    for s in range(n_sites):
+        if sums[0, 0, s] > 0:
+            return -1
     n_evals = 0
-    for bi in range(x.shape[0]):
-        xb = x[bi]
-        _drive_sites(xb, w, ff_index, n_pixels, channels, xg, d.T)  # d = W x, written site-major through d.T
-        us = u[bi].reshape(n_sites, m)  # views: the state is site-major
-        rs = r[bi].reshape(n_sites, m)
-        nb, code_b, res = _settle_row_cg(lat, dtype.type(sign), d, box, row, us, un, rs, rn, fs, fn, tau, code, picard,
-                                         tol, atol, cap, cap_first, bound, big, forcing, floor, max_cg, chunks, scratch,
-                                         jac, u0, p0, ls, definite, chol, energy, search_after, eps16, phic, phin,
-                                         sums)
-        steps[bi] = nb
-        status[bi] = code_b
-        residual[bi] = res
-        n_evals += nb + 1
+    for b0 in range(0, x.shape[0], group):
+        n_rows = min(group, x.shape[0] - b0)
+        for g in range(n_rows):
+            _drive_sites(x[b0 + g], w, ff_index, n_pixels, channels, xg, d[g].T)  # d = W x, site-major via d.T
+            us[g] = u[b0 + g].reshape(n_sites, m)
+        _settle_group_cg(n_rows, lat, dtype.type(sign), d, box, row, us, un, rs, rn, fs, fn, tau, code, picard, tol,
+                         atol, cap, cap_first, bound, big, forcing, floor, max_cg, chunks, scratch, jac, u0, p0, ls,
+                         definite, chol, energy, search_after, eps16, phic, phin, sums, steps[b0:b0 + n_rows],
+                         status[b0:b0 + n_rows], residual[b0:b0 + n_rows])
+        for g in range(n_rows):
+            u[b0 + g] = us[g].reshape(n_sites * m)
+            r[b0 + g] = rs[g].reshape(n_sites * m)
+            n_evals += steps[b0 + g] + 1
     return n_evals
 
 
@@ -550,7 +754,7 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
 
     def rows(lo: int, hi: int) -> int:
         return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop, chunks,
-                                 *(o[lo:hi] for o in outs))
+                                 min(GROUP, hi - lo), *(o[lo:hi] for o in outs))
 
     torch_threads = torch.get_num_threads()
     if threads > 1:

@@ -141,6 +141,31 @@ def test_the_kernel_keeps_torchs_thread_count():
     assert out.stdout.split() == ["1"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_images_settled_in_pairs_give_the_same_bits_as_one_by_one(monkeypatch, dtype):
+    """Two images settle together (``GROUP``), their CG in lockstep on each site with one pass over
+    the block per product for both (``_site_cg2``): the same states, steps, statuses, residuals and
+    evaluation counts, bit for bit, as one at a time; also with the sites split among threads, and
+    for an odd batch (the last image alone). The images take different numbers of Newton steps, so
+    one finishes while the other goes on."""
+    layer = _trained_like_layer(8, image=28, dtype=dtype)
+    x = _inputs(5, 784, 9, dtype) * torch.tensor([1.0, 3.0, 0.3, 2.0, 1.0], dtype=dtype)[:, None]
+    stop = ResidualBelow(1e-7) | MaxSteps(100)
+    settings = compiled_cg.kernel_settings(SiteNewtonCG(picard_start=False), stop.limits(), 1e6)
+    runs = {}
+    for group, chunks in ((1, 1), (2, 1), (2, 3)):
+        monkeypatch.setattr(compiled_cg, "GROUP", group)
+        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
+        runs[group, chunks] = compiled_cg.settle_layer(layer, x, None, **settings)
+    want = runs[1, 1]
+    assert len(set(want[2].tolist())) > 1  # the pair's images stop at different steps
+    for key in ((2, 1), (2, 3)):
+        got = runs[key]
+        for a, b in zip(got[:5], want[:5], strict=True):
+            assert torch.equal(a, b), key
+        assert got[5] == want[5]
+
+
 def test_site_threads_follow_torchs_threads(monkeypatch):
     monkeypatch.setattr(compiled.numba.config, "NUMBA_NUM_THREADS", 2)
     torch.set_num_threads(1)

@@ -125,3 +125,26 @@ def test_readout_tol_set_for_the_study_reaches_its_baseline_cell():
     tight = NpsStudyConfig(nps=[4], seeds=[0], base={"readout_tol": 1e-6}).baseline_cells()
     assert "readout_tol" not in default[0]
     assert tight == [{**default[0], "readout_tol": 1e-6}]
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_a_cell_runs_on_one_thread_unless_set(monkeypatch, threads):
+    """``--set threads=N`` reaches each cell's run (it used to be overridden by 1); without it a
+    cell runs on one thread (cells run side by side on --workers)."""
+    import dynsim.pipelines.dssm as dssm
+    from dynsim.studies import deep, nps
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config.threads)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(dssm, "run_dssm", fake_run)
+    base = {} if threads is None else {"threads": threads}
+    cell = NpsStudyConfig(data="digits", nps=[4], seeds=[0], epochs=1, base=base).cells()[0]
+    with pytest.raises(RuntimeError, match="stop here"):
+        nps.train_cell(cell)
+    with pytest.raises(RuntimeError, match="stop here"):
+        deep.train_cell({**cell, "layers": 1})
+    assert seen == [threads or 1] * 2

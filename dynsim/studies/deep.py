@@ -140,7 +140,7 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
     result's ``raw_pixel_accuracy`` is None until :func:`attach_baseline`)."""
     from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
-    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1, "raw_baseline": False,
+    config = DSSMConfig.from_dict({"threads": 1, **cell, "progress": False, "out": None, "raw_baseline": False,
                                    "on_divergence": cell.get("on_divergence", "skip")})
     result = run_dssm(config)
     final, hist = result["final"], result["history"]

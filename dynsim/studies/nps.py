@@ -112,7 +112,8 @@ def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Train and read out one (NpS, seed) cell, without the raw-pixel baseline (its own cell)."""
     from dynsim.pipelines.dssm import DSSMConfig, run_dssm
 
-    config = DSSMConfig.from_dict({**cell, "progress": False, "out": None, "threads": 1, "raw_baseline": False})
+    # one torch thread per cell (cells run side by side on --workers) unless --set threads=N asked for more
+    config = DSSMConfig.from_dict({"threads": 1, **cell, "progress": False, "out": None, "raw_baseline": False})
     start = time.perf_counter()
     result = run_dssm(config)
     wall = time.perf_counter() - start

@@ -339,16 +339,19 @@ def _exact_site_step(lat_s, sign, fp, g, jac, z):
 
 @_jit
 def _block_sums(lat_s, sign, row_s):
-    """``row_s[i] = Σ_j |s·(L_kij − δ_ij)|`` for one site's block (rows read contiguously, so
-    the sums vectorise); returns whether the block is symmetric (each pair compared once)."""
+    """``row_s[i] = |s|·Σ_j |L_kij − δ_ij|`` for one site's block (rows read contiguously, so the
+    sums vectorise); returns whether the block is symmetric (each pair compared once; NaN is not)."""
     m = row_s.shape[0]
     for i in range(m):
-        acc = row_s.dtype.type(0)
-        for j in range(m):
+        acc = abs(lat_s[i, i] - 1)
+        for j in range(i):
             acc += abs(lat_s[i, j])
-        row_s[i] = abs(sign) * (acc - abs(lat_s[i, i]) + abs(lat_s[i, i] - 1))
+        for j in range(i + 1, m):
+            acc += abs(lat_s[i, j])
+        row_s[i] = abs(sign) * acc
     symmetric = True
     for i in range(m):
+        symmetric &= lat_s[i, i] == lat_s[i, i]  # a NaN on the diagonal is not symmetric either (as NaN != NaN)
         for j in range(i + 1, m):
             symmetric &= lat_s[i, j] == lat_s[j, i]
     return symmetric
@@ -749,14 +752,18 @@ def settle_layer(layer, x: torch.Tensor, u0: torch.Tensor | None, *, tol: float 
     xs = x.detach().contiguous().numpy()
     outs = (u.numpy(), r.numpy(), steps.numpy(), status.numpy(), residual.numpy())
 
-    threads = min(torch.get_num_threads(), b // compiled.PARALLEL_MIN_ROWS)
+    if b == 0:
+        return u, r, steps, status, residual, 0
+    if GROUP not in (1, 2):
+        raise ValueError(f"compiled_cg.GROUP must be 1 or 2 (the pair loop), got {GROUP}")
+    torch_threads = torch.get_num_threads()  # before numba's threads start (site_threads): see below
+    threads = min(torch_threads, b // compiled.PARALLEL_MIN_ROWS)
     chunks = 1 if threads > 1 else site_threads()  # rows on Python threads, or each row's sites on numba's
 
     def rows(lo: int, hi: int) -> int:
         return _settle_kernel_cg(xs[lo:hi], w_np, ff_index, n_pixels, channels, lat_np, *loop, chunks,
                                  min(GROUP, hi - lo), *(o[lo:hi] for o in outs))
 
-    torch_threads = torch.get_num_threads()
     if threads > 1:
         cut = [c * b // threads for c in range(threads + 1)]
         counts = list(compiled._pool(threads).map(rows, cut[:-1], cut[1:]))

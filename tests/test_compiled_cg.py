@@ -121,14 +121,16 @@ def test_sites_on_threads_give_the_same_bits(monkeypatch, dtype):
         assert compiled_cg.settle_layer(layer, x[:1], None, **settings) is None
 
 
-def test_the_kernel_keeps_torchs_thread_count():
-    """numba's first parallel launch (here when the kernel is loaded) sets OpenMP's thread count,
-    which torch reads as its own: a fresh process at 1 thread stays at 1 after settling."""
+@pytest.mark.parametrize("torch_threads, numba_threads", [(1, 2), (2, 3)])
+def test_the_kernel_keeps_torchs_thread_count(torch_threads, numba_threads):
+    """numba's first parallel launch (when the kernel is loaded, or when a batch of one splits its
+    sites) sets OpenMP's thread count to numba's, which torch reads as its own: a fresh process
+    keeps its torch thread count after settling one input."""
     code = (
         "import torch, dynsim\n"
         "from dynsim import compiled_cg\n"
         "from dynsim.solvers import SiteNewtonCG\n"
-        "torch.set_num_threads(1)\n"
+        f"torch.set_num_threads({torch_threads})\n"
         "layer = dynsim.HebbianLayer((1, 8, 8), nps=4, stride=2, radius=3.0)\n"
         "stop = dynsim.ResidualBelow(1e-6) | dynsim.MaxSteps(50)\n"
         "settings = compiled_cg.kernel_settings(SiteNewtonCG(), stop.limits(), 1e6)\n"
@@ -136,9 +138,38 @@ def test_the_kernel_keeps_torchs_thread_count():
         "print(torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+                         env={**os.environ, "NUMBA_NUM_THREADS": str(numba_threads)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1"]
+    assert out.stdout.split() == [str(torch_threads)]
+
+
+@pytest.mark.parametrize("case", ["nps 5, warm start, one diverges", "residual merit, Picard start"])
+def test_pairs_with_a_divergence_a_warm_start_and_the_residual_merit(monkeypatch, case):
+    """As below, for the pair loop's other paths: an input that diverges (the state bound) while its
+    partner settles, a warm start ``u0``, NpS 5 (not a multiple of the product's four rows), and the
+    residual line search with the Picard start."""
+    if case.startswith("nps 5"):
+        layer = _trained_like_layer(5, image=28)
+        solver, bound = SiteNewtonCG(picard_start=False), 0.9
+    else:
+        layer = _trained_like_layer(8, image=28)
+        solver, bound = SiteNewtonCG(merit="residual"), 1e6
+    x = _inputs(5, 784, 11) * torch.tensor([1.0, 6.0, 0.3, 2.0, 1.0], dtype=torch.float64)[:, None]
+    u0 = 0.1 * _inputs(5, layer.state_size, 12)
+    settings = compiled_cg.kernel_settings(solver, (ResidualBelow(1e-9) | MaxSteps(200)).limits(), bound)
+    runs = {}
+    for group, chunks in ((1, 1), (2, 1), (2, 2)):
+        monkeypatch.setattr(compiled_cg, "GROUP", group)
+        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
+        runs[group, chunks] = compiled_cg.settle_layer(layer, x, u0, **settings)
+    want = runs[1, 1]
+    if case.startswith("nps 5"):
+        assert Status.DIVERGED in want[3].tolist() and Status.SETTLED in want[3].tolist()
+    assert len(set(want[2].tolist())) > 1
+    for key in ((2, 1), (2, 2)):
+        for a, b in zip(runs[key][:5], want[:5], strict=True):
+            assert torch.equal(a, b), key
+        assert runs[key][5] == want[5]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -166,14 +197,27 @@ def test_images_settled_in_pairs_give_the_same_bits_as_one_by_one(monkeypatch, d
         assert got[5] == want[5]
 
 
-def test_site_threads_follow_torchs_threads(monkeypatch):
-    monkeypatch.setattr(compiled.numba.config, "NUMBA_NUM_THREADS", 2)
+def test_site_threads_follow_torchs_threads():
+    most = compiled.numba.config.NUMBA_NUM_THREADS
     torch.set_num_threads(1)
     assert compiled_cg.site_threads() == 1
-    torch.set_num_threads(3)
-    assert compiled_cg.site_threads() == 2  # at most numba's
-    assert compiled.numba.get_num_threads() == 2
+    torch.set_num_threads(most + 1)
+    assert compiled_cg.site_threads() == most  # at most numba's
+    assert compiled.numba.get_num_threads() == most
     torch.set_num_threads(1)
+
+
+def test_an_empty_batch_and_a_nan_diagonal():
+    """No input: empty outputs (the pair loop is not entered). A NaN on a block's diagonal counts as
+    not symmetric, as before, so the torch path takes over."""
+    layer = _trained_like_layer(3)
+    settings = compiled_cg.kernel_settings(SiteNewtonCG(), (ResidualBelow(1e-8) | MaxSteps(50)).limits(), 1e6)
+    u, r, steps, status, residual, n_evals = compiled_cg.settle_layer(layer, torch.empty(0, 64, dtype=torch.float64),
+                                                                      None, **settings)
+    assert u.shape == (0, layer.state_size) and steps.shape == (0,) and n_evals == 0
+    with torch.no_grad():
+        layer.lateral.weight[1, 2, 2] = float("nan")
+    assert compiled_cg.settle_layer(layer, _inputs(2, 64, 3), None, **settings) is None
 
 
 def test_a_non_symmetric_block_leaves_it_to_the_torch_path():

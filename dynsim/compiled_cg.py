@@ -720,10 +720,14 @@ def kernel_settings(solver, limits, max_state_norm: float) -> dict | None:
 
 def site_threads() -> int:
     """The threads a small batch's rows split their sites over: ``torch.get_num_threads()`` (the
-    ``--threads`` setting), at most numba's; sets numba's thread count (for this thread) to it."""
+    ``--threads`` setting), at most numba's, and 1 under numba's ``workqueue`` threading layer
+    (without OpenMP or TBB), which aborts when two threads enter parallel regions at once; sets
+    numba's thread count (for this thread)."""
     n = max(1, min(torch.get_num_threads(), compiled.numba.config.NUMBA_NUM_THREADS))
     if n > 1:
         compiled.numba.set_num_threads(n)
+        if compiled.numba.threading_layer() == "workqueue":  # unsafe for concurrent callers: stay on one
+            return 1
     return n
 
 

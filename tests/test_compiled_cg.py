@@ -143,6 +143,22 @@ def test_the_kernel_keeps_torchs_thread_count(torch_threads, numba_threads):
     assert out.stdout.split() == [str(torch_threads)]
 
 
+def _same_bits_in_groups_and_chunks(monkeypatch, layer, x, u0, settings, variants):
+    """Settle ``x`` one input at a time on one thread, then with each ``(GROUP, chunks)`` of
+    ``variants``; assert every output is the same, bit for bit, and return the first run's."""
+    runs = {}
+    for group, chunks in ((1, 1), *variants):
+        monkeypatch.setattr(compiled_cg, "GROUP", group)
+        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
+        runs[group, chunks] = compiled_cg.settle_layer(layer, x, u0, **settings)
+    want = runs[1, 1]
+    for key in variants:
+        for a, b in zip(runs[key][:5], want[:5], strict=True):
+            assert torch.equal(a, b), key
+        assert runs[key][5] == want[5], key
+    return want
+
+
 @pytest.mark.parametrize("case", ["nps 5, warm start, one diverges", "residual merit, Picard start"])
 def test_pairs_with_a_divergence_a_warm_start_and_the_residual_merit(monkeypatch, case):
     """As below, for the pair loop's other paths: an input that diverges (the state bound) while its
@@ -157,19 +173,10 @@ def test_pairs_with_a_divergence_a_warm_start_and_the_residual_merit(monkeypatch
     x = _inputs(5, 784, 11) * torch.tensor([1.0, 6.0, 0.3, 2.0, 1.0], dtype=torch.float64)[:, None]
     u0 = 0.1 * _inputs(5, layer.state_size, 12)
     settings = compiled_cg.kernel_settings(solver, (ResidualBelow(1e-9) | MaxSteps(200)).limits(), bound)
-    runs = {}
-    for group, chunks in ((1, 1), (2, 1), (2, 2)):
-        monkeypatch.setattr(compiled_cg, "GROUP", group)
-        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
-        runs[group, chunks] = compiled_cg.settle_layer(layer, x, u0, **settings)
-    want = runs[1, 1]
+    want = _same_bits_in_groups_and_chunks(monkeypatch, layer, x, u0, settings, ((2, 1), (2, 2)))
     if case.startswith("nps 5"):
         assert Status.DIVERGED in want[3].tolist() and Status.SETTLED in want[3].tolist()
     assert len(set(want[2].tolist())) > 1
-    for key in ((2, 1), (2, 2)):
-        for a, b in zip(runs[key][:5], want[:5], strict=True):
-            assert torch.equal(a, b), key
-        assert runs[key][5] == want[5]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -183,18 +190,8 @@ def test_images_settled_in_pairs_give_the_same_bits_as_one_by_one(monkeypatch, d
     x = _inputs(5, 784, 9, dtype) * torch.tensor([1.0, 3.0, 0.3, 2.0, 1.0], dtype=dtype)[:, None]
     stop = ResidualBelow(1e-7) | MaxSteps(100)
     settings = compiled_cg.kernel_settings(SiteNewtonCG(picard_start=False), stop.limits(), 1e6)
-    runs = {}
-    for group, chunks in ((1, 1), (2, 1), (2, 3)):
-        monkeypatch.setattr(compiled_cg, "GROUP", group)
-        monkeypatch.setattr(compiled_cg, "site_threads", lambda c=chunks: c)
-        runs[group, chunks] = compiled_cg.settle_layer(layer, x, None, **settings)
-    want = runs[1, 1]
+    want = _same_bits_in_groups_and_chunks(monkeypatch, layer, x, None, settings, ((2, 1), (2, 3)))
     assert len(set(want[2].tolist())) > 1  # the pair's images stop at different steps
-    for key in ((2, 1), (2, 3)):
-        got = runs[key]
-        for a, b in zip(got[:5], want[:5], strict=True):
-            assert torch.equal(a, b), key
-        assert got[5] == want[5]
 
 
 def test_site_threads_follow_torchs_threads():

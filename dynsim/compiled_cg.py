@@ -38,7 +38,8 @@ Pairs. A batch settles :data:`GROUP` (2) inputs at a time, each with its own New
 test, in shared passes over the sites: where both take a Newton step on a site, their CG
 iterations run in lockstep and each product with ``L_k`` reads the block once for both
 (:func:`_site_cg2`, :func:`_matvec2`; ``benchmarks/matvec_forms.py`` measures the product), with
-the same bits as one input at a time (tests).
+the same bits as one input at a time (tests; this rests on the compiler rounding ``_matvec2``'s
+expressions as ``_matvec``'s, which the tests check on the machine they run on).
 
 Threads (``torch.get_num_threads()``, the ``--threads`` setting). Batches of ≥
 2·``PARALLEL_MIN_ROWS`` rows (evaluation) are split into slices of rows on Python threads, as
